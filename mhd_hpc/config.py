@@ -1,0 +1,432 @@
+"""One typed config tree for a job: defaults here, YAML and ``key=value`` overrides on top.
+
+Every field carries its documentation (``doc(...)``) so that ``python -m mhd_hpc.config`` prints
+the full option reference, and every error names the dotted key that caused it. Validation runs
+identically on every rank before any communication, so a bad job stops everywhere at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+METHODS = ("mhd", "separate", "fedavg", "supervised")
+TOPOLOGIES = ("complete", "cycle", "islands", "none", "edges")
+SELECTIONS = ("confidence", "random")
+ASSIGNMENTS = ("random", "even")
+SCHEDULES = ("cosine", "constant")
+DATASETS = ("digits",)
+LOADERS = ("wds",)
+#: Classes of the datasets that ship with the package, needed to validate label counts early.
+DATASET_CLASSES = {"digits": 10}
+
+
+class ConfigError(ValueError):
+    """A job configuration problem, always naming the dotted key at fault."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at '{key}': {message}")
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its documentation kept in metadata."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = doc("Run folder: resolved config, partition manifest, metrics.h5, checkpoints. "
+                       "Rerunning a job on the same folder resumes it.", "runs/digits")
+    seed: int = doc("Seed of everything: partition, init, public-batch order, peer schedule.", 0)
+    steps: int = doc("Total training steps per client.", 600)
+    eval_every: int = doc("Evaluate every head of every client on the test set every N steps "
+                          "(and at the last step).", 100)
+    log_every: int = doc("Print and record training metrics every N steps.", 20)
+    checkpoint_every: int = doc("Save a resumable checkpoint of every client every N steps "
+                                "(and at the last step).", 200)
+    keep_checkpoints: int = doc("How many checkpoints each client keeps (older ones are deleted).", 2)
+    threads: int = doc("torch intra-op threads per rank (0 = leave torch's default). One thread "
+                       "per rank avoids oversubscribing cores when several ranks share a node.", 1)
+
+
+@dataclass
+class ClientsConfig:
+    count: int = doc("Number of clients K (one MPI rank each).", 4)
+    arch: Union[str, list[str]] = doc("Backbone of every client (one name) or one name per client: "
+                                      "cnn_small | resnet18 | resnet34 | resnet50.", "cnn_small")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = doc("Dataset: 'digits' = scikit-learn's embedded 8x8 digits (built into shards "
+                       "under data.root on first use).", "digits")
+    root: str = doc("Folder holding the shard sets.", "data")
+    public_fraction: float = doc("Fraction gamma_pub of the training pool that becomes the "
+                                 "unlabeled public set.", 0.1)
+    label_assignment: str = doc("Primary labels per client: 'random' subsets of fixed size, or "
+                                "'even' (every label has the same number of primary clients).",
+                                "random")
+    labels_per_client: int = doc("Primary labels per client (0 = none, i.e. iid).", 3)
+    skew: float = doc("Skewness s: a sample goes to a client 1+s times more likely when its "
+                      "label is primary there (0 = iid, 100 = strongly non-iid).", 100.0)
+    batch_size: int = doc("Private (labeled) batch size per client.", 32)
+    public_batch_size: int = doc("Public (unlabeled) batch size; the same samples for every "
+                                 "client at each step.", 64)
+    loader: str = doc("Shard reader backend: 'wds' (webdataset + PyTorch).", "wds")
+
+
+@dataclass
+class ModelConfig:
+    aux_heads: int = doc("Number m of auxiliary heads (aux1 distills from main heads, aux_k from "
+                         "aux_{k-1} heads).", 2)
+    embedding_dim: int = doc("Linear projection of the backbone feature to this size before the "
+                             "heads (0 = the backbone's own size). Needed for embedding "
+                             "distillation between architectures of different widths.", 0)
+
+
+@dataclass
+class DistillConfig:
+    nu_aux: float = doc("Weight of each auxiliary-head distillation loss.", 3.0)
+    nu_emb: float = doc("Weight of the normalised-embedding distillation loss (0 = off; the "
+                        "embedding is then not exchanged).", 1.0)
+    targets_per_step: int = doc("Delta: peers each client distills from per step, drawn from its "
+                                "in-neighbours with the shared seed.", 1)
+    selection: str = doc("Per-sample target among peers and self: 'confidence' (most confident) "
+                         "or 'random'.", "confidence")
+    skip_less_confident: bool = doc("Skip a sample's distillation term when the student head is "
+                                    "already more confident than its target.", False)
+
+
+@dataclass
+class TopologyConfig:
+    kind: str = doc("Communication graph: complete | cycle | islands | none | edges. Edge j->i "
+                    "means i distills from j.", "complete")
+    islands: Union[int, list[list[int]]] = doc("For kind=islands: number of equal groups, or "
+                                               "explicit groups of client ids.", 2)
+    edges: list[list[int]] = doc("For kind=edges: list of [src, dst] pairs (dst distills from "
+                                 "src).", factory=list)
+
+
+@dataclass
+class ExchangeConfig:
+    top_k: int = doc("Send only the k largest probabilities (+ indices) per head and sample; "
+                     "0 = the full distribution.", 0)
+    timeout_s: float = doc("Seconds to wait for a peer's message before failing with the peer "
+                           "named.", 300.0)
+
+
+@dataclass
+class FedAvgConfig:
+    every: int = doc("For method=fedavg: average all weights across clients every N steps.", 10)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc("Initial SGD learning rate.", 0.05)
+    momentum: float = doc("SGD momentum.", 0.9)
+    weight_decay: float = doc("SGD weight decay.", 5e-4)
+    schedule: str = doc("Learning-rate schedule over run.steps: cosine | constant.", "cosine")
+    warmup_steps: int = doc("Linear warm-up steps before the schedule.", 0)
+
+
+@dataclass
+class JobConfig:
+    method: str = doc("mhd (multi-headed distillation) | separate (no exchange) | fedavg "
+                      "(weight averaging) | supervised (one model on all private data).", "mhd")
+    run: RunConfig = doc("Run control.", factory=RunConfig)
+    clients: ClientsConfig = doc("Clients and their models.", factory=ClientsConfig)
+    data: DataConfig = doc("Dataset, partition and batches.", factory=DataConfig)
+    model: ModelConfig = doc("Heads and embedding.", factory=ModelConfig)
+    distill: DistillConfig = doc("MHD losses.", factory=DistillConfig)
+    topology: TopologyConfig = doc("Who distills from whom.", factory=TopologyConfig)
+    exchange: ExchangeConfig = doc("Prediction exchange between clients.", factory=ExchangeConfig)
+    fedavg: FedAvgConfig = doc("FedAvg baseline.", factory=FedAvgConfig)
+    optim: OptimConfig = doc("Optimiser.", factory=OptimConfig)
+
+    # Derived helpers (not config keys).
+    def client_archs(self) -> list[str]:
+        arch = self.clients.arch
+        return [arch] * self.clients.count if isinstance(arch, str) else list(arch)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are due."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a new annotation kind was added without support here
+        raise TypeError(f"unsupported config annotation {tp} at {key}")
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(obj: Any, data: dict, prefix: str) -> None:
+    """Set the fields of dataclass ``obj`` from ``data``, recursing into sections."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(key, f"unknown key{hint} (valid here: {', '.join(names)})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value) with the value read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(text, "override must look like key=value (e.g. distill.nu_aux=3)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from None
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides, type-checked, then validated."""
+    cfg = JobConfig()
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError("<job file>", f"file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError("<job file>", f"{path} is not valid YAML: {exc}") from None
+        _apply(cfg, data, "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), "")
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Reject impossible jobs before anything runs. Pure: needs no MPI and touches no files."""
+    from mhd_hpc.models import ARCHS, native_embedding_dim  # lazy: torch import is slow
+
+    _choice("method", cfg.method, METHODS)
+    r = cfg.run
+    for name in ("steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive(f"run.{name}", getattr(r, name))
+    _positive("run.threads", r.threads, allow_zero=True)
+    if not r.out_dir:
+        raise ConfigError("run.out_dir", "must not be empty")
+
+    k = cfg.clients.count
+    _positive("clients.count", k)
+    if isinstance(cfg.clients.arch, list) and len(cfg.clients.arch) != k:
+        raise ConfigError("clients.arch", f"has {len(cfg.clients.arch)} entries but "
+                          f"clients.count is {k}: give one name or exactly one per client")
+    archs = cfg.client_archs()
+    for i, arch in enumerate(archs):
+        if arch not in ARCHS:
+            key = "clients.arch" if isinstance(cfg.clients.arch, str) else f"clients.arch[{i}]"
+            raise ConfigError(key, f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    if cfg.method in ("fedavg", "supervised") and len(set(archs)) > 1:
+        raise ConfigError("clients.arch", f"method={cfg.method} averages weights or gradients "
+                          f"and needs one architecture for all clients, got {sorted(set(archs))}")
+
+    d = cfg.data
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.loader", d.loader, LOADERS)
+    _choice("data.label_assignment", d.label_assignment, ASSIGNMENTS)
+    num_classes = DATASET_CLASSES[d.dataset]
+    if not 0.0 <= d.public_fraction < 1.0:
+        raise ConfigError("data.public_fraction", f"must be in [0, 1), got {d.public_fraction}")
+    if cfg.method == "mhd" and d.public_fraction == 0.0:
+        raise ConfigError("data.public_fraction", "method=mhd distills on public data: must be > 0")
+    if not 0 <= d.labels_per_client <= num_classes:
+        raise ConfigError("data.labels_per_client", f"must be in [0, {num_classes}] "
+                          f"({d.dataset} has {num_classes} classes), got {d.labels_per_client}")
+    if d.label_assignment == "even" and (k * d.labels_per_client) % num_classes:
+        raise ConfigError("data.label_assignment", f"'even' needs clients.count x "
+                          f"data.labels_per_client ({k} x {d.labels_per_client}) to be a multiple "
+                          f"of the {num_classes} classes")
+    _positive("data.skew", d.skew, allow_zero=True)
+    _positive("data.batch_size", d.batch_size)
+    _positive("data.public_batch_size", d.public_batch_size)
+
+    m = cfg.model
+    _positive("model.aux_heads", m.aux_heads, allow_zero=True)
+    _positive("model.embedding_dim", m.embedding_dim, allow_zero=True)
+
+    dist = cfg.distill
+    _positive("distill.nu_aux", dist.nu_aux, allow_zero=True)
+    _positive("distill.nu_emb", dist.nu_emb, allow_zero=True)
+    _positive("distill.targets_per_step", dist.targets_per_step)
+    _choice("distill.selection", dist.selection, SELECTIONS)
+    if cfg.method == "mhd" and dist.nu_emb > 0 and m.embedding_dim == 0:
+        dims = {a: native_embedding_dim(a) for a in archs}
+        if len(set(dims.values())) > 1:
+            raise ConfigError("model.embedding_dim", f"embedding distillation (distill.nu_emb > 0)"
+                              f" between backbones of different widths {dims} needs a shared "
+                              "model.embedding_dim > 0 (or set distill.nu_emb=0)")
+
+    t = cfg.topology
+    _choice("topology.kind", t.kind, TOPOLOGIES)
+    if t.kind == "islands":
+        if isinstance(t.islands, int):
+            if not 1 <= t.islands <= k:
+                raise ConfigError("topology.islands", f"must be between 1 and clients.count={k}")
+        else:
+            seen: dict[int, int] = {}
+            for g, group in enumerate(t.islands):
+                for c in group:
+                    if not 0 <= c < k:
+                        raise ConfigError(f"topology.islands[{g}]", f"client {c} does not exist "
+                                          f"(clients are 0..{k - 1})")
+                    if c in seen:
+                        raise ConfigError(f"topology.islands[{g}]", f"client {c} is already in "
+                                          f"group {seen[c]}")
+                    seen[c] = g
+            missing = sorted(set(range(k)) - set(seen))
+            if missing:
+                raise ConfigError("topology.islands", f"clients {missing} are in no group")
+    if t.kind == "edges":
+        if not t.edges:
+            raise ConfigError("topology.edges", "kind=edges needs at least one [src, dst] pair")
+        for e, edge in enumerate(t.edges):
+            if len(edge) != 2:
+                raise ConfigError(f"topology.edges[{e}]", f"expected [src, dst], got {edge}")
+            for c in edge:
+                if not 0 <= c < k:
+                    raise ConfigError(f"topology.edges[{e}]", f"names client {c}, but clients "
+                                      f"are 0..{k - 1} (clients.count={k})")
+            if edge[0] == edge[1]:
+                raise ConfigError(f"topology.edges[{e}]", f"self-loop {edge}")
+
+    ex = cfg.exchange
+    if not 0 <= ex.top_k <= num_classes:
+        raise ConfigError("exchange.top_k", f"must be in [0, {num_classes}], got {ex.top_k}")
+    _positive("exchange.timeout_s", ex.timeout_s)
+    _positive("fedavg.every", cfg.fedavg.every)
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _positive("optim.momentum", o.momentum, allow_zero=True)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+
+
+def check_world_size(cfg: JobConfig, world_size: int) -> None:
+    """One rank per client: the launch must match the job."""
+    if world_size != cfg.clients.count:
+        raise ConfigError("clients.count", f"the job has {cfg.clients.count} clients (one rank "
+                          f"each) but was launched on {world_size} ranks: use "
+                          f"mpirun -np {cfg.clients.count} or set clients.count={world_size}")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf option, in declaration order."""
+    obj = JobConfig() if obj is None else obj
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            rows.extend(reference(value, key + "."))
+        else:
+            rows.append((key, yaml.safe_dump(value, default_flow_style=True).strip()
+                         .removesuffix("\n...").removesuffix(" ..."), f.metadata.get("doc", "")))
+    return rows
+
+
+def main() -> None:
+    """``python -m mhd_hpc.config [JOB.yaml key=value ...]``: print the option reference, or the
+    resolved config of a job (validated)."""
+    args = sys.argv[1:]
+    if not args:
+        for key, default, text in reference():
+            print(f"{key:28s} {default:12s} {text}")
+        return
+    try:
+        cfg = load_config(args[0], args[1:])
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    print(cfg.to_yaml(), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Loader interface: read a split, and cut it into step-indexed, normalised batches.
+
+Two ideas carry the design:
+
+* **Batches are a pure function of (seed, step).** Conceptually the sample stream is an infinite
+  sequence of epochs, each a permutation of ``range(N)`` drawn from
+  ``np.random.default_rng([seed, epoch])``; batch ``t`` is stream positions ``[t*B, (t+1)*B)``.
+  Resuming at any step therefore needs no saved loader state, and every client that builds a
+  :class:`StepBatches` over the public split with the shared seed sees the same public samples in
+  the same order (design §2, public stream alignment); :func:`key_hash` lets the exchange check it.
+* **Backends behind a factory.** ``load_split`` picks the reader by name and imports it lazily,
+  so a DALI backend can be added without this module (or its callers) importing DALI.
+
+Nothing here knows about MPI ranks: multi-rank clients pass their client-local ``part`` and
+``num_parts`` explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mhd_hpc.data.shards import Samples
+
+__all__ = ["LOADER_BACKENDS", "Batch", "load_split", "key_hash", "normalize_images",
+           "StepBatches", "iterate_eval"]
+
+LOADER_BACKENDS: tuple[str, ...] = ("wds",)
+
+
+@dataclass
+class Batch:
+    """A batch: sample keys, ``float32 (B, C, H, W)`` normalised images, ``int64 (B,)`` labels."""
+
+    keys: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_split(dataset_dir: str, split: str, backend: str = "wds") -> Samples:
+    """Read one split (``test``, ``public``, ``client_000``, ...) of a built dataset into memory."""
+    if backend not in LOADER_BACKENDS:
+        raise ValueError(
+            f"loader backend {backend!r} is not available; available backends: "
+            f"{', '.join(LOADER_BACKENDS)}"
+        )
+    from mhd_hpc.data.embedded import MANIFEST_NAME, load_manifest
+
+    manifest = load_manifest(dataset_dir)
+    manifest_path = os.path.join(dataset_dir, MANIFEST_NAME)
+    if split not in manifest["splits"]:
+        raise ValueError(
+            f"split {split!r} not in {manifest_path}; splits: {', '.join(manifest['splits'])}"
+        )
+    paths = [os.path.join(dataset_dir, f) for f in manifest["splits"][split]]
+    # Only "wds" gets here; a DALI backend adds its own branch with its own lazy import.
+    from mhd_hpc.data.shards import read_shards
+
+    samples = read_shards(paths)
+    if len(samples) == 0:
+        # An empty split (possible for a client under extreme skew) still has a known shape.
+        samples.images = np.zeros((0, *manifest["image_shape"]), dtype=np.uint8)
+    expected = manifest["counts"].get(split)
+    if expected is not None and expected != len(samples):
+        raise ValueError(
+            f"split {split!r}: read {len(samples)} samples but {manifest_path} says {expected}"
+        )
+    return samples
+
+
+def key_hash(keys: Sequence[str]) -> int:
+    """Unsigned 64-bit hash of the keys *in order* (blake2b, digest_size=8)."""
+    h = hashlib.blake2b(digest_size=8)
+    for key in keys:
+        # A terminator keeps ["ab", "c"] and ["a", "bc"] apart.
+        h.update(key.encode("utf-8"))
+        h.update(b"\x00")
+    return int.from_bytes(h.digest(), "little")
+
+
+def normalize_images(images: np.ndarray, normalize: dict) -> torch.Tensor:
+    """``uint8 (B, C, H, W)`` -> ``float32``: ``(x * scale - mean[c]) / std[c]``."""
+    channels = images.shape[1]
+    mean = np.asarray(normalize["mean"], dtype=np.float32)
+    std = np.asarray(normalize["std"], dtype=np.float32)
+    if mean.shape != (channels,) or std.shape != (channels,):
+        raise ValueError(
+            f"normalize mean/std have {mean.size}/{std.size} entries for {channels} channels"
+        )
+    if np.any(std <= 0):
+        raise ValueError(f"normalize std must be positive, got {std.tolist()}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32)
+    x.mul_(float(normalize.get("scale", 1.0)))
+    x.sub_(torch.from_numpy(mean).view(1, -1, 1, 1)).div_(torch.from_numpy(std).view(1, -1, 1, 1))
+    return x
+
+
+def _make_batch(samples: Samples, idx: np.ndarray, normalize: dict) -> Batch:
+    return Batch(
+        keys=[samples.keys[i] for i in idx],
+        images=normalize_images(samples.images[idx], normalize),
+        labels=torch.from_numpy(samples.labels[idx].astype(np.int64)),
+    )
+
+
+class StepBatches:
+    """Step-indexed batches over ``samples``; ``batch(step)`` depends only on (seed, step).
+
+    ``part`` of ``num_parts`` selects a contiguous, near-equal slice of each global batch (the
+    first ``B % num_parts`` parts get one extra sample), so the parts of all ranks of a client
+    concatenate to the global batch.
+    """
+
+    _CACHE = 4  # permutations kept; consecutive steps touch at most two epochs when B <= N
+
+    def __init__(self, samples: Samples, batch_size: int, normalize: dict, seed: int,
+                 shuffle: bool = True, part: int = 0, num_parts: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(samples) == 0:
+            raise ValueError("cannot draw batches from an empty split")
+        if num_parts < 1 or not 0 <= part < num_parts:
+            raise ValueError(f"need 0 <= part < num_parts, got part={part}, num_parts={num_parts}")
+        if batch_size < num_parts:
+            raise ValueError(f"batch_size {batch_size} < num_parts {num_parts}: some parts empty")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.samples = samples
+        self.batch_size = int(batch_size)
+        self.normalize = normalize
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.part = part
+        self.num_parts = num_parts
+        self.num_samples = len(samples)
+        base, rem = divmod(self.batch_size, num_parts)
+        self._lo = part * base + min(part, rem)
+        self._hi = self._lo + base + (1 if part < rem else 0)
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            else:
+                perm = np.arange(self.num_samples)
+            self._perms[epoch] = perm
+            if len(self._perms) > self._CACHE:
+                self._perms.popitem(last=False)
+        return perm
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Sample indices of the whole (all parts) batch at ``step``."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
+        epochs, within = np.divmod(pos, self.num_samples)
+        out = np.empty_like(pos)
+        # Batches may straddle epoch boundaries (or span many epochs when B > N).
+        for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
+            sel = epochs == epoch
+            out[sel] = self._perm(epoch)[within[sel]]
+        return out
+
+    def indices(self, step: int) -> np.ndarray:
+        """Sample indices of this part of the batch at ``step``."""
+        return self.global_indices(step)[self._lo:self._hi]
+
+    def batch(self, step: int) -> Batch:
+        """This part of the batch at ``step``, normalised."""
+        return _make_batch(self.samples, self.indices(step), self.normalize)
+
+    def global_key_hash(self, step: int) -> int:
+        """:func:`key_hash` of the whole batch at ``step`` (same on every part and client)."""
+        return key_hash([self.samples.keys[i] for i in self.global_indices(step)])
+
+    def epoch_of(self, step: int) -> float:
+        """Epochs completed at the start of ``step`` (fractional)."""
+        return step * self.batch_size / self.num_samples
+
+
+def iterate_eval(samples: Samples, batch_size: int, normalize: dict) -> Iterator[Batch]:
+    """Sequential batches covering every sample exactly once; the last one may be partial."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(samples)
+    for start in range(0, n, batch_size):
+        yield _make_batch(samples, np.arange(start, min(start + batch_size, n)), normalize)

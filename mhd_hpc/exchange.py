@@ -1,0 +1,171 @@
+"""Point-to-point exchange of public-batch predictions between clients (design §3).
+
+At step t client j sends to every client that chose it as a distillation target, and receives
+from the peers it chose; all clients derive the same schedule from the shared seed, so no
+negotiation is needed. A message is one contiguous byte buffer (``Isend``/``Irecv``, no pickle):
+
+    header  : int64 step, uint64 hash of the public-batch sample keys, int64 sender client
+    per head: fp16 probabilities (B, k) + int16 class indices (B, k)   when top_k > 0
+              fp16 probabilities (B, C)                                when top_k == 0
+    emb     : fp16 L2-normalised embedding (B, D)                       when the embedding is sent
+
+Every receiver checks step and key hash; a mismatch means the clients are not looking at the same
+public samples and is an error, never silently wrong targets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mpi4py import MPI
+
+from mhd_hpc.losses import densify_topk
+from mhd_hpc.world import World
+
+_TAG = 17
+_HEADER = np.dtype([("step", "<i8"), ("hash", "<u8"), ("sender", "<i8")])
+
+
+class ExchangeError(RuntimeError):
+    """A peer's message was missing, late or about different public samples."""
+
+
+@dataclass
+class PeerOutputs:
+    """What one peer computed on the current public batch."""
+
+    client: int
+    head_probs: list[torch.Tensor]  # dense (B, C) float32 per head, main first
+    embedding: torch.Tensor | None  # (B, D) float32, already normalised
+
+
+class PredictionExchange:
+    """Fixed-size message layout for a job, plus the send/receive of one step."""
+
+    def __init__(self, world: World, num_heads: int, num_classes: int, batch_size: int,
+                 top_k: int, embedding_dim: int, timeout_s: float):
+        self.world = world
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.top_k = top_k if 0 < top_k < num_classes else 0
+        self.embedding_dim = embedding_dim
+        self.timeout_s = timeout_s
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.wait_seconds = 0.0
+        k = self.top_k or num_classes
+        self._probs_bytes = batch_size * k * 2
+        self._index_bytes = batch_size * k * 2 if self.top_k else 0
+        self._emb_bytes = batch_size * embedding_dim * 2
+        self.message_bytes = (_HEADER.itemsize + num_heads * (self._probs_bytes + self._index_bytes)
+                              + self._emb_bytes)
+
+    # -- encoding ---------------------------------------------------------------------------
+    def pack(self, step: int, key_hash: int, client: int, head_probs: list[torch.Tensor],
+             embedding: torch.Tensor | None) -> np.ndarray:
+        """Encode this client's outputs into one contiguous uint8 buffer."""
+        if len(head_probs) != self.num_heads:
+            raise ValueError(f"expected {self.num_heads} heads, got {len(head_probs)}")
+        parts = [np.array([(step, key_hash, client)], dtype=_HEADER).view(np.uint8)]
+        for probs in head_probs:
+            probs = probs.detach().float()
+            if self.top_k:
+                values, indices = probs.topk(self.top_k, dim=1)
+                parts.append(values.numpy().astype(np.float16).view(np.uint8).ravel())
+                parts.append(indices.numpy().astype(np.int16).view(np.uint8).ravel())
+            else:
+                parts.append(probs.numpy().astype(np.float16).view(np.uint8).ravel())
+        if self.embedding_dim:
+            if embedding is None:
+                raise ValueError("this exchange carries embeddings but none was given")
+            parts.append(embedding.detach().float().numpy().astype(np.float16)
+                         .view(np.uint8).ravel())
+        buf = np.concatenate(parts)
+        assert buf.nbytes == self.message_bytes, (buf.nbytes, self.message_bytes)
+        return buf
+
+    def unpack(self, buf: np.ndarray, expect_step: int, expect_hash: int,
+               expect_client: int) -> PeerOutputs:
+        """Decode a peer's buffer, checking it is about the same step and public samples."""
+        header = buf[:_HEADER.itemsize].view(_HEADER)[0]
+        step, key_hash, sender = int(header["step"]), int(header["hash"]), int(header["sender"])
+        where = f"client {expect_client} (rank {self.world.rank_of_client(expect_client)})"
+        if sender != expect_client or step != expect_step:
+            raise ExchangeError(f"{self.world.where()} expected step {expect_step} from {where} "
+                                f"but got step {step} from client {sender}")
+        if key_hash != expect_hash:
+            raise ExchangeError(f"{self.world.where()}: public batch of step {step} from {where} "
+                                f"covers different samples (key hash {key_hash:016x} != ours "
+                                f"{expect_hash:016x}); clients disagree on the public stream")
+        b, c = self.batch_size, self.num_classes
+        k = self.top_k or c
+        offset = _HEADER.itemsize
+        heads = []
+        for _ in range(self.num_heads):
+            probs = torch.from_numpy(buf[offset:offset + self._probs_bytes].view(np.float16)
+                                     .reshape(b, k).astype(np.float32))
+            offset += self._probs_bytes
+            if self.top_k:
+                idx = torch.from_numpy(buf[offset:offset + self._index_bytes].view(np.int16)
+                                       .reshape(b, k).astype(np.int64))
+                offset += self._index_bytes
+                probs = densify_topk(probs, idx, c)
+            heads.append(probs)
+        emb = None
+        if self.embedding_dim:
+            emb = torch.from_numpy(buf[offset:offset + self._emb_bytes].view(np.float16)
+                                   .reshape(b, self.embedding_dim).astype(np.float32))
+        return PeerOutputs(expect_client, heads, emb)
+
+    # -- one step ---------------------------------------------------------------------------
+    def exchange(self, step: int, key_hash: int, head_probs: list[torch.Tensor],
+                 embedding: torch.Tensor | None, send_to: list[int],
+                 receive_from: list[int]) -> list[PeerOutputs]:
+        """Send our outputs to ``send_to`` clients and receive those of ``receive_from``."""
+        comm = self.world.comm
+        me = self.world.client
+        t0 = time.perf_counter()
+        recv_bufs = {j: np.empty(self.message_bytes, dtype=np.uint8) for j in receive_from}
+        requests = [comm.Irecv([recv_bufs[j], MPI.BYTE], source=self.world.rank_of_client(j),
+                               tag=_TAG) for j in receive_from]
+        owners = list(receive_from)
+        if send_to:
+            out = self.pack(step, key_hash, me, head_probs, embedding)
+            for i in send_to:
+                requests.append(comm.Isend([out, MPI.BYTE], dest=self.world.rank_of_client(i),
+                                           tag=_TAG))
+                owners.append(i)
+            self.bytes_sent += out.nbytes * len(send_to)
+        self._wait_all(requests, owners, step, len(receive_from))
+        self.wait_seconds += time.perf_counter() - t0
+        self.bytes_received += self.message_bytes * len(receive_from)
+        return [self.unpack(recv_bufs[j], step, key_hash, j) for j in receive_from]
+
+    def _wait_all(self, requests: list, owners: list[int], step: int, num_recv: int) -> None:
+        """Wait with a deadline; on timeout name the peers that never answered."""
+        deadline = time.monotonic() + self.timeout_s
+        pause = 0.0
+        while not MPI.Request.Testall(requests):
+            if time.monotonic() > deadline:
+                pending = [(("receive from" if n < num_recv else "send to"), owners[n])
+                           for n, r in enumerate(requests) if not r.Test()]
+                names = ", ".join(f"{what} client {c} (rank {self.world.rank_of_client(c)})"
+                                  for what, c in pending)
+                raise ExchangeError(f"{self.world.where()} timed out after {self.timeout_s:.0f} s "
+                                    f"at step {step} waiting to {names} (exchange.timeout_s)")
+            # Back off from a hot spin: ranks share cores, and a spinning waiter slows the peer
+            # it waits for.
+            time.sleep(pause)
+            pause = min(0.002, pause + 0.0001)
+
+    def take_counters(self) -> tuple[int, int, float]:
+        """(bytes sent, bytes received, seconds waiting) since the previous call."""
+        out = (self.bytes_sent, self.bytes_received, self.wait_seconds)
+        self.bytes_sent = self.bytes_received = 0
+        self.wait_seconds = 0.0
+        return out

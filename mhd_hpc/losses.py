@@ -1,0 +1,184 @@
+"""The Multi-Headed Distillation loss terms as pure tensor functions (paper §3.2, eq. 2-5).
+
+Heads are indexed 0 = main head (trained on labels only), 1..m = auxiliary heads. Aux head 1
+distills from the *main* heads of the candidate set, aux head k from the aux_{k-1} heads; the
+candidate set is the client itself (its own head, detached) plus the peers chosen this step.
+Per public sample one candidate is selected as the target, either the most confident one
+(Λ = max_c p_c) or a uniformly random one. Targets never carry gradient.
+
+No MPI, no I/O: the caller gathers peer outputs (possibly top-k, fp16) and weights the terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SELECTION_MODES = ("confidence", "random")
+
+
+def main_ce_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of the main head on the private labeled batch."""
+    return F.cross_entropy(logits, labels)
+
+
+def normalize_embedding(emb: Tensor, eps: float = 1e-8) -> Tensor:
+    """L2-normalise each row; the paper normalises because embedding norms drift apart (§3.2)."""
+    return F.normalize(emb, p=2.0, dim=1, eps=eps)
+
+
+def embedding_loss(student_emb: Tensor, peer_embs: Sequence[Tensor]) -> Tensor:
+    """Eq. 2 with rho(d) = d^2: sum over peers of the batch mean of ||s/|s| - p_j||^2.
+
+    ``student_emb`` is raw (B, D); peer embeddings arrive already normalised (B, D), possibly fp16.
+    """
+    if student_emb.dim() != 2:
+        raise ValueError(f"student_emb must be (B, D), got {tuple(student_emb.shape)}")
+    if len(peer_embs) == 0:
+        # Keep a graph connection so data-parallel wrappers see the parameters as used.
+        return student_emb.sum() * 0.0
+    s = normalize_embedding(student_emb)
+    total = s.new_zeros(())
+    for j, p in enumerate(peer_embs):
+        if p.shape != s.shape:
+            raise ValueError(f"peer embedding {j} has shape {tuple(p.shape)}, "
+                             f"student has {tuple(s.shape)}")
+        p = p.detach().to(s.dtype)
+        # Squared distance directly: no sqrt, so no infinite gradient when s == p.
+        total = total + (s - p).pow(2).sum(dim=1).mean()
+    return total
+
+
+def densify_topk(probs: Tensor, indices: Tensor, num_classes: int) -> Tensor:
+    """Rebuild a (B, C) distribution from top-k probabilities and class indices.
+
+    Unlisted classes share the leftover mass 1 - sum(probs) (clamped at 0) uniformly; for a true
+    top-k each unlisted class had at most the k-th probability, so the maximum (the confidence
+    used for selection) is unchanged. Half precision inputs are upcast to float32 because the
+    per-class leftover can be below fp16's normal range.
+    """
+    if probs.dim() != 2 or probs.shape != indices.shape:
+        raise ValueError(f"probs {tuple(probs.shape)} and indices {tuple(indices.shape)} "
+                         "must both be (B, k)")
+    b, k = probs.shape
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"k={k} must be in [1, num_classes={num_classes}]")
+    if probs.dtype in (torch.float16, torch.bfloat16):
+        probs = probs.float()
+    indices = indices.long()
+    if k == num_classes:
+        return torch.zeros(b, num_classes, dtype=probs.dtype, device=probs.device).scatter_(
+            1, indices, probs)
+    rest = (1.0 - probs.sum(dim=1)).clamp_min(0.0) / (num_classes - k)
+    out = rest[:, None].expand(b, num_classes).clone()
+    return out.scatter_(1, indices, probs)
+
+
+def select_targets(
+    candidates: Tensor, mode: str, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pick one candidate distribution per sample from (P, B, C); return (targets, chosen).
+
+    ``confidence``: the candidate with the largest max probability, ties to the lowest index
+    (index 0 is the client itself, so a tie keeps the client's own prediction).
+    ``random``: a uniformly random candidate per sample drawn from ``generator``.
+    """
+    if mode not in SELECTION_MODES:
+        raise ValueError(f"unknown selection mode {mode!r}; expected one of {SELECTION_MODES}")
+    if candidates.dim() != 3 or candidates.shape[0] < 1:
+        raise ValueError(f"candidates must be (P>=1, B, C), got {tuple(candidates.shape)}")
+    cand = candidates.detach()
+    p, b, _ = cand.shape
+    if mode == "confidence":
+        conf = cand.amax(dim=2)  # (P, B)
+        best = conf.amax(dim=0, keepdim=True)
+        order = torch.arange(p, device=cand.device)[:, None].expand(p, b)
+        # Explicit lowest-index tie break instead of relying on argmax's tie behaviour.
+        chosen = torch.where(conf == best, order, torch.full_like(order, p)).amin(dim=0)
+    else:
+        gen_device = generator.device if generator is not None else cand.device
+        chosen = torch.randint(0, p, (b,), generator=generator, device=gen_device)
+        chosen = chosen.to(cand.device)
+    targets = cand[chosen, torch.arange(b, device=cand.device)]
+    return targets, chosen
+
+
+def distill_loss(
+    student_logits: Tensor, targets: Tensor, skip_less_confident: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Soft cross-entropy -sum_c t_c log softmax(student)_c, averaged over the whole batch.
+
+    With ``skip_less_confident`` (paper §4.2.2) a sample whose student head is already more
+    confident than its target contributes 0; the mean is still over all B samples so the loss
+    scale does not jump with the number of skipped samples. Returns (loss, kept mask).
+    """
+    if student_logits.shape != targets.shape or student_logits.dim() != 2:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and targets "
+                         f"{tuple(targets.shape)} must both be (B, C)")
+    b = student_logits.shape[0]
+    logp = F.log_softmax(student_logits, dim=1)
+    t = targets.detach().to(logp.dtype)
+    per_sample = -(t * logp).sum(dim=1)
+    if skip_less_confident:
+        student_conf = logp.detach().exp().amax(dim=1)
+        kept = ~(student_conf > t.amax(dim=1))
+        per_sample = torch.where(kept, per_sample, torch.zeros_like(per_sample))
+    else:
+        kept = torch.ones(b, dtype=torch.bool, device=student_logits.device)
+    if b == 0:
+        return student_logits.sum() * 0.0, kept
+    return per_sample.sum() / b, kept
+
+
+@dataclass
+class HeadDistillStats:
+    """Loss of one aux head plus diagnostics for the metrics log."""
+
+    loss: Tensor
+    chosen_self_fraction: float
+    skipped_fraction: float
+
+
+def aux_chain_losses(
+    student_logits: Sequence[Tensor],
+    peer_probs: Sequence[Tensor],
+    selection: str,
+    skip_less_confident: bool,
+    generator: torch.Generator | None = None,
+) -> list[HeadDistillStats]:
+    """Eq. 5: aux_1 distills from main heads, aux_k from aux_{k-1} heads (self + peers).
+
+    ``student_logits``: (B, C) per head (main, aux_1..aux_m), with grad. ``peer_probs``: per head
+    a dense (P, B, C) probability tensor from the P peers of this step (P may be 0). The peers'
+    last head (aux_m) is never a target, so ``peer_probs`` may hold m or m + 1 entries.
+    Returns m unweighted entries (the caller multiplies by nu_aux).
+    """
+    m = len(student_logits) - 1
+    if m < 0:
+        raise ValueError("student_logits must contain at least the main head")
+    if len(peer_probs) < m:
+        raise ValueError(f"need peer probabilities for {m} source heads, got {len(peer_probs)}")
+    stats: list[HeadDistillStats] = []
+    for k in range(1, m + 1):
+        source = student_logits[k - 1]
+        # Self candidate in float32: selection compares confidences across candidates and
+        # fp16 rounding could flip near-ties between self and a peer.
+        own = F.softmax(source.detach().float(), dim=1)
+        peers = peer_probs[k - 1]
+        if peers.dim() != 3 or peers.shape[1:] != own.shape:
+            raise ValueError(f"peer_probs[{k - 1}] must be (P, {own.shape[0]}, {own.shape[1]}), "
+                             f"got {tuple(peers.shape)}")
+        candidates = torch.cat([own[None], peers.detach().to(own.device, own.dtype)], dim=0)
+        targets, chosen = select_targets(candidates, selection, generator)
+        loss, kept = distill_loss(student_logits[k], targets, skip_less_confident)
+        n = max(chosen.numel(), 1)
+        stats.append(HeadDistillStats(
+            loss=loss,
+            chosen_self_fraction=float((chosen == 0).sum().item()) / n,
+            skipped_fraction=float((~kept).sum().item()) / n,
+        ))
+    return stats

@@ -1,0 +1,90 @@
+"""Model zoo of mhd_hpc: backbones (small CNN, ResNet-18/34/50) and the multi-head wrapper.
+
+Everything else in the framework builds models through :func:`build_model`, so the
+architecture names in :data:`ARCHS` are the names accepted in job configs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from mhd_hpc.models.cnn import SmallCNN, cnn_small
+from mhd_hpc.models.multihead import MultiHeadModel, _check_int
+from mhd_hpc.models.resnet import SMALL_IMAGE_MAX, ResNet, resnet18, resnet34, resnet50
+
+__all__ = [
+    "ARCHS",
+    "MIN_IMAGE_SIZE",
+    "SMALL_IMAGE_MAX",
+    "MultiHeadModel",
+    "ResNet",
+    "SmallCNN",
+    "build_backbone",
+    "build_model",
+    "native_embedding_dim",
+]
+
+ARCHS: tuple[str, ...] = ("cnn_small", "resnet18", "resnet34", "resnet50")
+
+#: Smallest supported image side. The CIFAR-style ResNet stem halves the resolution
+#: three times (8 -> 1 at the last stage) and cnn_small pools once, so below 8 px
+#: the last feature maps would be empty or degenerate.
+MIN_IMAGE_SIZE = 8
+
+_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "cnn_small": cnn_small,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+}
+
+_NATIVE_DIMS: dict[str, int] = {"cnn_small": 128, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown arch {arch!r}; valid names are: {', '.join(ARCHS)}")
+
+
+def native_embedding_dim(arch: str) -> int:
+    """Width of the backbone's pooled feature for ``arch`` (without any projection)."""
+    _check_arch(arch)
+    return _NATIVE_DIMS[arch]
+
+
+def build_backbone(arch: str, in_channels: int, image_size: int) -> nn.Module:
+    """Build the feature extractor for ``arch``; it has ``out_dim`` and maps (B,C,H,W) -> (B,out_dim).
+
+    ResNets use the CIFAR-style stem for ``image_size <= SMALL_IMAGE_MAX`` (64) and the
+    ImageNet stem above.
+    """
+    _check_arch(arch)
+    _check_int("in_channels", in_channels, 1)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size must be an integer >= {MIN_IMAGE_SIZE} (smallest side the backbones support), "
+            f"got {image_size!r}"
+        )
+    backbone = _BUILDERS[arch](in_channels, image_size)
+    assert backbone.out_dim == _NATIVE_DIMS[arch]  # keeps the table above honest
+    return backbone
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    aux_heads: int,
+    in_channels: int = 3,
+    image_size: int = 224,
+    embedding_dim: int = 0,
+) -> MultiHeadModel:
+    """Build a client model: backbone -> (projection if embedding_dim > 0) -> main + aux heads."""
+    _check_arch(arch)
+    # Validate the head arguments before building a (possibly large) backbone.
+    _check_int("num_classes", num_classes, 1)
+    _check_int("aux_heads", aux_heads, 0)
+    _check_int("embedding_dim", embedding_dim, 0)
+    backbone = build_backbone(arch, in_channels, image_size)
+    return MultiHeadModel(backbone, arch, num_classes, aux_heads, embedding_dim)

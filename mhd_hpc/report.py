@@ -1,0 +1,91 @@
+"""``python -m mhd_hpc.report RUN_DIR [--json] [--step N]``: what a run learned.
+
+The table shows, per client and head, beta_priv (accuracy on the client's own private label
+distribution) and beta_sh (mean per-class accuracy, i.e. on a uniform label distribution), at
+the last evaluated step unless ``--step`` picks another. ``--json`` prints the same numbers as
+
+    {"step": N, "clients": {NAME: {"heads": {HEAD: {"beta_priv": x, "beta_sh": y}}}},
+     "mean": {HEAD: {"beta_priv": x, "beta_sh": y}}}
+
+with accuracies as fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mhd_hpc.metrics import MetricsError, read_metrics
+
+
+def summary_at(metrics: dict, step: int | None = None) -> dict:
+    """The JSON-shaped summary of one evaluated step (default: the last)."""
+    ev = metrics["eval"]
+    if not ev or len(ev["step"]) == 0:
+        raise MetricsError("the run has no evaluation yet")
+    steps = list(ev["step"])
+    if step is None:
+        row = len(steps) - 1
+    elif step in steps:
+        row = steps.index(step)
+    else:
+        raise MetricsError(f"no evaluation at step {step}; evaluated steps: {steps}")
+    heads = metrics["heads"]
+    priv, sh = ev["beta_priv"][row], ev["beta_sh"][row]  # (K, H)
+    out = {"step": int(steps[row]), "clients": {}, "mean": {}}
+    for i, name in enumerate(metrics["clients"]):
+        out["clients"][name] = {"heads": {h: {"beta_priv": float(priv[i, j]),
+                                              "beta_sh": float(sh[i, j])}
+                                          for j, h in enumerate(heads)}}
+    for j, h in enumerate(heads):
+        out["mean"][h] = {"beta_priv": float(priv[:, j].mean()), "beta_sh": float(sh[:, j].mean())}
+    return out
+
+
+def format_table(summary: dict, metrics: dict) -> str:
+    heads = list(summary["mean"])
+    width = max(8, max(len(c) for c in summary["clients"]))
+    lines = [f"step {summary['step']}: accuracy per client and head "
+             "(beta_priv = own label distribution, beta_sh = uniform over classes)", ""]
+    header = f"{'client':<{width}} " + " ".join(f"{h + ' priv':>10} {h + ' sh':>8}" for h in heads)
+    lines += [header, "-" * len(header)]
+    rows = list(summary["clients"].items()) + [("mean", {"heads": summary["mean"]})]
+    for name, entry in rows:
+        if name == "mean":
+            lines.append("-" * len(header))
+        lines.append(f"{name:<{width}} " + " ".join(
+            f"{entry['heads'][h]['beta_priv']:>10.3f} {entry['heads'][h]['beta_sh']:>8.3f}"
+            for h in heads))
+    train = metrics["train"]
+    if train and len(train.get("step", [])):
+        step_time = np.nanmean(train["step_time_s"])
+        wait = np.nanmean(train["exchange_wait_s"])
+        sent = np.nansum(train["bytes_sent"])
+        lines += ["", f"mean step time {1000 * step_time:.1f} ms, of which exchange wait "
+                      f"{1000 * wait:.1f} ms; {sent / 1e6:.2f} MB sent in total by all clients"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mhd_hpc.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="run folder (run.out_dir of the job)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--step", type=int, default=None, help="evaluated step (default: last)")
+    args = parser.parse_args(argv)
+    try:
+        metrics = read_metrics(Path(args.run_dir) / "metrics.h5")
+        summary = summary_at(metrics, args.step)
+    except MetricsError as exc:
+        print(f"mhd_hpc.report: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1) if args.json else format_table(summary, metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Communication graphs between clients and per-step peer schedules (pure, no MPI).
+
+A graph is stored as ``in_neighbours``: ``in_neighbours[i]`` is the sorted list of clients ``j``
+with a directed edge ``j -> i``, meaning client ``i`` distills from client ``j``. Self-loops never
+appear: a client is always its own candidate in the loss, so it does not need an edge for that.
+
+Like BlueFog's ``topology_util``, builders are plain functions returning neighbour lists. The
+per-step subgraph G_t (``peers_at_step``) is a pure function of (seed, step, client), so every rank
+of every client computes the same schedule with no communication and resumes it exactly after a
+restart.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+TOPOLOGY_KINDS = ("complete", "cycle", "islands", "none", "edges")
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"number of clients must be an int >= 1, got {n!r}")
+
+
+def _check_graph(in_neighbours: Sequence[Sequence[int]]) -> int:
+    """Validate a neighbour-list graph and return its number of clients."""
+    n = len(in_neighbours)
+    for i, nbs in enumerate(in_neighbours):
+        for j in nbs:
+            if not 0 <= j < n:
+                raise ValueError(f"client {i} has out-of-range in-neighbour {j} (n={n})")
+            if j == i:
+                raise ValueError(f"client {i} lists itself as an in-neighbour")
+    return n
+
+
+def complete(n: int) -> list[list[int]]:
+    """Every client distills from every other client."""
+    _check_n(n)
+    return [[j for j in range(n) if j != i] for i in range(n)]
+
+
+def cycle(n: int) -> list[list[int]]:
+    """Directed ring: client i distills from client (i - 1) mod n; a single client has no edges."""
+    _check_n(n)
+    if n == 1:
+        return [[]]
+    return [[(i - 1) % n] for i in range(n)]
+
+
+def no_edges(n: int) -> list[list[int]]:
+    """Clients train separately (the ``none`` topology)."""
+    _check_n(n)
+    return [[] for _ in range(n)]
+
+
+def islands(n: int, groups: int | list[list[int]]) -> list[list[int]]:
+    """Fully connected groups with no links between them.
+
+    ``groups`` is either a count (that many contiguous groups whose sizes differ by at most one)
+    or an explicit list of groups that must partition ``range(n)``.
+    """
+    _check_n(n)
+    if isinstance(groups, (int, np.integer)) and not isinstance(groups, bool):
+        if not 1 <= groups <= n:
+            raise ValueError(f"islands: group count must be in [1, {n}], got {groups}")
+        members = [list(map(int, g)) for g in np.array_split(np.arange(n), int(groups))]
+    else:
+        members = [list(g) for g in groups]
+        seen: dict[int, int] = {}
+        for gi, group in enumerate(members):
+            for c in group:
+                if not isinstance(c, (int, np.integer)) or not 0 <= c < n:
+                    raise ValueError(f"islands: client {c!r} in group {gi} is not in range({n})")
+                if c in seen:
+                    raise ValueError(
+                        f"islands: client {c} appears in group {seen[c]} and group {gi}"
+                    )
+                seen[int(c)] = gi
+        missing = [c for c in range(n) if c not in seen]
+        if missing:
+            raise ValueError(f"islands: client {missing[0]} belongs to no group")
+    result: list[list[int]] = [[] for _ in range(n)]
+    for group in members:
+        for i in group:
+            result[int(i)] = sorted(int(j) for j in group if j != i)
+    return result
+
+
+def from_edges(n: int, edges: list[list[int]]) -> list[list[int]]:
+    """Graph from explicit ``[src, dst]`` pairs (src -> dst: dst distills from src)."""
+    _check_n(n)
+    sets: list[set[int]] = [set() for _ in range(n)]
+    for edge in edges:
+        if len(edge) != 2:
+            raise ValueError(f"edge {list(edge)!r} must be a [src, dst] pair")
+        src, dst = edge
+        for c in (src, dst):
+            if not isinstance(c, (int, np.integer)) or isinstance(c, bool) or not 0 <= c < n:
+                raise ValueError(f"edge {list(edge)!r}: client {c!r} is not in range({n})")
+        if src == dst:
+            raise ValueError(f"edge {list(edge)!r} is a self-loop")
+        sets[int(dst)].add(int(src))  # a set makes duplicate edges harmless
+    return [sorted(s) for s in sets]
+
+
+def build_topology(
+    kind: str,
+    n: int,
+    islands: int | list[list[int]] = 1,
+    edges: list[list[int]] | None = None,
+) -> list[list[int]]:
+    """Dispatch on the config's topology kind: complete | cycle | islands | none | edges."""
+    if kind == "complete":
+        return complete(n)
+    if kind == "cycle":
+        return cycle(n)
+    if kind == "islands":
+        return _islands(n, islands)  # the parameter shadows the module-level function
+    if kind == "none":
+        return no_edges(n)
+    if kind == "edges":
+        if edges is None:
+            raise ValueError("topology kind 'edges' needs an explicit edge list")
+        return from_edges(n, edges)
+    raise ValueError(f"unknown topology kind {kind!r}; expected one of {TOPOLOGY_KINDS}")
+
+
+_islands = islands
+
+
+def peers_at_step(
+    in_neighbours: list[list[int]], step: int, delta: int, seed: int
+) -> list[list[int]]:
+    """e_t(i) for every client: min(delta, in-degree) distinct in-neighbours, sorted.
+
+    The draw for client i uses its own generator seeded by (seed, step, i), so it depends on
+    nothing else (not on other clients or on earlier steps) and any rank can recompute it.
+    """
+    _check_graph(in_neighbours)
+    if delta < 0:
+        raise ValueError(f"delta (targets_per_step) must be >= 0, got {delta}")
+    if step < 0 or seed < 0:
+        raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
+    out: list[list[int]] = []
+    for i, nbs in enumerate(in_neighbours):
+        nbs = sorted(nbs)
+        if delta >= len(nbs):
+            out.append(list(nbs))
+            continue
+        rng = np.random.default_rng([int(seed), int(step), i])
+        pick = rng.choice(len(nbs), size=delta, replace=False)
+        out.append(sorted(nbs[k] for k in pick))
+    return out
+
+
+def out_peers(peers: list[list[int]]) -> list[list[int]]:
+    """Transpose: out[j] = sorted clients that distill from j this step (who needs j's outputs)."""
+    _check_graph(peers)
+    out: list[list[int]] = [[] for _ in peers]
+    for i, nbs in enumerate(peers):  # ascending i keeps each out[j] sorted
+        for j in nbs:
+            out[j].append(i)
+    return out
+
+
+def schedule(
+    in_neighbours: list[list[int]], delta: int, seed: int, start_step: int = 0
+) -> Iterator[tuple[int, list[list[int]]]]:
+    """Yield (step, peers_at_step(...)) forever from ``start_step`` (resume = pass the step)."""
+    step = start_step
+    while True:
+        yield step, peers_at_step(in_neighbours, step, delta, seed)
+        step += 1
+
+
+def hop_distances(in_neighbours: list[list[int]]) -> np.ndarray:
+    """(K, K) int64: d[i, j] = hops for information to flow from j to i; 0 diagonal, -1 unreachable.
+
+    Used to group cross-client accuracy by graph distance (transitive distillation, paper §4.4).
+    """
+    n = _check_graph(in_neighbours)
+    outs = out_peers(in_neighbours)
+    dist = np.full((n, n), -1, dtype=np.int64)
+    for src in range(n):  # BFS along edge direction from every source
+        dist[src, src] = 0
+        queue = deque([src])
+        while queue:
+            u = queue.popleft()
+            for v in outs[u]:
+                if dist[v, src] < 0:
+                    dist[v, src] = dist[u, src] + 1
+                    queue.append(v)
+    return dist

@@ -1,0 +1,48 @@
+"""Entry point: ``mpirun -np K python -m mhd_hpc.train JOB.yaml [key=value ...]``.
+
+Thin on purpose: parse arguments, start MPI, load and validate the job on every rank, hand over
+to the training loop. A config error stops every rank with exit code 2 before any communication;
+any other exception on any rank aborts the whole job (``World.guard``) instead of leaving the
+other ranks blocked in MPI calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mhd_hpc.config import ConfigError, check_world_size, load_config
+from mhd_hpc.world import init_world
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mhd_hpc.train",
+        description="Train clients by multi-headed distillation (one MPI rank per client).",
+        epilog="Example: mpirun -np 4 python -m mhd_hpc.train jobs/digits.yaml "
+               "distill.nu_aux=3 topology.kind=cycle. All options: python -m mhd_hpc.config")
+    parser.add_argument("job", help="YAML job file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world = init_world()
+    with world.guard():
+        try:
+            cfg = load_config(args.job, args.overrides)
+            check_world_size(cfg, world.size)
+            from mhd_hpc.trainer import run  # after validation: a bad job fails fast
+
+            run(cfg, world)
+        except ConfigError as exc:
+            # Every rank reached the same verdict from the same inputs; one message is enough.
+            if world.is_root:
+                print(f"mhd_hpc: {exc}", file=sys.stderr, flush=True)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

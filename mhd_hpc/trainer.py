@@ -1,0 +1,302 @@
+"""The training loop of one client, the same for MHD and the baselines (design §1, §3).
+
+Reads top to bottom: set up the run folder and data, build the model, resume, then per step
+one forward pass over [private batch; public batch], the exchange of public outputs with this
+step's peers, the MHD losses, one SGD step; logging, evaluation and checkpoints on their
+schedules. Everything random is derived from (run.seed, step, client), so a resumed run takes
+exactly the steps an uninterrupted one would have taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mhd_hpc import losses, topology
+from mhd_hpc.checkpoint import ClientCheckpoints, newest_common_step
+from mhd_hpc.config import ConfigError, JobConfig
+from mhd_hpc.data.embedded import build_digits_shards
+from mhd_hpc.data.loader import StepBatches, iterate_eval, key_hash, load_split
+from mhd_hpc.exchange import PredictionExchange
+from mhd_hpc.metrics import MetricsWriter, per_class_accuracy, summarize
+from mhd_hpc.models import build_model
+from mhd_hpc.world import ClientLayout, World
+
+#: Config sections that may change when a run is resumed (they do not change what is learned).
+RESUMABLE_CHANGES = ("run.steps", "run.eval_every", "run.log_every", "run.checkpoint_every",
+                     "run.keep_checkpoints", "run.threads", "exchange.timeout_s", "run.out_dir")
+
+
+def seed_of(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (run seed, purpose, client, step...)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def identity(cfg: JobConfig) -> dict:
+    """The settings that define what a run learns; a resumed run must match them."""
+    return {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RESUMABLE_CHANGES}
+
+
+def fingerprint(cfg: JobConfig) -> str:
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Log:
+    """Progress lines from the root rank only: one terminal, not K copies."""
+
+    def __init__(self, world: World):
+        self.world, self.t0 = world, time.time()
+
+    def __call__(self, msg: str) -> None:
+        if self.world.is_root:
+            print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+
+def prepare_run_dir(cfg: JobConfig) -> str | None:
+    """Root only: create the run folder, refuse to mix two different jobs in it, save the
+    resolved config. Returns an error message instead of raising so all ranks can stop together."""
+    run_dir = Path(cfg.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        old = JobConfig()
+        try:
+            from mhd_hpc.config import _apply
+            _apply(old, yaml.safe_load(saved.read_text()) or {}, "")
+        except (ConfigError, yaml.YAMLError) as exc:
+            return f"{saved} is not a config of this version ({exc}); use another run.out_dir"
+        new_id, old_id = identity(cfg), identity(old)
+        for key in new_id:
+            if new_id[key] != old_id.get(key):
+                return (f"{run_dir} holds a run with {key}={old_id.get(key)!r}, this job has "
+                        f"{new_id[key]!r}: resume with the same settings or use another "
+                        f"run.out_dir")
+    tmp = saved.with_suffix(".yaml.tmp")
+    tmp.write_text(cfg.to_yaml())
+    os.replace(tmp, saved)
+    return None
+
+
+def injected_fault(rank: int) -> int | None:
+    """Fault-injection hook for tests: ``MHD_INJECT_FAULT=RANK:STEP`` makes that rank raise at the
+    start of that step, exactly like a crash in user code would."""
+    spec = os.environ.get("MHD_INJECT_FAULT")
+    if not spec:
+        return None
+    fault_rank, fault_step = (int(x) for x in spec.split(":"))
+    return fault_step if fault_rank == rank else None
+
+
+def lr_at(cfg: JobConfig, step: int) -> float:
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    span = max(1, cfg.run.steps - o.warmup_steps)
+    return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - o.warmup_steps) / span)))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, test, normalize: dict, num_classes: int) -> np.ndarray:
+    """(H, C) per-class test accuracy of every head."""
+    model.eval()
+    preds, labels = [], []
+    for batch in iterate_eval(test, 512, normalize):
+        _, logits = model(batch.images)
+        preds.append(torch.stack([l.argmax(1) for l in logits]).numpy())
+        labels.append(batch.labels.numpy())
+    model.train()
+    p, y = np.concatenate(preds, axis=1), np.concatenate(labels)
+    return np.stack([per_class_accuracy(p[h], y, num_classes) for h in range(p.shape[0])])
+
+
+def run(cfg: JobConfig, world: World) -> None:
+    log = Log(world)
+    world.assign_clients(ClientLayout.one_rank_per_client(cfg.clients.count))
+    me, K = world.client, cfg.clients.count
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+
+    # -- run folder and data (root prepares, everyone waits in the bcast) ------------------
+    error = prepare_run_dir(cfg) if world.is_root else None
+    error = world.bcast(error)
+    if error:
+        raise ConfigError("run.out_dir", error)
+    run_dir = Path(cfg.run.out_dir)
+    d = cfg.data
+    dataset_dir = None
+    if world.is_root:
+        log(f"dataset {d.dataset}: preparing shards under {d.root} (built once, then reused)")
+        dataset_dir = build_digits_shards(d.root, K, d.public_fraction, d.label_assignment,
+                                          d.labels_per_client, d.skew, cfg.run.seed)
+    dataset_dir = world.bcast(dataset_dir)
+    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    if world.is_root:
+        (run_dir / "partition.json").write_text(json.dumps(manifest["partition"], indent=1))
+    num_classes, norm = manifest["num_classes"], manifest["normalize"]
+    counts = np.asarray(manifest["partition"]["counts"], dtype=np.float64)
+    distribution = counts / counts.sum(axis=1, keepdims=True)
+    private = StepBatches(load_split(dataset_dir, f"client_{me:03d}", d.loader), d.batch_size,
+                          norm, seed=seed_of(cfg.run.seed, 1, me))
+    public = StepBatches(load_split(dataset_dir, "public", d.loader), d.public_batch_size, norm,
+                         seed=seed_of(cfg.run.seed, 2))  # one seed for all: aligned public stream
+    test = load_split(dataset_dir, "test", d.loader)
+    log(f"{K} clients, method={cfg.method}, {len(private.samples.keys)} private samples on "
+        f"client 0, {len(public.samples.keys)} public, {len(test.keys)} test; run folder {run_dir}")
+
+    # -- model, optimiser, communication plan ------------------------------------------------
+    shared_init = cfg.method in ("fedavg", "supervised")  # weights must start identical
+    torch.manual_seed(seed_of(cfg.run.seed, 3, 0 if shared_init else me))
+    arch = cfg.client_archs()[me]
+    image_shape = manifest["image_shape"]
+    model = build_model(arch, num_classes, cfg.model.aux_heads, image_shape[0], image_shape[-1],
+                        cfg.model.embedding_dim)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                          weight_decay=cfg.optim.weight_decay)
+    graph = topology.build_topology(cfg.topology.kind, K, cfg.topology.islands,
+                                    cfg.topology.edges)
+    exchanging = cfg.method == "mhd" and cfg.topology.kind != "none"
+    nu_emb = cfg.distill.nu_emb if cfg.method == "mhd" else 0.0
+    exchange = PredictionExchange(world, model.num_heads, num_classes, d.public_batch_size,
+                                  cfg.exchange.top_k, model.embedding_dim if nu_emb > 0 else 0,
+                                  cfg.exchange.timeout_s)
+
+    # -- resume -------------------------------------------------------------------------------
+    ckpts = ClientCheckpoints(run_dir, me, cfg.run.keep_checkpoints)
+    start = newest_common_step(world.allgather(ckpts.steps()))
+    if start:
+        state, meta = ckpts.load(start)
+        if meta.get("fingerprint") != fingerprint(cfg) or meta.get("arch") != arch:
+            raise ConfigError("run.out_dir", f"{ckpts.path(start)} was written by a different job")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resuming every client from step {start} ({run_dir / 'checkpoints'})")
+    metrics = None
+    if world.is_root:
+        metrics = MetricsWriter(run_dir / "metrics.h5", [f"client{i}" for i in range(K)],
+                                model.head_names, distribution, fingerprint(cfg), start)
+    if start >= cfg.run.steps:
+        log(f"run already complete at step {start}; see python -m mhd_hpc.report {run_dir}")
+        return
+    if cfg.method == "fedavg" and start == 0:
+        world.allreduce_mean_(list(model.state_dict().values()))
+
+    # -- the loop -----------------------------------------------------------------------------
+    sums: dict[str, float] = {}
+    interval_start, steps_in_interval = time.perf_counter(), 0
+    select_gen = torch.Generator()
+    fault_step = injected_fault(world.rank)
+    for step in range(start + 1, cfg.run.steps + 1):
+        if step == fault_step:
+            raise RuntimeError(f"injected fault at step {step} (MHD_INJECT_FAULT)")
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step - 1)
+        batch, pub = private.batch(step), public.batch(step)
+        b = batch.images.shape[0]
+        # One forward over both batches: half the kernel launches, and BatchNorm sees the
+        # public distribution the distillation losses are computed on.
+        emb, logits = model(torch.cat([batch.images, pub.images]))
+        loss_ce = losses.main_ce_loss(logits[0][:b], batch.labels)
+        loss, terms = loss_ce, {"loss_ce": loss_ce.item()}
+        pub_emb, pub_logits = emb[b:], [l[b:] for l in logits]
+
+        peers = []
+        if exchanging:
+            chosen = topology.peers_at_step(graph, step, cfg.distill.targets_per_step,
+                                            cfg.run.seed)
+            send_to, receive_from = topology.out_peers(chosen)[me], chosen[me]
+            if send_to or receive_from:
+                probs = [torch.softmax(l.detach(), dim=1) for l in pub_logits]
+                emb_out = losses.normalize_embedding(pub_emb.detach()) if nu_emb > 0 else None
+                peers = exchange.exchange(step, key_hash(pub.keys), probs, emb_out, send_to,
+                                          receive_from)
+        if nu_emb > 0 and peers:
+            loss_emb = losses.embedding_loss(pub_emb, [p.embedding for p in peers])
+            loss = loss + nu_emb * loss_emb
+            terms["loss_emb"] = loss_emb.item()
+        if cfg.model.aux_heads:
+            peer_probs = [torch.stack([p.head_probs[h] for p in peers]) if peers
+                          else pub_logits[h].new_zeros((0,) + pub_logits[h].shape)
+                          for h in range(model.num_heads)]
+            select_gen.manual_seed(seed_of(cfg.run.seed, 4, me, step))
+            stats = losses.aux_chain_losses(pub_logits, peer_probs, cfg.distill.selection,
+                                            cfg.distill.skip_less_confident, select_gen)
+            for k, s in enumerate(stats, start=1):
+                loss = loss + cfg.distill.nu_aux * s.loss
+                terms[f"loss_aux{k}"] = s.loss.item()
+                terms[f"self_target_aux{k}"] = s.chosen_self_fraction
+                terms[f"skipped_aux{k}"] = s.skipped_fraction
+        terms["loss_total"] = loss.item()
+
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.method == "supervised":  # one model on the union of all private batches
+            world.allreduce_mean_([p.grad for p in model.parameters() if p.grad is not None])
+        opt.step()
+        if cfg.method == "fedavg" and step % cfg.fedavg.every == 0:
+            exchange.bytes_sent += world.allreduce_mean_(list(model.state_dict().values()))
+
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        steps_in_interval += 1
+        last = step == cfg.run.steps
+
+        if step % cfg.run.log_every == 0 or last:
+            elapsed = time.perf_counter() - interval_start
+            sent, received, waited = exchange.take_counters()
+            row = {name: total / steps_in_interval for name, total in sums.items()}
+            row.update(step_time_s=elapsed / steps_in_interval, exchange_wait_s=waited
+                       / steps_in_interval, bytes_sent=sent, bytes_received=received,
+                       lr=lr_at(cfg, step - 1))
+            rows = world.gather(row)
+            if world.is_root:
+                names = sorted(set().union(*rows))
+                metrics.write_train(step, {n: [r.get(n, np.nan) for r in rows] for n in names})
+                mean = {n: float(np.nanmean([r.get(n, np.nan) for r in rows])) for n in names}
+                loss_txt = " ".join(f"{n.removeprefix('loss_')} {mean[n]:.3f}" for n in names
+                                    if n.startswith("loss_"))
+                log(f"step {step:>6}/{cfg.run.steps} | {loss_txt} | "
+                    f"{1000 * mean['step_time_s']:.0f} ms/step "
+                    f"(exchange wait {1000 * mean['exchange_wait_s']:.0f} ms) | "
+                    f"sent {sum(r['bytes_sent'] for r in rows) / 1e6:.2f} MB")
+            sums, steps_in_interval, interval_start = {}, 0, time.perf_counter()
+
+        if step % cfg.run.eval_every == 0 or last:
+            accs = world.gather(evaluate(model, test, norm, num_classes))
+            if world.is_root:
+                summary = summarize(np.stack(accs), distribution)
+                metrics.write_eval(step, summary)
+                heads = model.head_names
+                log(f"eval @ {step}: mean over clients  beta_sh " + " ".join(
+                    f"{h} {summary['beta_sh'][:, i].mean():.3f}" for i, h in enumerate(heads))
+                    + " | beta_priv " + " ".join(
+                    f"{h} {summary['beta_priv'][:, i].mean():.3f}" for i, h in enumerate(heads)))
+
+        if step % cfg.run.checkpoint_every == 0 or last:
+            ckpts.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "torch_rng": torch.get_rng_state(), "step": step},
+                       {"fingerprint": fingerprint(cfg), "arch": arch, "client": me,
+                        "step": step})
+    world.barrier()
+    log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {run_dir}")
+

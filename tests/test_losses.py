@@ -1,0 +1,171 @@
+"""Tests for mhd_hpc.losses on small hand-made tensors (paper eq. 2-5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mhd_hpc.losses import (HeadDistillStats, aux_chain_losses, densify_topk, distill_loss,
+                            embedding_loss, main_ce_loss, normalize_embedding, select_targets)
+
+
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Reference per-sample soft cross-entropy written out by hand."""
+    logz = torch.log(torch.exp(logits).sum(dim=1, keepdim=True))
+    return -(target * (logits - logz)).sum(dim=1)
+
+
+def _cands() -> torch.Tensor:
+    # (P=3, B=5, C=3); per-sample maxima chosen so the winner is known.
+    c = torch.tensor([
+        [[.5, .3, .2], [.9, .05, .05], [.4, .3, .3], [.6, .2, .2], [.4, .3, .3]],
+        [[.1, .7, .2], [.4, .3, .3], [.25, .5, .25], [.2, .6, .2], [.1, .7, .2]],
+        [[.2, .2, .6], [.1, .1, .8], [.2, .2, .6], [.5, .25, .25], [.15, .15, .7]],
+    ])
+    return c
+
+
+def test_main_ce_loss_matches_manual():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    onehot = torch.nn.functional.one_hot(labels, 3).float()
+    assert torch.allclose(main_ce_loss(logits, labels), _soft_ce(logits, onehot).mean())
+
+
+def test_select_targets_confidence_and_ties():
+    cands = _cands()
+    targets, chosen = select_targets(cands, "confidence")
+    # sample 3: tie 0.6 vs 0.6 -> lowest index 0; sample 4: tie 0.7 vs 0.7 -> index 1.
+    assert chosen.tolist() == [1, 0, 2, 0, 1]
+    assert chosen.dtype == torch.long
+    for b, p in enumerate(chosen.tolist()):
+        assert torch.equal(targets[b], cands[p, b])
+
+
+def test_select_targets_random_uses_all_and_is_reproducible():
+    cands = torch.rand(3, 300, 4).softmax(dim=2)
+    t1, c1 = select_targets(cands, "random", torch.Generator().manual_seed(5))
+    t2, c2 = select_targets(cands, "random", torch.Generator().manual_seed(5))
+    _, c3 = select_targets(cands, "random", torch.Generator().manual_seed(6))
+    assert torch.equal(c1, c2) and torch.equal(t1, t2) and not torch.equal(c1, c3)
+    assert set(c1.tolist()) == {0, 1, 2}
+    assert torch.equal(t1, cands[c1, torch.arange(300)])
+
+
+def test_select_targets_errors():
+    with pytest.raises(ValueError, match="selection"):
+        select_targets(_cands(), "entropy")
+    with pytest.raises(ValueError):
+        select_targets(torch.zeros(0, 2, 3), "confidence")
+
+
+def test_targets_carry_no_gradient():
+    cands = _cands().clone().requires_grad_(True)
+    targets, _ = select_targets(cands, "confidence")
+    assert not targets.requires_grad
+    student = torch.zeros(5, 3, requires_grad=True)
+    tgt = cands[0].clone()  # a target that *does* require grad: distill_loss must detach it
+    loss, _ = distill_loss(student, tgt)
+    loss.backward()
+    assert cands.grad is None and student.grad is not None
+
+
+def test_distill_loss_value_matches_manual_soft_ce():
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    targets = torch.tensor([[0.2, 0.3, 0.5], [0.7, 0.2, 0.1]])
+    loss, kept = distill_loss(student, targets)
+    assert kept.tolist() == [True, True]
+    assert torch.allclose(loss, _soft_ce(student, targets).mean())
+
+
+def test_skip_less_confident_masks_expected_samples():
+    # Student confidences: ~1.0 (sample 0) and 1/3 (sample 1); target confidence 0.6 for both.
+    student = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([[0.6, 0.2, 0.2], [0.6, 0.2, 0.2]])
+    loss, kept = distill_loss(student, targets, skip_less_confident=True)
+    assert kept.tolist() == [False, True]
+    # Mean over the whole batch (B = 2), skipped sample contributes 0.
+    assert torch.allclose(loss, _soft_ce(student.detach(), targets)[1] / 2)
+    loss.backward()
+    assert torch.all(student.grad[0] == 0) and torch.any(student.grad[1] != 0)
+
+
+def test_embedding_loss_known_values_and_no_peer_grad():
+    student = torch.tensor([[3.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    peer_a = torch.tensor([[0.0, 1.0], [0.0, 1.0]], requires_grad=True)  # orthogonal / equal
+    peer_b = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float16)  # fp16 on the wire
+    # sample 0: |(1,0)-(0,1)|^2 = 2; sample 1: 0 (peer_a) or 2 (peer_b).
+    loss = embedding_loss(student, [peer_a, peer_b])
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert math.isclose(loss.item(), (2 + 0) / 2 + (2 + 2) / 2, rel_tol=1e-6)
+    scaled = embedding_loss(student.detach() * 10, [peer_a, peer_b])
+    assert math.isclose(scaled.item(), loss.item(), rel_tol=1e-6)
+    loss.backward()
+    assert peer_a.grad is None and student.grad is not None
+
+
+def test_embedding_loss_without_peers_is_zero_with_grad_path():
+    student = torch.randn(4, 3, requires_grad=True)
+    loss = embedding_loss(student, [])
+    assert loss.dim() == 0 and loss.item() == 0.0
+    loss.backward()  # must not raise
+    assert torch.all(student.grad == 0)
+
+
+def test_normalize_embedding_unit_rows():
+    emb = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
+    assert torch.allclose(normalize_embedding(emb), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
+
+
+def test_densify_topk_keeps_argmax_and_sums_to_one():
+    probs = torch.tensor([[0.5, 0.3], [0.9, 0.06]], dtype=torch.float16)
+    idx = torch.tensor([[2, 0], [1, 4]])
+    dense = densify_topk(probs, idx, 5)
+    assert dense.shape == (2, 5) and dense.dtype == torch.float32
+    assert torch.allclose(dense.sum(dim=1), torch.ones(2), atol=1e-3)
+    assert dense.argmax(dim=1).tolist() == [2, 1]
+    assert torch.allclose(dense.amax(dim=1), probs.float().amax(dim=1))
+    assert torch.allclose(dense[0], torch.tensor([0.3, 0.2 / 3, 0.5, 0.2 / 3, 0.2 / 3]),
+                          atol=1e-3)
+    full = densify_topk(torch.tensor([[0.1, 0.7, 0.2]]), torch.tensor([[2, 0, 1]]), 3)
+    assert torch.allclose(full, torch.tensor([[0.7, 0.2, 0.1]]))
+
+
+def test_aux_chain_uses_main_for_aux1_and_aux1_for_aux2():
+    zero = torch.zeros(1, 3)
+    main = zero.clone().requires_grad_(True)                    # self conf 1/3
+    aux1 = zero.clone().requires_grad_(True)                    # self conf 1/3
+    aux2 = torch.tensor([[1.0, -1.0, 0.0]], requires_grad=True)
+    peer_main = torch.tensor([[[0.2, 0.2, 0.6]]])               # (P=1, B=1, C=3)
+    peer_aux1 = torch.tensor([[[0.8, 0.1, 0.1]]])
+    peer_aux2 = torch.tensor([[[0.0, 0.0, 1.0]]])               # never a target
+    stats = aux_chain_losses([main, aux1, aux2], [peer_main, peer_aux1, peer_aux2],
+                             "confidence", skip_less_confident=False)
+    assert len(stats) == 2 and all(isinstance(s, HeadDistillStats) for s in stats)
+    assert torch.allclose(stats[0].loss, _soft_ce(aux1.detach(), peer_main[0]).mean())
+    assert torch.allclose(stats[1].loss, _soft_ce(aux2.detach(), peer_aux1[0]).mean())
+    assert stats[0].chosen_self_fraction == 0.0 and stats[0].skipped_fraction == 0.0
+    sum(s.loss for s in stats).backward()
+    assert main.grad is None  # main head is only a (detached) source here
+
+
+def test_aux_chain_self_target_and_no_peers():
+    main = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])     # self conf ~0.96, 1/3
+    aux1 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 3.0]], requires_grad=True)
+    peer_main = torch.tensor([[[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]]], requires_grad=True)
+    stats = aux_chain_losses([main, aux1], [peer_main], "confidence", True)
+    # sample 0 -> self (more confident), sample 1 -> peer; student aux1 conf on sample 1 is
+    # e^3/(e^3+2) ~ 0.91 > 0.5, so sample 1 is skipped.
+    expected_target = torch.stack([main[0].softmax(0), peer_main[0, 1].detach()])
+    per = _soft_ce(aux1.detach(), expected_target)
+    assert torch.allclose(stats[0].loss, per[0] / 2)
+    assert stats[0].chosen_self_fraction == 0.5 and stats[0].skipped_fraction == 0.5
+    stats[0].loss.backward()
+    assert peer_main.grad is None
+    # P = 0: pure self-distillation from the main head.
+    none = aux_chain_losses([main, aux1], [torch.zeros(0, 2, 3)], "random", False,
+                            torch.Generator().manual_seed(0))
+    assert none[0].chosen_self_fraction == 1.0
+    assert torch.allclose(none[0].loss, _soft_ce(aux1.detach(), main.softmax(1)).mean())
