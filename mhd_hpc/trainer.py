@@ -23,7 +23,7 @@ import yaml
 from mhd_hpc import losses, topology
 from mhd_hpc.checkpoint import ClientCheckpoints, newest_common_step
 from mhd_hpc.config import ConfigError, JobConfig
-from mhd_hpc.data.embedded import build_digits_shards
+from mhd_hpc.data.embedded import build_digits_shards, client_split, load_manifest
 from mhd_hpc.data.loader import StepBatches, iterate_eval, key_hash, load_split
 from mhd_hpc.exchange import PredictionExchange
 from mhd_hpc.metrics import MetricsWriter, per_class_accuracy, summarize
@@ -149,13 +149,13 @@ def run(cfg: JobConfig, world: World) -> None:
         dataset_dir = build_digits_shards(d.root, K, d.public_fraction, d.label_assignment,
                                           d.labels_per_client, d.skew, cfg.run.seed)
     dataset_dir = world.bcast(dataset_dir)
-    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    manifest = load_manifest(dataset_dir)
     if world.is_root:
         (run_dir / "partition.json").write_text(json.dumps(manifest["partition"], indent=1))
     num_classes, norm = manifest["num_classes"], manifest["normalize"]
     counts = np.asarray(manifest["partition"]["counts"], dtype=np.float64)
     distribution = counts / counts.sum(axis=1, keepdims=True)
-    private = StepBatches(load_split(dataset_dir, f"client_{me:03d}", d.loader), d.batch_size,
+    private = StepBatches(load_split(dataset_dir, client_split(me), d.loader), d.batch_size,
                           norm, seed=seed_of(cfg.run.seed, 1, me))
     public = StepBatches(load_split(dataset_dir, "public", d.loader), d.public_batch_size, norm,
                          seed=seed_of(cfg.run.seed, 2))  # one seed for all: aligned public stream
@@ -251,7 +251,8 @@ def run(cfg: JobConfig, world: World) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.method == "supervised":  # one model on the union of all private batches
-            world.allreduce_mean_([p.grad for p in model.parameters() if p.grad is not None])
+            exchange.bytes_sent += world.allreduce_mean_(
+                [p.grad for p in model.parameters() if p.grad is not None])
         opt.step()
         if cfg.method == "fedavg" and step % cfg.fedavg.every == 0:
             exchange.bytes_sent += world.allreduce_mean_(list(model.state_dict().values()))

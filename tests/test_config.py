@@ -112,3 +112,9 @@ def test_every_option_is_documented_and_in_the_job_file():
 def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("x=true") == ("x", True)
+
+
+def test_readme_documents_every_option():
+    readme = (ROOT / "README.md").read_text()
+    for key, _default, _text in reference():
+        assert f"| `{key}` |" in readme, f"README options table lacks {key}"
