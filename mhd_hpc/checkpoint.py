@@ -15,7 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -87,8 +87,10 @@ def _read(node: h5py.Group | h5py.Dataset) -> Any:
 # ----------------------------------------------------------------------------- files
 
 
-def save_atomic(path: str | Path, state: dict, meta: dict) -> None:
-    """Write ``state`` to ``path`` so that the file is either absent, old, or complete."""
+def save_atomic(path: str | Path, state: dict, meta: dict,
+                before_commit: Callable[[], None] | None = None) -> None:
+    """Write ``state`` to ``path`` so that the file is either absent, old, or complete.
+    ``before_commit`` runs between writing the temp file and renaming it (fault injection)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -99,6 +101,8 @@ def save_atomic(path: str | Path, state: dict, meta: dict) -> None:
         f.attrs["complete"] = True  # last: a file without it was cut short
         f.flush()
         os.fsync(f.id.get_vfd_handle())
+    if before_commit is not None:
+        before_commit()
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -124,10 +128,11 @@ def load(path: str | Path) -> tuple[dict, dict]:
 
 
 class ClientCheckpoints:
-    """The checkpoint folder of one client: ``checkpoints/client_007/step_000001200.h5``."""
+    """The checkpoint folder of one client: ``checkpoints/client_007/step_000001200.h5``
+    (``kind`` names the top folder: the checkpoint pools use ``pools``)."""
 
-    def __init__(self, run_dir: str | Path, client: int, keep: int):
-        self.folder = Path(run_dir) / "checkpoints" / f"client_{client:03d}"
+    def __init__(self, run_dir: str | Path, client: int, keep: int, kind: str = "checkpoints"):
+        self.folder = Path(run_dir) / kind / f"client_{client:03d}"
         self.keep = keep
 
     def path(self, step: int) -> Path:
@@ -144,8 +149,9 @@ class ClientCheckpoints:
                 found.append(int(match.group(1)))
         return sorted(found)
 
-    def save(self, step: int, state: dict, meta: dict) -> None:
-        save_atomic(self.path(step), state, meta)
+    def save(self, step: int, state: dict, meta: dict,
+             before_commit: Callable[[], None] | None = None) -> None:
+        save_atomic(self.path(step), state, meta, before_commit)
         for old in self.steps()[:-self.keep]:
             self.path(old).unlink(missing_ok=True)
         for stale in self.folder.glob("*.tmp"):  # left by a killed writer

@@ -22,6 +22,7 @@ TOPOLOGIES = ("complete", "cycle", "islands", "none", "edges")
 SELECTIONS = ("confidence", "random")
 ASSIGNMENTS = ("random", "even")
 SCHEDULES = ("cosine", "constant")
+EXCHANGE_MODES = ("predictions", "pool")
 DATASETS = ("digits",)
 LOADERS = ("wds",)
 #: Classes of the datasets that ship with the package, needed to validate label counts early.
@@ -119,10 +120,20 @@ class TopologyConfig:
 
 @dataclass
 class ExchangeConfig:
+    mode: str = doc("How peers' targets arrive: 'predictions' (outputs on the public batch sent "
+                    "every step) or 'pool' (paper Algorithm 2: peer checkpoints sent every "
+                    "exchange.pool_every steps into a local pool that computes the targets).",
+                    "predictions")
     top_k: int = doc("Send only the k largest probabilities (+ indices) per head and sample; "
                      "0 = the full distribution.", 0)
     timeout_s: float = doc("Seconds to wait for a peer's message before failing with the peer "
                            "named.", 300.0)
+    pool_size: int = doc("mode=pool: N_P, peer checkpoints kept per client (0 = clients.count).",
+                         0)
+    pool_every: int = doc("mode=pool: S_P, steps between checkpoint refreshes (paper: 200).", 50)
+    pool_transfer_steps: int = doc("mode=pool: steps a checkpoint transfer may run in the "
+                                   "background before the receiver waits for it and inserts it "
+                                   "(fixed, so that runs are reproducible).", 5)
 
 
 @dataclass
@@ -376,6 +387,13 @@ def validate(cfg: JobConfig) -> None:
     if not 0 <= ex.top_k <= num_classes:
         raise ConfigError("exchange.top_k", f"must be in [0, {num_classes}], got {ex.top_k}")
     _positive("exchange.timeout_s", ex.timeout_s)
+    _choice("exchange.mode", ex.mode, EXCHANGE_MODES)
+    if ex.mode == "pool" and cfg.method != "mhd":
+        raise ConfigError("exchange.mode", f"pool mode is a way to run method=mhd, not "
+                          f"method={cfg.method}")
+    _positive("exchange.pool_size", ex.pool_size, allow_zero=True)
+    _positive("exchange.pool_every", ex.pool_every)
+    _positive("exchange.pool_transfer_steps", ex.pool_transfer_steps, allow_zero=True)
     _positive("fedavg.every", cfg.fedavg.every)
 
     o = cfg.optim

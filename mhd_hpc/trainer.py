@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from mhd_hpc.config import ConfigError, JobConfig
 from mhd_hpc.data.embedded import build_digits_shards, client_split, load_manifest
 from mhd_hpc.data.loader import StepBatches, iterate_eval, key_hash, load_split
 from mhd_hpc.exchange import PredictionExchange
+from mhd_hpc.pool import pool_files
+from mhd_hpc.targets import LiveTargets, NoTargets, PoolTargets
 from mhd_hpc.metrics import MetricsWriter, per_class_accuracy, summarize
 from mhd_hpc.models import build_model
 from mhd_hpc.world import ClientLayout, World
@@ -95,14 +98,26 @@ def prepare_run_dir(cfg: JobConfig) -> str | None:
     return None
 
 
-def injected_fault(rank: int) -> int | None:
-    """Fault-injection hook for tests: ``MHD_INJECT_FAULT=RANK:STEP`` makes that rank raise at the
-    start of that step, exactly like a crash in user code would."""
+FAULT_MODES = ("raise", "kill", "kill_in_checkpoint")
+
+
+def injected_fault(rank: int) -> tuple[int, str] | None:
+    """Fault-injection hook for tests: ``MHD_INJECT_FAULT=RANK:STEP[:MODE]`` makes that rank, at
+    that step, raise an exception (``raise``, default), die by SIGKILL like ``kill -9``
+    (``kill``), or die by SIGKILL in the middle of writing its checkpoint
+    (``kill_in_checkpoint``, the step must be a checkpoint step)."""
     spec = os.environ.get("MHD_INJECT_FAULT")
     if not spec:
         return None
-    fault_rank, fault_step = (int(x) for x in spec.split(":"))
-    return fault_step if fault_rank == rank else None
+    parts = spec.split(":")
+    mode = parts[2] if len(parts) > 2 else "raise"
+    if len(parts) not in (2, 3) or mode not in FAULT_MODES:
+        raise ValueError(f"MHD_INJECT_FAULT={spec!r}: expected RANK:STEP[:{'|'.join(FAULT_MODES)}]")
+    return (int(parts[1]), mode) if int(parts[0]) == rank else None
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def lr_at(cfg: JobConfig, step: int) -> float:
@@ -174,15 +189,26 @@ def run(cfg: JobConfig, world: World) -> None:
                           weight_decay=cfg.optim.weight_decay)
     graph = topology.build_topology(cfg.topology.kind, K, cfg.topology.islands,
                                     cfg.topology.edges)
-    exchanging = cfg.method == "mhd" and cfg.topology.kind != "none"
     nu_emb = cfg.distill.nu_emb if cfg.method == "mhd" else 0.0
     exchange = PredictionExchange(world, model.num_heads, num_classes, d.public_batch_size,
                                   cfg.exchange.top_k, model.embedding_dim if nu_emb > 0 else 0,
                                   cfg.exchange.timeout_s)
+    if cfg.method != "mhd" or cfg.topology.kind == "none":
+        source: NoTargets = NoTargets()
+    elif cfg.exchange.mode == "pool":
+        source = PoolTargets(cfg, world, graph, lambda a: build_model(
+            a, num_classes, cfg.model.aux_heads, image_shape[0], image_shape[-1],
+            cfg.model.embedding_dim), send_embedding=nu_emb > 0)
+    else:
+        source = LiveTargets(cfg, world, graph, exchange, send_embedding=nu_emb > 0)
 
     # -- resume -------------------------------------------------------------------------------
     ckpts = ClientCheckpoints(run_dir, me, cfg.run.keep_checkpoints)
-    start = newest_common_step(world.allgather(ckpts.steps()))
+    pools = pool_files(run_dir, me, cfg.run.keep_checkpoints)
+    usable = set(ckpts.steps())
+    if isinstance(source, PoolTargets):  # a pool-mode step needs its pool file as well
+        usable &= set(pools.steps())
+    start = newest_common_step(world.allgather(sorted(usable)))
     if start:
         state, meta = ckpts.load(start)
         if meta.get("fingerprint") != fingerprint(cfg) or meta.get("arch") != arch:
@@ -190,6 +216,8 @@ def run(cfg: JobConfig, world: World) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if isinstance(source, PoolTargets):
+            source.load_state(pools.load(start)[0])
         log(f"resuming every client from step {start} ({run_dir / 'checkpoints'})")
     metrics = None
     if world.is_root:
@@ -205,10 +233,12 @@ def run(cfg: JobConfig, world: World) -> None:
     sums: dict[str, float] = {}
     interval_start, steps_in_interval = time.perf_counter(), 0
     select_gen = torch.Generator()
-    fault_step = injected_fault(world.rank)
+    fault = injected_fault(world.rank)
     for step in range(start + 1, cfg.run.steps + 1):
-        if step == fault_step:
+        if fault and fault[0] == step and fault[1] == "raise":
             raise RuntimeError(f"injected fault at step {step} (MHD_INJECT_FAULT)")
+        if fault and fault[0] == step and fault[1] == "kill":
+            _die()
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step - 1)
         batch, pub = private.batch(step), public.batch(step)
@@ -220,16 +250,9 @@ def run(cfg: JobConfig, world: World) -> None:
         loss, terms = loss_ce, {"loss_ce": loss_ce.item()}
         pub_emb, pub_logits = emb[b:], [l[b:] for l in logits]
 
-        peers = []
-        if exchanging:
-            chosen = topology.peers_at_step(graph, step, cfg.distill.targets_per_step,
-                                            cfg.run.seed)
-            send_to, receive_from = topology.out_peers(chosen)[me], chosen[me]
-            if send_to or receive_from:
-                probs = [torch.softmax(l.detach(), dim=1) for l in pub_logits]
-                emb_out = losses.normalize_embedding(pub_emb.detach()) if nu_emb > 0 else None
-                peers = exchange.exchange(step, key_hash(pub.keys), probs, emb_out, send_to,
-                                          receive_from)
+        source.begin_step(step, model)
+        peers = source.targets(step, pub, pub_logits, pub_emb)
+        terms.update(source.stats())
         if nu_emb > 0 and peers:
             loss_emb = losses.embedding_loss(pub_emb, [p.embedding for p in peers])
             loss = loss + nu_emb * loss_emb
@@ -264,7 +287,8 @@ def run(cfg: JobConfig, world: World) -> None:
 
         if step % cfg.run.log_every == 0 or last:
             elapsed = time.perf_counter() - interval_start
-            sent, received, waited = exchange.take_counters()
+            sent, received, waited = (a + b for a, b in zip(exchange.take_counters(),
+                                                            source.take_counters()))
             row = {name: total / steps_in_interval for name, total in sums.items()}
             row.update(step_time_s=elapsed / steps_in_interval, exchange_wait_s=waited
                        / steps_in_interval, bytes_sent=sent, bytes_received=received,
@@ -294,10 +318,14 @@ def run(cfg: JobConfig, world: World) -> None:
                     f"{h} {summary['beta_priv'][:, i].mean():.3f}" for i, h in enumerate(heads)))
 
         if step % cfg.run.checkpoint_every == 0 or last:
+            source.flush(step)  # nothing in flight: the saved pool is the pool of this step
+            if isinstance(source, PoolTargets):
+                pools.save(step, source.state(), {"fingerprint": fingerprint(cfg), "step": step})
             ckpts.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                               "torch_rng": torch.get_rng_state(), "step": step},
                        {"fingerprint": fingerprint(cfg), "arch": arch, "client": me,
-                        "step": step})
+                        "step": step},
+                       before_commit=_die if fault == (step, "kill_in_checkpoint") else None)
     world.barrier()
     log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {run_dir}")
 

@@ -72,7 +72,8 @@ def load_split(dataset_dir: str, split: str, backend: str = "wds") -> Samples:
     expected = manifest["counts"].get(split)
     if expected is not None and expected != len(samples):
         raise ValueError(
-            f"split {split!r}: read {len(samples)} samples but {manifest_path} says {expected}"
+            f"split {split!r}: read {len(samples)} samples from {', '.join(paths)} but "
+            f"{manifest_path} says {expected}: a shard is truncated or was replaced"
         )
     return samples
 

@@ -1,0 +1,128 @@
+"""The checkpoint pool of the paper's Algorithm 2 (``exchange.mode: pool``), without MPI.
+
+Each client keeps up to N_P peer checkpoints. Every S_P steps it receives a fresh checkpoint of
+one in-neighbour (``refresh_sources`` says whom, from the shared seed, so senders know their
+receivers without negotiation); the checkpoint fills a free slot or replaces a random entry.
+Each step the client draws Delta entries and runs them on the public batch to get distillation
+targets, so clients never wait for each other step by step (the transfers run in the
+background, see ``exchange.WeightTransfer``).
+
+Weights travel as one flat float32 vector; the receiver rebuilds the peer's model from its
+architecture name (``clients.arch``), which also makes heterogeneous peers work. The pool is
+saved to HDF5 with every checkpoint (``pools/client_NNN/step_*.h5``: per entry the tensors as
+datasets plus source client, source step and architecture), so a resumed run continues with the
+pool it had at that step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mhd_hpc.checkpoint import ClientCheckpoints
+
+
+def flatten_state(model: torch.nn.Module) -> np.ndarray:
+    """All of a model's state (parameters and buffers) as one contiguous float32 vector."""
+    return torch.cat([t.detach().reshape(-1).to(torch.float32)
+                      for t in model.state_dict().values()]).numpy()
+
+
+def state_size(model: torch.nn.Module) -> int:
+    """Length of ``flatten_state(model)``, without copying."""
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def load_flat_state(model: torch.nn.Module, flat: np.ndarray) -> None:
+    """Inverse of ``flatten_state``: shapes and dtypes come from ``model`` itself."""
+    if flat.size != state_size(model):
+        raise ValueError(f"flat state has {flat.size} values, {type(model).__name__} needs "
+                         f"{state_size(model)}")
+    state, offset = {}, 0
+    for name, t in model.state_dict().items():
+        n = t.numel()
+        state[name] = torch.from_numpy(flat[offset:offset + n].copy()).view(t.shape).to(t.dtype)
+        offset += n
+    model.load_state_dict(state)
+
+
+@dataclass
+class PoolEntry:
+    """One peer checkpoint: a ready-to-run model plus where and when it came from."""
+
+    source_client: int
+    source_step: int
+    arch: str
+    model: torch.nn.Module
+
+
+def refresh_sources(in_neighbours: list[list[int]], step: int, seed: int) -> list[int]:
+    """For every client, the in-neighbour whose checkpoint it receives at refresh ``step``
+    (-1 when it has none). Pure and identical on every rank."""
+    out = []
+    for i, nbrs in enumerate(in_neighbours):
+        rng = np.random.default_rng([seed, 7, i, step])
+        out.append(int(nbrs[rng.integers(len(nbrs))]) if nbrs else -1)
+    return out
+
+
+class CheckpointPool:
+    """A client's rolling pool of at most ``capacity`` peer checkpoints."""
+
+    def __init__(self, capacity: int, client: int, seed: int,
+                 build: Callable[[str], torch.nn.Module]):
+        if capacity < 1:
+            raise ValueError(f"pool capacity must be >= 1, got {capacity}")
+        self.capacity, self.client, self.seed = capacity, client, seed
+        self.build = build  # arch name -> fresh model of that architecture
+        self.entries: list[PoolEntry] = []
+
+    def insert(self, step: int, source_client: int, source_step: int, arch: str,
+               flat: np.ndarray) -> int:
+        """Add a checkpoint received at ``step``; returns the slot it went to."""
+        model = self.build(arch)
+        load_flat_state(model, flat)
+        model.eval()  # targets come from the peer's inference mode (BN running statistics)
+        entry = PoolEntry(source_client, source_step, arch, model)
+        if len(self.entries) < self.capacity:
+            self.entries.append(entry)
+            return len(self.entries) - 1
+        slot = int(np.random.default_rng([self.seed, 6, self.client, step])
+                   .integers(self.capacity))
+        self.entries[slot] = entry
+        return slot
+
+    def draw(self, step: int, count: int) -> list[PoolEntry]:
+        """``count`` distinct entries for this step (fewer while the pool is filling)."""
+        if not self.entries:
+            return []
+        rng = np.random.default_rng([self.seed, 5, self.client, step])
+        picks = rng.choice(len(self.entries), size=min(count, len(self.entries)), replace=False)
+        return [self.entries[int(p)] for p in sorted(picks)]
+
+    # -- persistence (same atomic HDF5 files and rotation as the checkpoints) ----------------
+    def state(self) -> dict:
+        return {"entries": [{"source_client": e.source_client, "source_step": e.source_step,
+                             "arch": e.arch, "weights": torch.from_numpy(flatten_state(e.model))}
+                            for e in self.entries]}
+
+    def load_state(self, state: dict) -> None:
+        self.entries = []
+        for n, e in enumerate(state["entries"]):
+            model = self.build(e["arch"])
+            try:
+                load_flat_state(model, e["weights"].numpy())
+            except ValueError as exc:
+                raise ValueError(f"pool entry {n} (client {e['source_client']}, "
+                                 f"{e['arch']}): {exc}") from None
+            model.eval()
+            self.entries.append(PoolEntry(e["source_client"], e["source_step"], e["arch"], model))
+
+
+def pool_files(run_dir: str | Path, client: int, keep: int) -> ClientCheckpoints:
+    """``RUN_DIR/pools/client_NNN/step_*.h5``, rotated like the checkpoints."""
+    return ClientCheckpoints(run_dir, client, keep, kind="pools")

@@ -1,0 +1,138 @@
+"""Where a client's distillation targets come from, one class per ``exchange.mode``.
+
+``LiveTargets`` (mode ``predictions``): peers chosen for this step send their outputs on the
+public batch right now (``PredictionExchange``). ``PoolTargets`` (mode ``pool``, the paper's
+Algorithm 2): peers' checkpoints arrive in the background every ``exchange.pool_every`` steps and
+the client runs Delta of them on the public batch itself. Both hand the training loop the same
+``PeerOutputs``, so losses, heads and metrics are identical between the modes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from mhd_hpc import losses, topology
+from mhd_hpc.config import JobConfig
+from mhd_hpc.data.loader import Batch, key_hash
+from mhd_hpc.exchange import PeerOutputs, PredictionExchange, WeightTransfer
+from mhd_hpc.pool import CheckpointPool, flatten_state, refresh_sources, state_size
+from mhd_hpc.world import World
+
+
+class NoTargets:
+    """Baselines without peers (``separate``, ``fedavg``, ``supervised``, topology ``none``)."""
+
+    def begin_step(self, step: int, model: torch.nn.Module) -> None:
+        """Work due at the start of a step, before the forward pass."""
+
+    def stats(self) -> dict[str, float]:
+        """Per-step diagnostics for the metrics log (after ``targets``)."""
+        return {}
+
+    def targets(self, step: int, pub: Batch, pub_logits: list[torch.Tensor],
+                pub_emb: torch.Tensor) -> list[PeerOutputs]:
+        return []
+
+    def flush(self, step: int) -> None:
+        """Settle everything in flight (before a checkpoint and at the end)."""
+
+    def take_counters(self) -> tuple[int, int, float]:
+        return 0, 0, 0.0
+
+    def state(self) -> dict | None:
+        return None
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
+class LiveTargets(NoTargets):
+    def __init__(self, cfg: JobConfig, world: World, graph: list[list[int]],
+                 exchange: PredictionExchange, send_embedding: bool):
+        self.cfg, self.world, self.graph, self.exchange = cfg, world, graph, exchange
+        self.send_embedding = send_embedding
+
+    def targets(self, step, pub, pub_logits, pub_emb):
+        me = self.world.client
+        chosen = topology.peers_at_step(self.graph, step, self.cfg.distill.targets_per_step,
+                                        self.cfg.run.seed)
+        send_to, receive_from = topology.out_peers(chosen)[me], chosen[me]
+        if not (send_to or receive_from):
+            return []
+        probs = [torch.softmax(l.detach(), dim=1) for l in pub_logits]
+        emb = losses.normalize_embedding(pub_emb.detach()) if self.send_embedding else None
+        return self.exchange.exchange(step, key_hash(pub.keys), probs, emb, send_to,
+                                      receive_from)
+
+    def take_counters(self):
+        return self.exchange.take_counters()
+
+
+class PoolTargets(NoTargets):
+    def __init__(self, cfg: JobConfig, world: World, graph: list[list[int]],
+                 build: Callable[[str], torch.nn.Module], send_embedding: bool):
+        self.cfg, self.world, self.graph = cfg, world, graph
+        self.send_embedding = send_embedding
+        ex = cfg.exchange
+        capacity = ex.pool_size or cfg.clients.count
+        self.archs = cfg.client_archs()
+        self.pool = CheckpointPool(capacity, world.client, cfg.run.seed, build)
+        self.transfer = WeightTransfer(world, ex.timeout_s)
+        self.build = build
+        self._sizes: dict[str, int] = {}
+        self._staleness: list[int] = []
+
+    def _size(self, arch: str) -> int:
+        if arch not in self._sizes:
+            self._sizes[arch] = state_size(self.build(arch))
+        return self._sizes[arch]
+
+    def begin_step(self, step, model):
+        """Post this step's refresh transfers and insert those that are due."""
+        ex, me = self.cfg.exchange, self.world.client
+        if step % ex.pool_every == 0:
+            sources = refresh_sources(self.graph, step, self.cfg.run.seed)
+            if sources[me] >= 0:
+                self.transfer.post_receive(sources[me], self._size(self.archs[sources[me]]),
+                                           due=step + ex.pool_transfer_steps)
+            receivers = [i for i, src in enumerate(sources) if src == me]
+            if receivers:
+                self.transfer.post_send(step, flatten_state(model), receivers)
+        self._insert(step, self.transfer.complete(step))
+        self.transfer.poll()
+
+    def stats(self):
+        out = {"pool_entries": float(len(self.pool.entries))}
+        if self._staleness:  # steps between a target checkpoint's making and its use
+            out["staleness"] = sum(self._staleness) / len(self._staleness)
+            self._staleness = []
+        return out
+
+    def _insert(self, step: int, arrived: list) -> None:
+        for source, source_step, flat in arrived:
+            self.pool.insert(step, source, source_step, self.archs[source], flat)
+
+    @torch.no_grad()
+    def targets(self, step, pub, pub_logits, pub_emb):
+        out = []
+        for entry in self.pool.draw(step, self.cfg.distill.targets_per_step):
+            emb, logits = entry.model(pub.images)
+            out.append(PeerOutputs(
+                entry.source_client, [torch.softmax(l, dim=1) for l in logits],
+                losses.normalize_embedding(emb) if self.send_embedding else None))
+            self._staleness.append(step - entry.source_step)
+        return out
+
+    def flush(self, step):
+        self._insert(step, self.transfer.complete(step, everything=True))
+
+    def take_counters(self):
+        return self.transfer.take_counters()
+
+    def state(self):
+        return self.pool.state()
+
+    def load_state(self, state):
+        self.pool.load_state(state)

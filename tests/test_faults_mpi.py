@@ -1,0 +1,123 @@
+"""Surviving faults under real mpirun: kill -9, a kill inside a checkpoint write, pool mode
+resumed with a non-empty pool, and corrupt inputs named in the error."""
+
+import shutil
+import tarfile
+
+import h5py
+import numpy as np
+import pytest
+
+from mhd_hpc.pool import pool_files
+
+from conftest import run_mpi, train_args
+
+SMALL = ["clients.count=2", "run.steps=30", "run.eval_every=10", "run.log_every=10",
+         "run.checkpoint_every=10", "data.labels_per_client=5", "data.public_batch_size=32"]
+POOL = ["exchange.mode=pool", "exchange.pool_every=5", "exchange.pool_transfer_steps=2",
+        "exchange.pool_size=2"]
+
+
+def accuracies(run_dir):
+    with h5py.File(run_dir / "metrics.h5", "r") as f:
+        return f["eval/step"][()], f["eval/per_class_acc"][()], f["train/step"][()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_root):
+    """Uninterrupted reference runs, one per exchange mode."""
+    out = {}
+    for mode, extra in (("predictions", []), ("pool", POOL)):
+        run = tmp_path_factory.mktemp(f"straight-{mode}")
+        res = run_mpi(2, train_args(run, data_root, *SMALL, *extra), timeout=180)
+        assert res.returncode == 0, res.stderr
+        out[mode] = accuracies(run)
+    return out
+
+
+def assert_same_as_straight(run_dir, reference):
+    steps, acc, train_steps = accuracies(run_dir)
+    assert list(steps) == [10, 20, 30] and list(train_steps) == [10, 20, 30]
+    np.testing.assert_allclose(acc, reference[1], atol=1e-6)
+
+
+def test_kill_9_of_one_rank_then_rerun_resumes(tmp_path, data_root, straight):
+    run = tmp_path / "run"
+    res = run_mpi(2, train_args(run, data_root, *SMALL), env={"MHD_INJECT_FAULT": "1:25:kill"},
+                  timeout=120)
+    assert res.returncode != 0  # mpirun noticed the killed rank and took the job down
+    res = run_mpi(2, train_args(run, data_root, *SMALL), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "resuming every client from step 20" in res.stdout
+    assert_same_as_straight(run, straight["predictions"])
+
+
+def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, data_root, straight):
+    run = tmp_path / "run"
+    res = run_mpi(2, train_args(run, data_root, *SMALL),
+                  env={"MHD_INJECT_FAULT": "0:20:kill_in_checkpoint"}, timeout=120)
+    assert res.returncode != 0
+    folder = run / "checkpoints" / "client_000"
+    assert (folder / "step_000000020.h5.tmp").exists()  # the write that was cut short
+    assert not (folder / "step_000000020.h5").exists()
+    res = run_mpi(2, train_args(run, data_root, *SMALL), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "resuming every client from step 10" in res.stdout  # client 0 never finished step 20
+    assert not list(folder.glob("*.tmp"))
+    assert_same_as_straight(run, straight["predictions"])
+
+
+def test_pool_mode_resumes_with_its_pool(tmp_path, data_root, straight):
+    run = tmp_path / "run"
+    res = run_mpi(2, train_args(run, data_root, *SMALL, *POOL),
+                  env={"MHD_INJECT_FAULT": "0:25"}, timeout=120)
+    assert res.returncode != 0
+    assert "FATAL on rank 0 (client 0)" in res.stderr and "injected fault at step 25" in res.stderr
+    state, _ = pool_files(run, 1, 2).load(20)
+    assert len(state["entries"]) == 2  # the pool was full when it was saved
+    assert {e["source_client"] for e in state["entries"]} == {0}
+    res = run_mpi(2, train_args(run, data_root, *SMALL, *POOL), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "resuming every client from step 20" in res.stdout
+    assert_same_as_straight(run, straight["pool"])
+    with h5py.File(run / "metrics.h5", "r") as f:
+        staleness = f["train/staleness"][()]
+    assert np.all(staleness[1:] >= 2)  # targets are checkpoints at least transfer-steps old
+
+
+def test_corrupt_checkpoint_is_named_and_kept(tmp_path, data_root):
+    run = tmp_path / "run"
+    assert run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"), timeout=120).returncode == 0
+    bad = run / "checkpoints" / "client_001" / "step_000000020.h5"
+    bad.write_bytes(b"\x89HDF garbage")
+    res = run_mpi(2, train_args(run, data_root, *SMALL), timeout=120)
+    assert res.returncode != 0
+    assert "step_000000020.h5" in res.stderr and "unreadable checkpoint" in res.stderr
+    assert bad.exists() and (run / "checkpoints" / "client_001" / "step_000000010.h5").exists()
+
+
+def test_metrics_file_of_another_run_is_refused(tmp_path, data_root):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_mpi(2, train_args(first, data_root, *SMALL, "run.steps=10"),
+                   timeout=120).returncode == 0
+    second.mkdir()
+    shutil.copy(first / "metrics.h5", second / "metrics.h5")
+    before = (second / "metrics.h5").read_bytes()
+    res = run_mpi(2, train_args(second, data_root, *SMALL, "run.steps=10", "run.seed=5"),
+                  timeout=120)
+    assert res.returncode != 0
+    assert "metrics.h5 was written by a different job" in res.stderr
+    assert (second / "metrics.h5").read_bytes() == before  # nothing overwritten
+
+
+def test_truncated_shard_is_named(tmp_path):
+    data = tmp_path / "data"
+    run = tmp_path / "run"
+    assert run_mpi(2, train_args(run, data, *SMALL, "run.steps=1"), timeout=120).returncode == 0
+    (shard,) = data.glob("digits-*/client_001/shard-000000.tar")
+    with tarfile.open(shard) as tar:
+        size = sum(m.size for m in tar.getmembers())
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    res = run_mpi(2, train_args(tmp_path / "run2", data, *SMALL, "run.steps=1"), timeout=120)
+    assert res.returncode != 0
+    assert "client_001/shard-000000.tar" in res.stderr

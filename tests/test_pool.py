@@ -1,0 +1,78 @@
+"""Checkpoint pool (paper Algorithm 2) without MPI: weights round trip, slots, draws, schedule."""
+
+import numpy as np
+import pytest
+import torch
+
+from mhd_hpc import topology
+from mhd_hpc.checkpoint import CheckpointError
+from mhd_hpc.models import build_model
+from mhd_hpc.pool import (CheckpointPool, flatten_state, load_flat_state, pool_files,
+                          refresh_sources, state_size)
+
+
+def build(arch: str) -> torch.nn.Module:
+    return build_model(arch, 10, 2, 1, 8, embedding_dim=16)
+
+
+def test_flat_state_round_trip_keeps_outputs_and_buffers():
+    torch.manual_seed(0)
+    a, b = build("cnn_small"), build("cnn_small")
+    a.train()(torch.randn(8, 1, 8, 8))  # move BN running stats away from their init
+    flat = flatten_state(a)
+    assert flat.dtype == np.float32 and flat.size == state_size(a)
+    load_flat_state(b, flat)
+    a.eval(), b.eval()
+    x = torch.randn(4, 1, 8, 8)
+    for la, lb in zip(a(x)[1], b(x)[1]):
+        assert torch.equal(la, lb)
+    assert b.state_dict()["backbone.features.1.num_batches_tracked"].dtype == torch.int64
+    with pytest.raises(ValueError, match="needs"):
+        load_flat_state(build("resnet18"), flat)  # another architecture: clear error
+
+
+def test_pool_fills_then_replaces_deterministically():
+    flat = flatten_state(build("cnn_small"))
+    pools = [CheckpointPool(2, client=0, seed=3, build=build) for _ in range(2)]
+    for pool in pools:
+        assert pool.draw(1, 1) == []  # empty pool: no targets yet
+        for step, src in ((10, 1), (20, 2), (30, 3), (40, 1)):
+            pool.insert(step, src, step - 5, "cnn_small", flat)
+        assert len(pool.entries) == 2
+    assert [(e.source_client, e.source_step) for e in pools[0].entries] == \
+        [(e.source_client, e.source_step) for e in pools[1].entries]
+    draws = [pools[0].draw(s, 2) for s in range(5)]
+    assert all(len(d) == 2 and d[0] is not d[1] for d in draws)
+    assert [e.source_step for e in pools[0].draw(7, 1)] == [e.source_step for e in pools[1].draw(7, 1)]
+
+
+def test_refresh_sources_follow_the_topology():
+    graph = topology.cycle(4)  # i receives from i-1
+    assert refresh_sources(graph, 200, seed=0) == [3, 0, 1, 2]
+    assert refresh_sources(topology.no_edges(3), 200, seed=0) == [-1, -1, -1]
+    full = topology.complete(5)
+    for step in range(0, 1000, 200):
+        sources = refresh_sources(full, step, seed=1)
+        assert all(s != i and s in full[i] for i, s in enumerate(sources))
+        assert sources == refresh_sources(full, step, seed=1)
+
+
+def test_pool_survives_a_restart_with_heterogeneous_peers(tmp_path):
+    pool = CheckpointPool(3, client=0, seed=0, build=build)
+    torch.manual_seed(1)
+    peers = {1: build("cnn_small"), 2: build("resnet18")}
+    for src, model in peers.items():
+        pool.insert(10 * src, src, 10 * src - 5, "cnn_small" if src == 1 else "resnet18",
+                    flatten_state(model))
+    files = pool_files(tmp_path, 0, keep=2)
+    files.save(20, pool.state(), {"step": 20})
+    restored = CheckpointPool(3, client=0, seed=0, build=build)
+    restored.load_state(files.load(20)[0])
+    assert [(e.source_client, e.source_step, e.arch) for e in restored.entries] == \
+        [(1, 5, "cnn_small"), (2, 15, "resnet18")]
+    x = torch.randn(2, 1, 8, 8)
+    for old, new in zip(pool.entries, restored.entries):
+        assert torch.equal(old.model(x)[0], new.model(x)[0])
+    files.path(20).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="step_000000020.h5"):
+        files.load(20)
