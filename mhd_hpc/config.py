@@ -23,6 +23,8 @@ SELECTIONS = ("confidence", "random")
 ASSIGNMENTS = ("random", "even")
 SCHEDULES = ("cosine", "constant")
 EXCHANGE_MODES = ("predictions", "pool")
+INTRA_BACKENDS = ("auto", "horovod", "torch")
+DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("digits",)
 LOADERS = ("wds",)
 #: Classes of the datasets that ship with the package, needed to validate label counts early.
@@ -61,10 +63,31 @@ class RunConfig:
 
 
 @dataclass
+class ClientSpec:
+    arch: str = doc("Backbone of this client ('' = clients.arch).", "")
+    ranks: int = doc("MPI ranks of this client (0 = clients.ranks_per_client).", 0)
+
+
+@dataclass
 class ClientsConfig:
-    count: int = doc("Number of clients K (one MPI rank each).", 4)
+    count: int = doc("Number of clients K.", 4)
     arch: Union[str, list[str]] = doc("Backbone of every client (one name) or one name per client: "
                                       "cnn_small | resnet18 | resnet34 | resnet50.", "cnn_small")
+    ranks_per_client: int = doc("MPI ranks (data-parallel replicas, e.g. GPUs) per client. "
+                                "Ranks are assigned to clients in contiguous blocks.", 1)
+    per_client: list[ClientSpec] = doc("Optional list of clients.count entries {arch, ranks}, "
+                                       "overriding clients.arch / clients.ranks_per_client per "
+                                       "client (e.g. a 4-rank resnet34 beside 2-rank resnet18s).",
+                                       factory=list)
+
+
+@dataclass
+class BackendConfig:
+    intra: str = doc("Data parallelism inside a multi-rank client: horovod (process sets) | "
+                     "torch (torch.distributed subgroups: NCCL on GPU, gloo on CPU) | auto "
+                     "(horovod when importable, else torch).", "auto")
+    device: str = doc("auto (the node-local rank's GPU when CUDA is present, else CPU) | cpu | "
+                      "cuda.", "auto")
 
 
 @dataclass
@@ -163,11 +186,21 @@ class JobConfig:
     exchange: ExchangeConfig = doc("Prediction exchange between clients.", factory=ExchangeConfig)
     fedavg: FedAvgConfig = doc("FedAvg baseline.", factory=FedAvgConfig)
     optim: OptimConfig = doc("Optimiser.", factory=OptimConfig)
+    backend: BackendConfig = doc("Parallelism and devices.", factory=BackendConfig)
 
     # Derived helpers (not config keys).
     def client_archs(self) -> list[str]:
         arch = self.clients.arch
-        return [arch] * self.clients.count if isinstance(arch, str) else list(arch)
+        archs = [arch] * self.clients.count if isinstance(arch, str) else list(arch)
+        for i, spec in enumerate(self.clients.per_client[:len(archs)]):
+            archs[i] = spec.arch or archs[i]
+        return archs
+
+    def client_ranks(self) -> list[int]:
+        ranks = [self.clients.ranks_per_client] * self.clients.count
+        for i, spec in enumerate(self.clients.per_client[:len(ranks)]):
+            ranks[i] = spec.ranks or ranks[i]
+        return ranks
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -198,6 +231,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):  # already built (re-applying a resolved config)
+            return value
+        item = tp()
+        _apply(item, value, key + ".")
+        return item
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -305,10 +344,18 @@ def validate(cfg: JobConfig) -> None:
     if isinstance(cfg.clients.arch, list) and len(cfg.clients.arch) != k:
         raise ConfigError("clients.arch", f"has {len(cfg.clients.arch)} entries but "
                           f"clients.count is {k}: give one name or exactly one per client")
+    if cfg.clients.per_client and len(cfg.clients.per_client) != k:
+        raise ConfigError("clients.per_client", f"has {len(cfg.clients.per_client)} entries but "
+                          f"clients.count is {k}")
+    _positive("clients.ranks_per_client", cfg.clients.ranks_per_client)
+    for i, spec in enumerate(cfg.clients.per_client):
+        _positive(f"clients.per_client[{i}].ranks", spec.ranks, allow_zero=True)
     archs = cfg.client_archs()
     for i, arch in enumerate(archs):
         if arch not in ARCHS:
-            key = "clients.arch" if isinstance(cfg.clients.arch, str) else f"clients.arch[{i}]"
+            key = ("clients.arch" if isinstance(cfg.clients.arch, str) else f"clients.arch[{i}]")
+            if cfg.clients.per_client and cfg.clients.per_client[i].arch:
+                key = f"clients.per_client[{i}].arch"
             raise ConfigError(key, f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if cfg.method in ("fedavg", "supervised") and len(set(archs)) > 1:
         raise ConfigError("clients.arch", f"method={cfg.method} averages weights or gradients "
@@ -333,6 +380,13 @@ def validate(cfg: JobConfig) -> None:
     _positive("data.skew", d.skew, allow_zero=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.public_batch_size", d.public_batch_size)
+    for i, ranks in enumerate(cfg.client_ranks()):
+        # Every rank of a client takes an equal slice, so the client's batch is the same
+        # whatever its rank count (and gradient averaging is an exact mean).
+        for name in ("batch_size", "public_batch_size"):
+            if getattr(d, name) % ranks:
+                raise ConfigError(f"data.{name}", f"{getattr(d, name)} does not split evenly "
+                                  f"over the {ranks} ranks of client {i}")
 
     m = cfg.model
     _positive("model.aux_heads", m.aux_heads, allow_zero=True)
@@ -402,14 +456,36 @@ def validate(cfg: JobConfig) -> None:
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _choice("backend.intra", cfg.backend.intra, INTRA_BACKENDS)
+    _choice("backend.device", cfg.backend.device, DEVICES)
 
 
 def check_world_size(cfg: JobConfig, world_size: int) -> None:
-    """One rank per client: the launch must match the job."""
-    if world_size != cfg.clients.count:
-        raise ConfigError("clients.count", f"the job has {cfg.clients.count} clients (one rank "
-                          f"each) but was launched on {world_size} ranks: use "
-                          f"mpirun -np {cfg.clients.count} or set clients.count={world_size}")
+    """The launch must provide exactly the ranks the clients ask for."""
+    ranks = cfg.client_ranks()
+    if world_size != sum(ranks):
+        layout = (f"{cfg.clients.count} clients x {ranks[0]} rank(s)" if len(set(ranks)) == 1
+                  else f"clients with {ranks} ranks")
+        raise ConfigError("clients.count", f"the job has {layout} = {sum(ranks)} ranks but was "
+                          f"launched on {world_size}: use mpirun -np {sum(ranks)} or change "
+                          "clients.count / clients.ranks_per_client / clients.per_client")
+
+
+def check_environment(cfg: JobConfig) -> None:
+    """What validation cannot know from the file alone: installed backends and devices.
+    Every rank sees the same installation, so every rank reaches the same verdict."""
+    import torch
+
+    if max(cfg.client_ranks()) > 1 and cfg.backend.intra == "horovod":
+        try:
+            import horovod.torch  # noqa: F401  (a broken build fails here, not mid-training)
+        except ImportError as exc:
+            raise ConfigError("backend.intra", f"horovod was asked for but cannot be imported "
+                              f"({exc}): run tools/install_horovod.sh, load the site Horovod, "
+                              "or set backend.intra=torch") from None
+    if cfg.backend.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("backend.device", "cuda was asked for but torch sees no CUDA device "
+                          "(use backend.device=auto or cpu)")
 
 
 # ----------------------------------------------------------------------------- reference

@@ -110,7 +110,7 @@ class PredictionExchange:
         """Decode a peer's buffer, checking it is about the same step and public samples."""
         header = buf[:_HEADER.itemsize].view(_HEADER)[0]
         step, key_hash, sender = int(header["step"]), int(header["hash"]), int(header["sender"])
-        where = f"client {expect_client} (rank {self.world.rank_of_client(expect_client)})"
+        where = f"client {expect_client}"
         if sender != expect_client or step != expect_step:
             raise ExchangeError(f"{self.world.where()} expected step {expect_step} from {where} "
                                 f"but got step {step} from client {sender}")
@@ -140,34 +140,36 @@ class PredictionExchange:
 
     # -- one step ---------------------------------------------------------------------------
     def exchange(self, step: int, key_hash: int, head_probs: list[torch.Tensor],
-                 embedding: torch.Tensor | None, send_to: list[int],
-                 receive_from: list[int]) -> list[PeerOutputs]:
-        """Send our outputs to ``send_to`` clients and receive those of ``receive_from``."""
+                 embedding: torch.Tensor | None, send_to: list[int], receive_from: list[int],
+                 rank_of: Callable[[int], int] | None = None) -> list[PeerOutputs]:
+        """Send our outputs to ``send_to`` clients and receive those of ``receive_from``;
+        ``rank_of(client)`` is the rank to talk to (default: the client's leader)."""
+        rank_of = rank_of or self.world.rank_of_client
         comm = self.world.comm
         me = self.world.client
         t0 = time.perf_counter()
         recv_bufs = {j: np.empty(self.message_bytes, dtype=np.uint8) for j in receive_from}
-        requests = [comm.Irecv([recv_bufs[j], MPI.BYTE], source=self.world.rank_of_client(j),
-                               tag=_TAG) for j in receive_from]
+        requests = [comm.Irecv([recv_bufs[j], MPI.BYTE], source=rank_of(j), tag=_TAG)
+                    for j in receive_from]
         owners = list(receive_from)
         if send_to:
             out = self.pack(step, key_hash, me, head_probs, embedding)
             for i in send_to:
-                requests.append(comm.Isend([out, MPI.BYTE], dest=self.world.rank_of_client(i),
-                                           tag=_TAG))
+                requests.append(comm.Isend([out, MPI.BYTE], dest=rank_of(i), tag=_TAG))
                 owners.append(i)
             self.bytes_sent += out.nbytes * len(send_to)
-        self._wait_all(requests, owners, step, len(receive_from))
+        self._wait_all(requests, owners, step, len(receive_from), rank_of)
         self.wait_seconds += time.perf_counter() - t0
         self.bytes_received += self.message_bytes * len(receive_from)
         return [self.unpack(recv_bufs[j], step, key_hash, j) for j in receive_from]
 
-    def _wait_all(self, requests: list, owners: list[int], step: int, num_recv: int) -> None:
+    def _wait_all(self, requests: list, owners: list[int], step: int, num_recv: int,
+                  rank_of: Callable[[int], int]) -> None:
         """Wait with a deadline; on timeout name the peers that never answered."""
         def pending() -> str:
             return ", ".join(
                 f"{'receive from' if n < num_recv else 'send to'} client {owners[n]} "
-                f"(rank {self.world.rank_of_client(owners[n])})"
+                f"(rank {rank_of(owners[n])})"
                 for n, r in enumerate(requests) if not r.Test())
         _wait_until(lambda: MPI.Request.Testall(requests), self.timeout_s,
                     lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
@@ -179,6 +181,73 @@ class PredictionExchange:
         self.bytes_sent = self.bytes_received = 0
         self.wait_seconds = 0.0
         return out
+
+
+class ClientExchange:
+    """The prediction exchange between clients made of one or more ranks.
+
+    Every rank holds its slice of the common public batch. Rank r of client i talks to rank r of
+    client j directly when both clients have the same number of ranks (their slices cover the
+    same samples, no gather). Otherwise the clients' leaders speak for them: the leader gathers
+    its ranks' slices, exchanges whole-batch messages with the other leader, and scatters each
+    rank its slice of what arrived. Slices are checked against the hash of their own keys; whole
+    batches against the hash of the whole batch's keys.
+    """
+
+    def __init__(self, world: World, num_heads: int, num_classes: int, batch_size: int,
+                 top_k: int, embedding_dim: int, timeout_s: float):
+        self.world = world
+        self.slice_size = batch_size // world.local_size
+        self.slice = PredictionExchange(world, num_heads, num_classes, self.slice_size, top_k,
+                                        embedding_dim, timeout_s)
+        self.whole = PredictionExchange(world, num_heads, num_classes, batch_size, top_k,
+                                        embedding_dim, timeout_s)
+
+    def exchange(self, step: int, slice_hash: int, batch_hash: int,
+                 head_probs: list[torch.Tensor], embedding: torch.Tensor | None,
+                 send_to: list[int], receive_from: list[int]) -> list[PeerOutputs]:
+        w = self.world
+        assert w.layout is not None
+        n = w.local_size
+        same = [c for c in set(send_to) | set(receive_from) if w.layout.size_of(c) == n]
+        got = {p.client: p for p in self.slice.exchange(
+            step, slice_hash, head_probs, embedding, [i for i in send_to if i in same],
+            [j for j in receive_from if j in same], rank_of=lambda c: w.peer_rank(c, w.local_rank))}
+        lead_send = [i for i in send_to if i not in same]
+        lead_recv = [j for j in receive_from if j not in same]
+        if lead_send or lead_recv:  # the same decision on every rank of the client
+            got.update(self._through_leaders(step, batch_hash, head_probs, embedding,
+                                             lead_send, lead_recv))
+        return [got[j] for j in receive_from]
+
+    def _through_leaders(self, step, batch_hash, head_probs, embedding, send_to, receive_from):
+        w, b = self.world, self.slice_size
+        rows = w.client_gather_bytes(self.slice.pack(step, batch_hash, w.client, head_probs,
+                                                     embedding))
+        scatter = None
+        if w.is_leader:
+            parts = [self.slice.unpack(row, step, batch_hash, w.client) for row in rows]
+            probs = [torch.cat([p.head_probs[h] for p in parts]) for h in range(len(head_probs))]
+            emb = torch.cat([p.embedding for p in parts]) if embedding is not None else None
+            peers = self.whole.exchange(step, batch_hash, probs, emb, send_to, receive_from)
+            scatter = np.stack([np.concatenate(
+                [self.slice.pack(step, batch_hash, p.client,
+                                 [h[r * b:(r + 1) * b] for h in p.head_probs],
+                                 p.embedding[r * b:(r + 1) * b] if emb is not None else None)
+                 for p in peers] or [np.empty(0, np.uint8)]) for r in range(w.local_size)])
+            self.slice.bytes_received += self.whole.bytes_received
+            self.slice.bytes_sent += self.whole.bytes_sent
+            self.slice.wait_seconds += self.whole.wait_seconds
+            self.whole.take_counters()
+        if not receive_from:
+            return {}
+        size = self.slice.message_bytes
+        mine = w.client_scatter_bytes(scatter, size * len(receive_from))
+        return {j: self.slice.unpack(mine[k * size:(k + 1) * size], step, batch_hash, j)
+                for k, j in enumerate(receive_from)}
+
+    def take_counters(self) -> tuple[int, int, float]:
+        return self.slice.take_counters()
 
 
 _WEIGHTS_TAG = 18

@@ -28,7 +28,7 @@ from mhd_hpc.checkpoint import ClientCheckpoints
 
 def flatten_state(model: torch.nn.Module) -> np.ndarray:
     """All of a model's state (parameters and buffers) as one contiguous float32 vector."""
-    return torch.cat([t.detach().reshape(-1).to(torch.float32)
+    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32)
                       for t in model.state_dict().values()]).numpy()
 
 

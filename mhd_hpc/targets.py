@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from mhd_hpc import losses, topology
 from mhd_hpc.config import JobConfig
-from mhd_hpc.data.loader import Batch, key_hash
-from mhd_hpc.exchange import PeerOutputs, PredictionExchange, WeightTransfer
+from mhd_hpc.data.loader import Batch, StepBatches, key_hash
+from mhd_hpc.exchange import ClientExchange, PeerOutputs, WeightTransfer
 from mhd_hpc.pool import CheckpointPool, flatten_state, refresh_sources, state_size
 from mhd_hpc.world import World
 
@@ -50,9 +51,9 @@ class NoTargets:
 
 class LiveTargets(NoTargets):
     def __init__(self, cfg: JobConfig, world: World, graph: list[list[int]],
-                 exchange: PredictionExchange, send_embedding: bool):
+                 exchange: ClientExchange, public: StepBatches, send_embedding: bool):
         self.cfg, self.world, self.graph, self.exchange = cfg, world, graph, exchange
-        self.send_embedding = send_embedding
+        self.public, self.send_embedding = public, send_embedding
 
     def targets(self, step, pub, pub_logits, pub_emb):
         me = self.world.client
@@ -61,10 +62,15 @@ class LiveTargets(NoTargets):
         send_to, receive_from = topology.out_peers(chosen)[me], chosen[me]
         if not (send_to or receive_from):
             return []
-        probs = [torch.softmax(l.detach(), dim=1) for l in pub_logits]
-        emb = losses.normalize_embedding(pub_emb.detach()) if self.send_embedding else None
-        return self.exchange.exchange(step, key_hash(pub.keys), probs, emb, send_to,
-                                      receive_from)
+        # Messages travel through the CPU (MPI buffers); targets come back on our device.
+        probs = [torch.softmax(l.detach(), dim=1).cpu() for l in pub_logits]
+        emb = losses.normalize_embedding(pub_emb.detach()).cpu() if self.send_embedding else None
+        peers = self.exchange.exchange(step, key_hash(pub.keys), self.public.global_key_hash(step),
+                                       probs, emb, send_to, receive_from)
+        device = pub_emb.device
+        return [PeerOutputs(p.client, [h.to(device, non_blocking=True) for h in p.head_probs],
+                            None if p.embedding is None else p.embedding.to(device))
+                for p in peers]
 
     def take_counters(self):
         return self.exchange.take_counters()
@@ -90,9 +96,11 @@ class PoolTargets(NoTargets):
         return self._sizes[arch]
 
     def begin_step(self, step, model):
-        """Post this step's refresh transfers and insert those that are due."""
+        """Post this step's refresh transfers and insert those that are due. Only leaders
+        transfer (a client's replicas hold the same weights); they share what arrives with
+        their client's ranks at the same, fixed step."""
         ex, me = self.cfg.exchange, self.world.client
-        if step % ex.pool_every == 0:
+        if step % ex.pool_every == 0 and self.world.is_leader:
             sources = refresh_sources(self.graph, step, self.cfg.run.seed)
             if sources[me] >= 0:
                 self.transfer.post_receive(sources[me], self._size(self.archs[sources[me]]),
@@ -100,8 +108,23 @@ class PoolTargets(NoTargets):
             receivers = [i for i, src in enumerate(sources) if src == me]
             if receivers:
                 self.transfer.post_send(step, flatten_state(model), receivers)
-        self._insert(step, self.transfer.complete(step))
+        ex_lag = ex.pool_transfer_steps % ex.pool_every
+        if step % ex.pool_every == ex_lag:  # the only steps at which transfers fall due
+            self._insert(step, self._share(self.transfer.complete(step)))
         self.transfer.poll()
+
+    def _share(self, arrived: list) -> list:
+        """The leader's arrivals -> the same list on every rank of the client."""
+        if self.world.local_size == 1:
+            return arrived
+        meta = self.world.client_bcast([(src, st) for src, st, _ in arrived]
+                                       if self.world.is_leader else None)
+        shared = []
+        for n, (src, source_step) in enumerate(meta):
+            flat = arrived[n][2] if self.world.is_leader else np.empty(
+                self._size(self.archs[src]), np.float32)
+            shared.append((src, source_step, self.world.client_bcast_array(flat)))
+        return shared
 
     def stats(self):
         out = {"pool_entries": float(len(self.pool.entries))}
@@ -126,7 +149,7 @@ class PoolTargets(NoTargets):
         return out
 
     def flush(self, step):
-        self._insert(step, self.transfer.complete(step, everything=True))
+        self._insert(step, self._share(self.transfer.complete(step, everything=True)))
 
     def take_counters(self):
         return self.transfer.take_counters()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mhd_hpc.config import ConfigError, check_world_size, load_config
+from mhd_hpc.config import ConfigError, check_environment, check_world_size, load_config
 from mhd_hpc.world import init_world
 
 
@@ -33,15 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load_config(args.job, args.overrides)
             check_world_size(cfg, world.size)
+            check_environment(cfg)
             from mhd_hpc.trainer import run  # after validation: a bad job fails fast
 
-            run(cfg, world)
+            return run(cfg, world)
         except ConfigError as exc:
             # Every rank reached the same verdict from the same inputs; one message is enough.
             if world.is_root:
                 print(f"mhd_hpc: {exc}", file=sys.stderr, flush=True)
             return 2
-    return 0
 
 
 if __name__ == "__main__":

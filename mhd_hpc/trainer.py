@@ -26,7 +26,8 @@ from mhd_hpc.checkpoint import ClientCheckpoints, newest_common_step
 from mhd_hpc.config import ConfigError, JobConfig
 from mhd_hpc.data.embedded import build_digits_shards, client_split, load_manifest
 from mhd_hpc.data.loader import StepBatches, iterate_eval, key_hash, load_split
-from mhd_hpc.exchange import PredictionExchange
+from mhd_hpc.exchange import ClientExchange
+from mhd_hpc.intra import make_intra
 from mhd_hpc.pool import pool_files
 from mhd_hpc.targets import LiveTargets, NoTargets, PoolTargets
 from mhd_hpc.metrics import MetricsWriter, per_class_accuracy, summarize
@@ -98,14 +99,15 @@ def prepare_run_dir(cfg: JobConfig) -> str | None:
     return None
 
 
-FAULT_MODES = ("raise", "kill", "kill_in_checkpoint")
+FAULT_MODES = ("raise", "kill", "kill_in_checkpoint", "signal")
 
 
 def injected_fault(rank: int) -> tuple[int, str] | None:
     """Fault-injection hook for tests: ``MHD_INJECT_FAULT=RANK:STEP[:MODE]`` makes that rank, at
     that step, raise an exception (``raise``, default), die by SIGKILL like ``kill -9``
     (``kill``), or die by SIGKILL in the middle of writing its checkpoint
-    (``kill_in_checkpoint``, the step must be a checkpoint step)."""
+    (``kill_in_checkpoint``, the step must be a checkpoint step), or send itself SIGUSR1 like
+    SLURM before a time limit (``signal``)."""
     spec = os.environ.get("MHD_INJECT_FAULT")
     if not spec:
         return None
@@ -131,25 +133,75 @@ def lr_at(cfg: JobConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, test, normalize: dict, num_classes: int) -> np.ndarray:
+def evaluate(model: torch.nn.Module, test, normalize: dict, num_classes: int,
+             device: torch.device) -> np.ndarray:
     """(H, C) per-class test accuracy of every head."""
     model.eval()
     preds, labels = [], []
     for batch in iterate_eval(test, 512, normalize):
-        _, logits = model(batch.images)
-        preds.append(torch.stack([l.argmax(1) for l in logits]).numpy())
+        _, logits = model(batch.images.to(device))
+        preds.append(torch.stack([l.argmax(1) for l in logits]).cpu().numpy())
         labels.append(batch.labels.numpy())
     model.train()
     p, y = np.concatenate(preds, axis=1), np.concatenate(labels)
     return np.stack([per_class_accuracy(p[h], y, num_classes) for h in range(p.shape[0])])
 
 
-def run(cfg: JobConfig, world: World) -> None:
+def pick_device(cfg: JobConfig, world: World) -> torch.device:
+    """The node-local rank's GPU when CUDA is there (and wanted), else the CPU."""
+    if cfg.backend.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", world.node_local_rank() % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def to_device(batch, device: torch.device):
+    """Images and labels onto the device; pinned memory makes the copy asynchronous."""
+    if device.type == "cpu":
+        return batch.images, batch.labels
+    return (batch.images.pin_memory().to(device, non_blocking=True),
+            batch.labels.pin_memory().to(device, non_blocking=True))
+
+
+class StopSignal:
+    """SIGUSR1/SIGTERM (SLURM's warning before the time limit, ``scancel``) ask for a clean stop:
+    the job checkpoints at the next log step that all ranks agree on, and exits with
+    ``EXIT_RESUMABLE`` so that a batch script can requeue it."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+
+
+EXIT_RESUMABLE = 3
+
+
+def merge_client_rows(rows: list[tuple[int, dict]], num_clients: int) -> list[dict]:
+    """Per-rank log rows -> one row per client: means over its ranks, byte counts summed."""
+    merged = []
+    for client in range(num_clients):
+        mine = [r for c, r in rows if c == client]
+        names = set().union(*mine)
+        merged.append({n: (float(np.nansum([r.get(n, np.nan) for r in mine]))
+                           if n.startswith("bytes_") else
+                           float(np.nanmean([r.get(n, np.nan) for r in mine]))) for n in names})
+    return merged
+
+
+def run(cfg: JobConfig, world: World) -> int:
+    """Train this rank's client; returns the process exit code."""
     log = Log(world)
-    world.assign_clients(ClientLayout.one_rank_per_client(cfg.clients.count))
-    me, K = world.client, cfg.clients.count
+    K = cfg.clients.count
+    world.assign_clients(ClientLayout.contiguous(cfg.client_ranks()))
+    me = world.client
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    stop = StopSignal()
 
     # -- run folder and data (root prepares, everyone waits in the bcast) ------------------
     error = prepare_run_dir(cfg) if world.is_root else None
@@ -170,48 +222,58 @@ def run(cfg: JobConfig, world: World) -> None:
     num_classes, norm = manifest["num_classes"], manifest["normalize"]
     counts = np.asarray(manifest["partition"]["counts"], dtype=np.float64)
     distribution = counts / counts.sum(axis=1, keepdims=True)
+    # Each rank of a client reads its own slice (client-local rank) of the client's batches.
+    part = {"part": world.local_rank, "num_parts": world.local_size}
     private = StepBatches(load_split(dataset_dir, client_split(me), d.loader), d.batch_size,
-                          norm, seed=seed_of(cfg.run.seed, 1, me))
+                          norm, seed=seed_of(cfg.run.seed, 1, me), **part)
     public = StepBatches(load_split(dataset_dir, "public", d.loader), d.public_batch_size, norm,
-                         seed=seed_of(cfg.run.seed, 2))  # one seed for all: aligned public stream
-    test = load_split(dataset_dir, "test", d.loader)
-    log(f"{K} clients, method={cfg.method}, {len(private.samples.keys)} private samples on "
-        f"client 0, {len(public.samples.keys)} public, {len(test.keys)} test; run folder {run_dir}")
+                         seed=seed_of(cfg.run.seed, 2), **part)  # one seed: aligned for all
+    test = load_split(dataset_dir, "test", d.loader) if world.is_leader else None
 
-    # -- model, optimiser, communication plan ------------------------------------------------
+    # -- devices, model, optimiser, communication plan ----------------------------------------
+    device = pick_device(cfg, world)
+    intra, why = make_intra(cfg.backend.intra, world, device)
+    log(f"{K} clients on {world.size} ranks (ranks per client {cfg.client_ranks()}), "
+        f"method={cfg.method}, device {device.type}; {why}")
+    log(f"{len(private.samples)} private samples on client 0, {len(public.samples)} public, "
+        f"{manifest['counts']['test']} test; run folder {run_dir}")
     shared_init = cfg.method in ("fedavg", "supervised")  # weights must start identical
     torch.manual_seed(seed_of(cfg.run.seed, 3, 0 if shared_init else me))
-    arch = cfg.client_archs()[me]
+    archs = cfg.client_archs()
     image_shape = manifest["image_shape"]
-    model = build_model(arch, num_classes, cfg.model.aux_heads, image_shape[0], image_shape[-1],
-                        cfg.model.embedding_dim)
+
+    def build(arch: str) -> torch.nn.Module:
+        return build_model(arch, num_classes, cfg.model.aux_heads, image_shape[0],
+                           image_shape[-1], cfg.model.embedding_dim).to(device)
+
+    model = build(archs[me])
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay)
     graph = topology.build_topology(cfg.topology.kind, K, cfg.topology.islands,
                                     cfg.topology.edges)
     nu_emb = cfg.distill.nu_emb if cfg.method == "mhd" else 0.0
-    exchange = PredictionExchange(world, model.num_heads, num_classes, d.public_batch_size,
-                                  cfg.exchange.top_k, model.embedding_dim if nu_emb > 0 else 0,
-                                  cfg.exchange.timeout_s)
     if cfg.method != "mhd" or cfg.topology.kind == "none":
         source: NoTargets = NoTargets()
     elif cfg.exchange.mode == "pool":
-        source = PoolTargets(cfg, world, graph, lambda a: build_model(
-            a, num_classes, cfg.model.aux_heads, image_shape[0], image_shape[-1],
-            cfg.model.embedding_dim), send_embedding=nu_emb > 0)
+        source = PoolTargets(cfg, world, graph, build, send_embedding=nu_emb > 0)
     else:
-        source = LiveTargets(cfg, world, graph, exchange, send_embedding=nu_emb > 0)
+        exchange = ClientExchange(world, model.num_heads, num_classes, d.public_batch_size,
+                                  cfg.exchange.top_k, model.embedding_dim if nu_emb > 0 else 0,
+                                  cfg.exchange.timeout_s)
+        source = LiveTargets(cfg, world, graph, exchange, public, send_embedding=nu_emb > 0)
+    floats = [b for b in model.buffers() if b.is_floating_point()]  # BatchNorm statistics
 
-    # -- resume -------------------------------------------------------------------------------
+    # -- resume (run.out_dir is shared by all ranks: each reads its client's leader's files) ---
     ckpts = ClientCheckpoints(run_dir, me, cfg.run.keep_checkpoints)
     pools = pool_files(run_dir, me, cfg.run.keep_checkpoints)
     usable = set(ckpts.steps())
     if isinstance(source, PoolTargets):  # a pool-mode step needs its pool file as well
         usable &= set(pools.steps())
-    start = newest_common_step(world.allgather(sorted(usable)))
+    start = newest_common_step([s for s in world.allgather(
+        sorted(usable) if world.is_leader else None) if s is not None])
     if start:
         state, meta = ckpts.load(start)
-        if meta.get("fingerprint") != fingerprint(cfg) or meta.get("arch") != arch:
+        if meta.get("fingerprint") != fingerprint(cfg) or meta.get("arch") != archs[me]:
             raise ConfigError("run.out_dir", f"{ckpts.path(start)} was written by a different job")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -219,37 +281,47 @@ def run(cfg: JobConfig, world: World) -> None:
         if isinstance(source, PoolTargets):
             source.load_state(pools.load(start)[0])
         log(f"resuming every client from step {start} ({run_dir / 'checkpoints'})")
+    else:  # replicas of a client start from its leader's weights
+        intra.broadcast_(list(model.state_dict().values()))
     metrics = None
     if world.is_root:
         metrics = MetricsWriter(run_dir / "metrics.h5", [f"client{i}" for i in range(K)],
                                 model.head_names, distribution, fingerprint(cfg), start)
     if start >= cfg.run.steps:
         log(f"run already complete at step {start}; see python -m mhd_hpc.report {run_dir}")
-        return
+        intra.shutdown()
+        return 0
+    extra_bytes = 0  # FedAvg / supervised collectives
     if cfg.method == "fedavg" and start == 0:
         world.allreduce_mean_(list(model.state_dict().values()))
 
     # -- the loop -----------------------------------------------------------------------------
     sums: dict[str, float] = {}
     interval_start, steps_in_interval = time.perf_counter(), 0
-    select_gen = torch.Generator()
+    select_gen = torch.Generator(device=device)
     fault = injected_fault(world.rank)
     for step in range(start + 1, cfg.run.steps + 1):
         if fault and fault[0] == step and fault[1] == "raise":
             raise RuntimeError(f"injected fault at step {step} (MHD_INJECT_FAULT)")
-        if fault and fault[0] == step and fault[1] == "kill":
-            _die()
+        if fault and fault[0] == step and fault[1] in ("kill", "signal"):
+            _die() if fault[1] == "kill" else os.kill(os.getpid(), signal.SIGUSR1)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step - 1)
         batch, pub = private.batch(step), public.batch(step)
-        b = batch.images.shape[0]
+        images, labels = to_device(batch, device)
+        pub_images, _ = to_device(pub, device)
+        pub.images = pub_images  # the pool's peer models run on the device copy
+        b = images.shape[0]
         # One forward over both batches: half the kernel launches, and BatchNorm sees the
         # public distribution the distillation losses are computed on.
-        emb, logits = model(torch.cat([batch.images, pub.images]))
-        loss_ce = losses.main_ce_loss(logits[0][:b], batch.labels)
+        emb, logits = model(torch.cat([images, pub_images]))
+        loss_ce = losses.main_ce_loss(logits[0][:b], labels)
         loss, terms = loss_ce, {"loss_ce": loss_ce.item()}
         pub_emb, pub_logits = emb[b:], [l[b:] for l in logits]
 
+        if not torch.isfinite(loss_ce):
+            raise FloatingPointError(f"client {me}: non-finite loss at step {step} (training "
+                                     "diverged: lower optim.lr or check the data)")
         source.begin_step(step, model)
         peers = source.targets(step, pub, pub_logits, pub_emb)
         terms.update(source.stats())
@@ -273,41 +345,54 @@ def run(cfg: JobConfig, world: World) -> None:
 
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         if cfg.method == "supervised":  # one model on the union of all private batches
-            exchange.bytes_sent += world.allreduce_mean_(
-                [p.grad for p in model.parameters() if p.grad is not None])
+            extra_bytes += world.allreduce_mean_(grads)
+        else:  # data parallelism among the client's replicas
+            intra.average_(grads)
         opt.step()
         if cfg.method == "fedavg" and step % cfg.fedavg.every == 0:
-            exchange.bytes_sent += world.allreduce_mean_(list(model.state_dict().values()))
+            extra_bytes += world.allreduce_mean_(list(model.state_dict().values()))
 
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value
         steps_in_interval += 1
         last = step == cfg.run.steps
 
+        stopping = False
         if step % cfg.run.log_every == 0 or last:
             elapsed = time.perf_counter() - interval_start
-            sent, received, waited = (a + b for a, b in zip(exchange.take_counters(),
-                                                            source.take_counters()))
+            sent, received, waited = source.take_counters()
             row = {name: total / steps_in_interval for name, total in sums.items()}
             row.update(step_time_s=elapsed / steps_in_interval, exchange_wait_s=waited
-                       / steps_in_interval, bytes_sent=sent, bytes_received=received,
-                       lr=lr_at(cfg, step - 1))
-            rows = world.gather(row)
+                       / steps_in_interval, bytes_sent=sent + extra_bytes,
+                       bytes_received=received, lr=lr_at(cfg, step - 1))
+            extra_bytes = 0
+            rows = world.gather((me, row))
             if world.is_root:
-                names = sorted(set().union(*rows))
-                metrics.write_train(step, {n: [r.get(n, np.nan) for r in rows] for n in names})
-                mean = {n: float(np.nanmean([r.get(n, np.nan) for r in rows])) for n in names}
+                per_client = merge_client_rows(rows, K)
+                names = sorted(set().union(*per_client))
+                metrics.write_train(step, {n: [r.get(n, np.nan) for r in per_client]
+                                           for n in names})
+                mean = {n: float(np.nanmean([r.get(n, np.nan) for r in per_client]))
+                        for n in names}
                 loss_txt = " ".join(f"{n.removeprefix('loss_')} {mean[n]:.3f}" for n in names
                                     if n.startswith("loss_"))
                 log(f"step {step:>6}/{cfg.run.steps} | {loss_txt} | "
                     f"{1000 * mean['step_time_s']:.0f} ms/step "
                     f"(exchange wait {1000 * mean['exchange_wait_s']:.0f} ms) | "
-                    f"sent {sum(r['bytes_sent'] for r in rows) / 1e6:.2f} MB")
+                    f"sent {sum(r['bytes_sent'] for r in per_client) / 1e6:.2f} MB")
             sums, steps_in_interval, interval_start = {}, 0, time.perf_counter()
+            # A signal reaches ranks at different steps: agree on one step to stop at.
+            stopping = world.max_over_ranks(1.0 if stop.received else 0.0) > 0 and not last
 
-        if step % cfg.run.eval_every == 0 or last:
-            accs = world.gather(evaluate(model, test, norm, num_classes))
+        evaluating = step % cfg.run.eval_every == 0 or last
+        saving = step % cfg.run.checkpoint_every == 0 or last or stopping
+        if evaluating or saving:
+            intra.average_(floats)  # replicas' BatchNorm statistics -> their mean
+        if evaluating:
+            acc = evaluate(model, test, norm, num_classes, device) if world.is_leader else None
+            accs = [a for a in world.gather(acc) or [] if a is not None]
             if world.is_root:
                 summary = summarize(np.stack(accs), distribution)
                 metrics.write_eval(step, summary)
@@ -317,15 +402,24 @@ def run(cfg: JobConfig, world: World) -> None:
                     + " | beta_priv " + " ".join(
                     f"{h} {summary['beta_priv'][:, i].mean():.3f}" for i, h in enumerate(heads)))
 
-        if step % cfg.run.checkpoint_every == 0 or last:
+        if saving:
             source.flush(step)  # nothing in flight: the saved pool is the pool of this step
-            if isinstance(source, PoolTargets):
-                pools.save(step, source.state(), {"fingerprint": fingerprint(cfg), "step": step})
-            ckpts.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "torch_rng": torch.get_rng_state(), "step": step},
-                       {"fingerprint": fingerprint(cfg), "arch": arch, "client": me,
-                        "step": step},
-                       before_commit=_die if fault == (step, "kill_in_checkpoint") else None)
+            intra.check_in_sync(model, step)
+            if world.is_leader:
+                meta = {"fingerprint": fingerprint(cfg), "arch": archs[me], "client": me,
+                        "step": step}
+                if isinstance(source, PoolTargets):
+                    pools.save(step, source.state(), meta)
+                ckpts.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "torch_rng": torch.get_rng_state(), "step": step}, meta,
+                           before_commit=_die if fault == (step, "kill_in_checkpoint") else None)
+        if stopping:
+            world.barrier()
+            log(f"stopping at step {step} on signal {stop.received}: checkpoint saved; rerun the "
+                f"same command to continue (exit code {EXIT_RESUMABLE})")
+            intra.shutdown()
+            return EXIT_RESUMABLE
     world.barrier()
+    intra.shutdown()
     log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {run_dir}")
-
+    return 0

@@ -1,8 +1,9 @@
 """MPI start-up, the rank -> client mapping, and the collectives the training loop needs.
 
 This is the only module (with ``exchange.py``) that imports mpi4py, and the only place that knows
-global ranks: everything else talks about clients. Today a client is one rank; the mapping lives
-in ``ClientLayout`` so that multi-rank clients change this file, not the loop.
+global ranks: everything else talks about clients and client-local ranks. A client is a
+contiguous block of ranks (``ClientLayout``) with its own communicator; client-local rank 0, the
+leader, evaluates, checkpoints and speaks for the client where a message concerns all of it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from mpi4py import MPI  # noqa: E402  (imported before any torch.distributed use, see environment.md)
@@ -28,6 +30,16 @@ class ClientLayout:
     def one_rank_per_client(cls, num_clients: int) -> "ClientLayout":
         return cls(tuple((c,) for c in range(num_clients)))
 
+    @classmethod
+    def contiguous(cls, ranks_per_client: Sequence[int]) -> "ClientLayout":
+        """Client c gets the next ``ranks_per_client[c]`` ranks, so a client's ranks sit on as
+        few nodes as possible (mpirun/srun fill nodes with consecutive ranks by default)."""
+        out, start = [], 0
+        for n in ranks_per_client:
+            out.append(tuple(range(start, start + n)))
+            start += n
+        return cls(tuple(out))
+
     @property
     def num_clients(self) -> int:
         return len(self.ranks_of_client)
@@ -39,8 +51,11 @@ class ClientLayout:
         raise KeyError(f"rank {rank} belongs to no client")
 
     def leader(self, client: int) -> int:
-        """The rank that speaks for ``client`` in the inter-client exchange."""
+        """The rank that speaks for ``client`` when a message concerns the whole client."""
         return self.ranks_of_client[client][0]
+
+    def size_of(self, client: int) -> int:
+        return len(self.ranks_of_client[client])
 
 
 class World:
@@ -52,11 +67,36 @@ class World:
         self.size = self.comm.Get_size()
         self.layout: ClientLayout | None = None
         self.client = -1
+        self.client_comm: Any = None  # the ranks of this rank's client
+        self.local_rank, self.local_size = 0, 1
 
     # -- mapping -----------------------------------------------------------------------------
     def assign_clients(self, layout: ClientLayout) -> None:
+        """Collective: every rank must call it with the same layout."""
         self.layout = layout
         self.client = layout.client_of(self.rank)
+        self.client_comm = self.comm.Split(color=self.client, key=self.rank)
+        self.local_rank, self.local_size = self.client_comm.Get_rank(), self.client_comm.Get_size()
+        assert layout.ranks_of_client[self.client][self.local_rank] == self.rank
+
+    @property
+    def is_leader(self) -> bool:
+        """Client-local rank 0: evaluates, checkpoints and speaks for the client."""
+        return self.local_rank == 0
+
+    def peer_rank(self, client: int, local_rank: int) -> int:
+        """Global rank of ``client``'s client-local rank ``local_rank``."""
+        assert self.layout is not None, "assign_clients() first"
+        return self.layout.ranks_of_client[client][local_rank]
+
+    def node_local_rank(self) -> int:
+        """Rank among the ranks on this node (for GPU placement), from MPI itself rather than
+        launcher-specific environment variables."""
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return node.Get_rank()
+        finally:
+            node.Free()
 
     @property
     def is_root(self) -> bool:
@@ -67,8 +107,34 @@ class World:
         return self.layout.leader(client)
 
     def where(self) -> str:
-        """'rank 2 (client 2)' for messages."""
+        """'rank 2 (client 1)' for messages."""
         return f"rank {self.rank}" + (f" (client {self.client})" if self.client >= 0 else "")
+
+    # -- inside one client (blocking collectives over the client's ranks) ------------------------
+    def client_bcast_array(self, array: np.ndarray) -> np.ndarray:
+        """Leader's array to every rank of the client (same shape and dtype everywhere)."""
+        if self.local_size > 1:
+            self.client_comm.Bcast(array, root=0)
+        return array
+
+    def client_gather_bytes(self, buf: np.ndarray) -> np.ndarray | None:
+        """Equal-size uint8 buffers of all client ranks, stacked on the leader (else None)."""
+        out = np.empty((self.local_size, buf.size), dtype=np.uint8) if self.is_leader else None
+        self.client_comm.Gather(buf, out, root=0)
+        return out
+
+    def client_scatter_bytes(self, bufs: np.ndarray | None, size: int) -> np.ndarray:
+        """Row r of the leader's (local_size, size) uint8 array to client rank r."""
+        out = np.empty(size, dtype=np.uint8)
+        self.client_comm.Scatter(bufs, out, root=0)
+        return out
+
+    def client_bcast(self, obj: Any) -> Any:
+        """Leader's (small, pickled) object to every rank of the client."""
+        return self.client_comm.bcast(obj, root=0)
+
+    def client_allgather(self, obj: Any) -> list:
+        return self.client_comm.allgather(obj)
 
     # -- small collectives (pickled; never on the per-step hot path) -------------------------
     def barrier(self) -> None:

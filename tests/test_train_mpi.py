@@ -88,7 +88,7 @@ def test_heterogeneous_architectures_and_topk(tmp_path, data_root, capsys):
     run = tmp_path / "hetero"
     res = run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=10",
                                 "clients.arch=[cnn_small, resnet18]", "model.embedding_dim=32",
-                                "exchange.top_k=3", "topology.kind=cycle"), timeout=240)
+                                "exchange.top_k=3", "topology.kind=cycle", "optim.lr=0.02"), timeout=240)
     assert res.returncode == 0, res.stderr
     assert report_main([str(run), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -1,0 +1,181 @@
+"""Data parallelism inside a client: Horovod or torch.distributed behind one small interface.
+
+A client with several ranks is one model replicated over them. Each rank computes gradients on
+its slice of the client's batches; ``average_`` makes the gradients (and, before evaluation and
+checkpoints, the BatchNorm statistics) equal to their mean over the client's ranks, and
+``broadcast_`` makes everything start from the leader's values. Replicas therefore stay
+identical, which ``check_in_sync`` verifies at every checkpoint.
+
+Backends (``backend.intra``), imported lazily so that a job that does not use one never needs it:
+
+- ``horovod``: one Horovod process set per client (``hvd.init(process_sets=...)`` on every rank),
+  ``grouped_allreduce_`` with ``op=Average`` and per-tensor ``broadcast_`` (0.28.1 has no
+  ``process_set`` in ``broadcast_parameters``; its ``root_rank`` is a global rank), a global
+  ``barrier`` before ``shutdown`` so that no set shuts Horovod down under another.
+- ``torch``: ``torch.distributed`` over all ranks (rendezvous address and port chosen by rank 0
+  and sent by MPI), one ``new_group`` per client; NCCL on GPU, gloo on CPU; gradients go in one
+  flat buffer per allreduce.
+- ``auto``: Horovod when importable, else torch; the choice is printed.
+
+The gradient average is called explicitly after ``backward`` rather than hidden in a wrapped
+optimizer (Horovod's ``DistributedOptimizer``, DDP): the supervised baseline averages again over
+all clients after it, and every backend then keeps the same plain optimizer and checkpoints.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Sequence
+
+import torch
+
+from mhd_hpc.world import World
+
+
+class SingleRank:
+    """Clients of one rank: nothing to synchronise."""
+
+    name = "none"
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def average_(self, tensors: Sequence[torch.Tensor]) -> None:
+        pass
+
+    def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
+        pass
+
+    def check_in_sync(self, model: torch.nn.Module, step: int) -> None:
+        """Raise if the replicas of this client hold different parameters."""
+        if self.world.local_size == 1:
+            return
+        sums = self.world.client_allgather(
+            [float(p.detach().double().sum()) for p in model.parameters()])
+        if any(s != sums[0] for s in sums[1:]):
+            raise RuntimeError(f"{self.world.where()}: the {self.world.local_size} replicas of "
+                               f"client {self.world.client} diverged by step {step} "
+                               f"({self.name} data parallelism)")
+
+    def shutdown(self) -> None:
+        pass
+
+
+class HorovodIntra(SingleRank):
+    name = "horovod"
+
+    def __init__(self, world: World):
+        super().__init__(world)
+        import horovod.torch as hvd  # after mpi4py: Horovod then reuses MPI and never finalises it
+
+        assert world.layout is not None
+        everyone = list(range(world.size))
+        sets, mine = [], None
+        for client, ranks in enumerate(world.layout.ranks_of_client):
+            if list(ranks) == everyone:  # Horovod refuses a duplicate of the global set
+                ps = hvd.global_process_set
+            else:
+                ps = hvd.ProcessSet(list(ranks))
+                sets.append(ps)
+            if client == world.client:
+                mine = ps
+        hvd.init(process_sets=sets)
+        self.hvd, self.process_set = hvd, mine
+        self.root = world.peer_rank(world.client, 0)  # Horovod's root_rank is a global rank
+        self._calls = 0
+
+    def average_(self, tensors):
+        if self.world.local_size == 1 or not tensors:
+            return
+        self._calls += 1  # identical sequence on every rank of the client: names match up
+        self.hvd.grouped_allreduce_(list(tensors), name=f"mhd.avg.{self._calls}",
+                                    op=self.hvd.Average, process_set=self.process_set)
+
+    def broadcast_(self, tensors):
+        if self.world.local_size == 1:
+            return
+        self._calls += 1
+        for n, t in enumerate(tensors):
+            self.hvd.broadcast_(t, self.root, name=f"mhd.bcast.{self._calls}.{n}",
+                                process_set=self.process_set)
+
+    def shutdown(self):
+        self.hvd.barrier()  # all sets done before any rank shuts Horovod down
+        self.hvd.shutdown()
+
+
+class TorchIntra(SingleRank):
+    name = "torch"
+
+    def __init__(self, world: World, device: torch.device):
+        super().__init__(world)
+        import torch.distributed as dist
+
+        assert world.layout is not None
+        hosts = world.allgather(socket.gethostname())
+        addr, port = None, None
+        if world.is_root:
+            # One node: loopback always works; several: rank 0's name must resolve everywhere.
+            addr = "127.0.0.1" if len(set(hosts)) == 1 else hosts[0]
+            with socket.socket() as s:  # a free port; tiny race window, retried by users rarely
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+        addr, port = world.bcast((addr, port))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=world.rank,
+                                world_size=world.size)
+        mine = None
+        for client, ranks in enumerate(world.layout.ranks_of_client):
+            group = dist.new_group(list(ranks))  # collective: all ranks create every group
+            if client == world.client:
+                mine = group
+        self.dist, self.group, self.device = dist, mine, device
+        self.root = world.peer_rank(world.client, 0)  # torch's src is a global rank too
+
+    def _flat(self, tensors):
+        return torch.cat([t.detach().reshape(-1).to(self.device, torch.float32) for t in tensors])
+
+    def _unflatten_into(self, flat, tensors):
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+    def average_(self, tensors):
+        if self.world.local_size == 1 or not tensors:
+            return
+        flat = self._flat(tensors)
+        self.dist.all_reduce(flat, group=self.group)
+        flat /= self.world.local_size
+        self._unflatten_into(flat, tensors)
+
+    def broadcast_(self, tensors):
+        if self.world.local_size == 1 or not tensors:
+            return
+        flat = self._flat(tensors)
+        self.dist.broadcast(flat, src=self.root, group=self.group)
+        self._unflatten_into(flat, tensors)
+
+    def shutdown(self):
+        self.dist.barrier()
+        self.dist.destroy_process_group()
+
+
+def make_intra(kind: str, world: World, device: torch.device) -> tuple[SingleRank, str]:
+    """The data-parallel backend for this job, and a line saying what was chosen and why."""
+    assert world.layout is not None
+    if max(len(r) for r in world.layout.ranks_of_client) == 1:
+        return SingleRank(world), "one rank per client: no intra-client data parallelism"
+    if kind == "auto":
+        try:
+            import horovod.torch  # noqa: F401
+            kind, why = "horovod", "backend.intra=auto: Horovod is importable"
+        except ImportError as exc:
+            kind, why = "torch", f"backend.intra=auto: Horovod not importable ({exc})"
+    else:
+        why = f"backend.intra={kind}"
+    if kind == "horovod":
+        return HorovodIntra(world), f"{why} -> Horovod process sets"
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    return TorchIntra(world, device), f"{why} -> torch.distributed ({backend}) subgroups"
