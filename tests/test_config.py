@@ -118,3 +118,10 @@ def test_readme_documents_every_option():
     readme = (ROOT / "README.md").read_text()
     for key, _default, _text in reference():
         assert f"| `{key}` |" in readme, f"README options table lacks {key}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = readme.split("```")
+    test_command = [b.strip() for b in blocks if "python -m pytest" in b][0]
+    assert test_command in (ROOT / ".ci" / "run").read_text()
