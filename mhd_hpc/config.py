@@ -25,8 +25,8 @@ SCHEDULES = ("cosine", "constant")
 EXCHANGE_MODES = ("predictions", "pool")
 INTRA_BACKENDS = ("auto", "horovod", "torch")
 DEVICES = ("auto", "cpu", "cuda")
-DATASETS = ("digits",)
-LOADERS = ("wds",)
+DATASETS = ("digits", "shards")
+LOADERS = ("auto", "dali", "wds")
 #: Classes of the datasets that ship with the package, needed to validate label counts early.
 DATASET_CLASSES = {"digits": 10}
 
@@ -93,8 +93,11 @@ class BackendConfig:
 @dataclass
 class DataConfig:
     dataset: str = doc("Dataset: 'digits' = scikit-learn's embedded 8x8 digits (built into shards "
-                       "under data.root on first use).", "digits")
-    root: str = doc("Folder holding the shard sets.", "data")
+                       "under data.root on first use), or 'shards' = a dataset folder written by "
+                       "tools/make_shards.py (its partition is fixed there, so the partition "
+                       "keys below are not used).", "digits")
+    root: str = doc("digits: folder for the built shard sets; shards: the dataset folder "
+                    "(with manifest.json).", "data")
     public_fraction: float = doc("Fraction gamma_pub of the training pool that becomes the "
                                  "unlabeled public set.", 0.1)
     label_assignment: str = doc("Primary labels per client: 'random' subsets of fixed size, or "
@@ -106,7 +109,11 @@ class DataConfig:
     batch_size: int = doc("Private (labeled) batch size per client.", 32)
     public_batch_size: int = doc("Public (unlabeled) batch size; the same samples for every "
                                  "client at each step.", 64)
-    loader: str = doc("Shard reader backend: 'wds' (webdataset + PyTorch).", "wds")
+    loader: str = doc("Shard reader: dali (NVIDIA DALI: GPU 'mixed' decoding when CUDA is "
+                      "present, CPU pipeline otherwise; JPEG shards) | wds (tar reader + PIL in "
+                      "DataLoader workers) | auto (dali when importable and the shards are JPEG).",
+                      "auto")
+    loader_threads: int = doc("Decoding threads (DALI) or worker processes (wds) per rank.", 2)
 
 
 @dataclass
@@ -365,18 +372,24 @@ def validate(cfg: JobConfig) -> None:
     _choice("data.dataset", d.dataset, DATASETS)
     _choice("data.loader", d.loader, LOADERS)
     _choice("data.label_assignment", d.label_assignment, ASSIGNMENTS)
-    num_classes = DATASET_CLASSES[d.dataset]
-    if not 0.0 <= d.public_fraction < 1.0:
-        raise ConfigError("data.public_fraction", f"must be in [0, 1), got {d.public_fraction}")
-    if cfg.method == "mhd" and d.public_fraction == 0.0:
-        raise ConfigError("data.public_fraction", "method=mhd distills on public data: must be > 0")
-    if not 0 <= d.labels_per_client <= num_classes:
-        raise ConfigError("data.labels_per_client", f"must be in [0, {num_classes}] "
-                          f"({d.dataset} has {num_classes} classes), got {d.labels_per_client}")
-    if d.label_assignment == "even" and (k * d.labels_per_client) % num_classes:
-        raise ConfigError("data.label_assignment", f"'even' needs clients.count x "
-                          f"data.labels_per_client ({k} x {d.labels_per_client}) to be a multiple "
-                          f"of the {num_classes} classes")
+    _positive("data.loader_threads", d.loader_threads)
+    # Shard datasets carry their classes and partition in their manifest (checked at start).
+    num_classes = DATASET_CLASSES.get(d.dataset, 1_000_000)
+    if d.dataset in DATASET_CLASSES:  # built here: the partition keys must make sense
+        if not 0.0 <= d.public_fraction < 1.0:
+            raise ConfigError("data.public_fraction", f"must be in [0, 1), got "
+                              f"{d.public_fraction}")
+        if cfg.method == "mhd" and d.public_fraction == 0.0:
+            raise ConfigError("data.public_fraction", "method=mhd distills on public data: "
+                              "must be > 0")
+        if not 0 <= d.labels_per_client <= num_classes:
+            raise ConfigError("data.labels_per_client", f"must be in [0, {num_classes}] "
+                              f"({d.dataset} has {num_classes} classes), got "
+                              f"{d.labels_per_client}")
+        if d.label_assignment == "even" and (k * d.labels_per_client) % num_classes:
+            raise ConfigError("data.label_assignment", f"'even' needs clients.count x "
+                              f"data.labels_per_client ({k} x {d.labels_per_client}) to be a "
+                              f"multiple of the {num_classes} classes")
     _positive("data.skew", d.skew, allow_zero=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.public_batch_size", d.public_batch_size)
@@ -438,7 +451,7 @@ def validate(cfg: JobConfig) -> None:
                 raise ConfigError(f"topology.edges[{e}]", f"self-loop {edge}")
 
     ex = cfg.exchange
-    if not 0 <= ex.top_k <= num_classes:
+    if ex.top_k < 0 or ex.top_k > num_classes:
         raise ConfigError("exchange.top_k", f"must be in [0, {num_classes}], got {ex.top_k}")
     _positive("exchange.timeout_s", ex.timeout_s)
     _choice("exchange.mode", ex.mode, EXCHANGE_MODES)

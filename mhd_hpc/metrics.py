@@ -2,7 +2,8 @@
 
 Layout of ``RUN_DIR/metrics.h5`` (K clients, H heads, C classes; all growable along axis 0):
 
-    attrs: clients (names), heads (names), num_classes, label_distribution (K, C), fingerprint
+    attrs: clients (names), heads (names), label_distribution (K, C), fingerprint,
+           hop_distances (K, K): hops for information to flow from client j to client i (-1: never)
     eval/step            (E,)        int64
     eval/per_class_acc   (E, K, H, C) float32   accuracy per test class, in [0, 1]
     eval/beta_sh         (E, K, H)    mean over classes (uniform "shared" task)
@@ -82,7 +83,8 @@ class MetricsWriter:
     that was already written and the file is readable while the job runs."""
 
     def __init__(self, path: str | Path, clients: list[str], heads: list[str],
-                 label_distribution: np.ndarray, fingerprint: str, resume_step: int):
+                 label_distribution: np.ndarray, fingerprint: str, resume_step: int,
+                 hop_distances: np.ndarray | None = None):
         self.path = Path(path)
         meta = {"clients": json.dumps(clients), "heads": json.dumps(heads),
                 "fingerprint": fingerprint}
@@ -101,6 +103,8 @@ class MetricsWriter:
             with h5py.File(self.path, "w") as f:
                 f.attrs.update(meta)
                 f.attrs["label_distribution"] = label_distribution
+                if hop_distances is not None:
+                    f.attrs["hop_distances"] = hop_distances
 
     @staticmethod
     def _truncate(f: h5py.File, resume_step: int) -> None:
@@ -133,7 +137,9 @@ def read_metrics(path: str | Path) -> dict:
     try:
         with h5py.File(path, "r") as f:
             out = {"clients": json.loads(f.attrs["clients"]), "heads": json.loads(f.attrs["heads"]),
-                   "label_distribution": np.array(f.attrs["label_distribution"])}
+                   "label_distribution": np.array(f.attrs["label_distribution"]),
+                   "hop_distances": (np.array(f.attrs["hop_distances"])
+                                     if "hop_distances" in f.attrs else None)}
             for group in ("eval", "train"):
                 out[group] = {k: v[()] for k, v in f[group].items()} if group in f else {}
             return out

@@ -60,6 +60,7 @@ def format_table(summary: dict, metrics: dict) -> str:
         lines.append(f"{name:<{width}} " + " ".join(
             f"{entry['heads'][h]['beta_priv']:>10.3f} {entry['heads'][h]['beta_sh']:>8.3f}"
             for h in heads))
+    lines += cross_client_lines(summary, metrics)
     train = metrics["train"]
     if train and len(train.get("step", [])):
         step_time = np.nanmean(train["step_time_s"])
@@ -68,6 +69,31 @@ def format_table(summary: dict, metrics: dict) -> str:
         lines += ["", f"mean step time {1000 * step_time:.1f} ms, of which exchange wait "
                       f"{1000 * wait:.1f} ms; {sent / 1e6:.2f} MB sent in total by all clients"]
     return "\n".join(lines)
+
+
+def cross_client_lines(summary: dict, metrics: dict) -> list[str]:
+    """Accuracy of client i's heads on client j's task, averaged by graph distance j -> i: how
+    far knowledge travels along the topology (transitive distillation, paper §4.4)."""
+    hops = metrics.get("hop_distances")
+    ev = metrics["eval"]
+    if hops is None or "cross_acc" not in ev:
+        return []
+    row = list(ev["step"]).index(summary["step"])
+    cross = ev["cross_acc"][row]  # (K, H, K)
+    k = cross.shape[0]
+    off = ~np.eye(k, dtype=bool)
+    distances = sorted({int(d) for d in hops[off]})
+    if not distances:
+        return []
+    heads = metrics["heads"]
+    name = {d: ("unreachable" if d < 0 else f"{d} hop" + ("s" if d > 1 else "")) for d in distances}
+    lines = ["", "accuracy on other clients' tasks by distance from them (cross_acc):",
+             f"{'distance':<12} " + " ".join(f"{h:>8}" for h in heads)]
+    for d in distances:
+        mask = off & (hops == d)
+        lines.append(f"{name[d]:<12} " + " ".join(
+            f"{cross[:, j, :][mask].mean():>8.3f}" for j in range(len(heads))))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

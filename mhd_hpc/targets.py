@@ -16,7 +16,8 @@ import torch
 
 from mhd_hpc import losses, topology
 from mhd_hpc.config import JobConfig
-from mhd_hpc.data.loader import Batch, StepBatches, key_hash
+from mhd_hpc.data.loader import Batch, key_hash
+from mhd_hpc.data.streams import BatchStream
 from mhd_hpc.exchange import ClientExchange, PeerOutputs, WeightTransfer
 from mhd_hpc.pool import CheckpointPool, flatten_state, refresh_sources, state_size
 from mhd_hpc.world import World
@@ -51,7 +52,7 @@ class NoTargets:
 
 class LiveTargets(NoTargets):
     def __init__(self, cfg: JobConfig, world: World, graph: list[list[int]],
-                 exchange: ClientExchange, public: StepBatches, send_embedding: bool):
+                 exchange: ClientExchange, public: BatchStream, send_embedding: bool):
         self.cfg, self.world, self.graph, self.exchange = cfg, world, graph, exchange
         self.public, self.send_embedding = public, send_embedding
 

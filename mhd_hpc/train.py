@@ -12,7 +12,6 @@ import argparse
 import sys
 
 from mhd_hpc.config import ConfigError, check_environment, check_world_size, load_config
-from mhd_hpc.world import init_world
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Imported here, not at module level: loader worker processes (spawn/forkserver) re-import
+    # this module as their __main__, and importing mpi4py there would start MPI in a child of
+    # an MPI rank, with the parent's Open MPI environment (seen: segfaults in the sm transport).
+    from mhd_hpc.world import init_world
+
     world = init_world()
     with world.guard():
         try:

@@ -25,7 +25,7 @@ from mhd_hpc import losses, topology
 from mhd_hpc.checkpoint import ClientCheckpoints, newest_common_step
 from mhd_hpc.config import ConfigError, JobConfig
 from mhd_hpc.data.embedded import build_digits_shards, client_split, load_manifest
-from mhd_hpc.data.loader import StepBatches, iterate_eval, key_hash, load_split
+from mhd_hpc.data.streams import open_stream
 from mhd_hpc.exchange import ClientExchange
 from mhd_hpc.intra import make_intra
 from mhd_hpc.pool import pool_files
@@ -132,13 +132,36 @@ def lr_at(cfg: JobConfig, step: int) -> float:
     return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - o.warmup_steps) / span)))
 
 
+def prepare_dataset(cfg: JobConfig, log: Log) -> tuple[str, tuple[str, str] | None]:
+    """Root only: (dataset folder, None), or (path, (key, message)) when the dataset does not
+    fit the job, so that every rank can stop with the same config error."""
+    d, k = cfg.data, cfg.clients.count
+    if d.dataset == "digits":
+        log(f"dataset digits: preparing shards under {d.root} (built once, then reused)")
+        return build_digits_shards(d.root, k, d.public_fraction, d.label_assignment,
+                                   d.labels_per_client, d.skew, cfg.run.seed), None
+    try:
+        manifest = load_manifest(d.root)
+    except (OSError, ValueError) as exc:
+        return d.root, ("data.root", f"not a dataset folder from tools/make_shards.py: {exc}")
+    n, c = manifest["partition"]["num_clients"], manifest["num_classes"]
+    if n != k:
+        return d.root, ("clients.count", f"{d.root} was partitioned for {n} clients, the job "
+                        f"has {k}: rebuild the shards with --clients {k} or set "
+                        f"clients.count={n}")
+    if cfg.exchange.top_k > c:
+        return d.root, ("exchange.top_k", f"{cfg.exchange.top_k} > the {c} classes of {d.root}")
+    log(f"dataset {d.root}: {manifest.get('dataset', '?')} shards, {c} classes, partition "
+        f"fixed at build time ({manifest['partition'].get('settings', {})})")
+    return d.root, None
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, test, normalize: dict, num_classes: int,
-             device: torch.device) -> np.ndarray:
+def evaluate(model: torch.nn.Module, test, num_classes: int, device: torch.device) -> np.ndarray:
     """(H, C) per-class test accuracy of every head."""
     model.eval()
     preds, labels = [], []
-    for batch in iterate_eval(test, 512, normalize):
+    for batch in test.eval_batches():
         _, logits = model(batch.images.to(device))
         preds.append(torch.stack([l.argmax(1) for l in logits]).cpu().numpy())
         labels.append(batch.labels.numpy())
@@ -158,8 +181,8 @@ def pick_device(cfg: JobConfig, world: World) -> torch.device:
 
 def to_device(batch, device: torch.device):
     """Images and labels onto the device; pinned memory makes the copy asynchronous."""
-    if device.type == "cpu":
-        return batch.images, batch.labels
+    if device.type == "cpu" or batch.images.is_cuda:  # DALI's GPU pipeline is already there
+        return batch.images.to(device), batch.labels.to(device)
     return (batch.images.pin_memory().to(device, non_blocking=True),
             batch.labels.pin_memory().to(device, non_blocking=True))
 
@@ -210,37 +233,36 @@ def run(cfg: JobConfig, world: World) -> int:
         raise ConfigError("run.out_dir", error)
     run_dir = Path(cfg.run.out_dir)
     d = cfg.data
-    dataset_dir = None
-    if world.is_root:
-        log(f"dataset {d.dataset}: preparing shards under {d.root} (built once, then reused)")
-        dataset_dir = build_digits_shards(d.root, K, d.public_fraction, d.label_assignment,
-                                          d.labels_per_client, d.skew, cfg.run.seed)
-    dataset_dir = world.bcast(dataset_dir)
+    found = prepare_dataset(cfg, log) if world.is_root else None
+    dataset_dir, error = world.bcast(found)
+    if error:
+        raise ConfigError(*error)
     manifest = load_manifest(dataset_dir)
     if world.is_root:
         (run_dir / "partition.json").write_text(json.dumps(manifest["partition"], indent=1))
-    num_classes, norm = manifest["num_classes"], manifest["normalize"]
+    num_classes, image_shape = manifest["num_classes"], manifest["image_shape"]
     counts = np.asarray(manifest["partition"]["counts"], dtype=np.float64)
     distribution = counts / counts.sum(axis=1, keepdims=True)
-    # Each rank of a client reads its own slice (client-local rank) of the client's batches.
-    part = {"part": world.local_rank, "num_parts": world.local_size}
-    private = StepBatches(load_split(dataset_dir, client_split(me), d.loader), d.batch_size,
-                          norm, seed=seed_of(cfg.run.seed, 1, me), **part)
-    public = StepBatches(load_split(dataset_dir, "public", d.loader), d.public_batch_size, norm,
-                         seed=seed_of(cfg.run.seed, 2), **part)  # one seed: aligned for all
-    test = load_split(dataset_dir, "test", d.loader) if world.is_leader else None
+    device = pick_device(cfg, world)  # before the streams: DALI decodes on the current GPU
+    # Each rank reads its own slice (client-local rank) of the client's batches.
+    opts = {"backend": d.loader, "part": world.local_rank, "num_parts": world.local_size,
+            "threads": d.loader_threads}
+    private, loader = open_stream(dataset_dir, client_split(me), d.batch_size,
+                                  seed_of(cfg.run.seed, 1, me), "train", **opts)
+    public, _ = open_stream(dataset_dir, "public", d.public_batch_size,
+                            seed_of(cfg.run.seed, 2), "public", **opts)  # one seed: aligned
+    test = (open_stream(dataset_dir, "test", 256, 0, "eval", backend=d.loader,
+                        threads=d.loader_threads)[0] if world.is_leader else None)
 
     # -- devices, model, optimiser, communication plan ----------------------------------------
-    device = pick_device(cfg, world)
     intra, why = make_intra(cfg.backend.intra, world, device)
     log(f"{K} clients on {world.size} ranks (ranks per client {cfg.client_ranks()}), "
-        f"method={cfg.method}, device {device.type}; {why}")
-    log(f"{len(private.samples)} private samples on client 0, {len(public.samples)} public, "
-        f"{manifest['counts']['test']} test; run folder {run_dir}")
+        f"method={cfg.method}, device {device.type}, loader {loader}; {why}")
+    log(f"{private.num_samples} private samples on client 0, {public.num_samples} public, "
+        f"{manifest['counts']['test']} test, {num_classes} classes; run folder {run_dir}")
     shared_init = cfg.method in ("fedavg", "supervised")  # weights must start identical
     torch.manual_seed(seed_of(cfg.run.seed, 3, 0 if shared_init else me))
     archs = cfg.client_archs()
-    image_shape = manifest["image_shape"]
 
     def build(arch: str) -> torch.nn.Module:
         return build_model(arch, num_classes, cfg.model.aux_heads, image_shape[0],
@@ -286,7 +308,8 @@ def run(cfg: JobConfig, world: World) -> int:
     metrics = None
     if world.is_root:
         metrics = MetricsWriter(run_dir / "metrics.h5", [f"client{i}" for i in range(K)],
-                                model.head_names, distribution, fingerprint(cfg), start)
+                                model.head_names, distribution, fingerprint(cfg), start,
+                                topology.hop_distances(graph))
     if start >= cfg.run.steps:
         log(f"run already complete at step {start}; see python -m mhd_hpc.report {run_dir}")
         intra.shutdown()
@@ -391,7 +414,7 @@ def run(cfg: JobConfig, world: World) -> int:
         if evaluating or saving:
             intra.average_(floats)  # replicas' BatchNorm statistics -> their mean
         if evaluating:
-            acc = evaluate(model, test, norm, num_classes, device) if world.is_leader else None
+            acc = evaluate(model, test, num_classes, device) if world.is_leader else None
             accs = [a for a in world.gather(acc) or [] if a is not None]
             if world.is_root:
                 summary = summarize(np.stack(accs), distribution)
@@ -401,6 +424,9 @@ def run(cfg: JobConfig, world: World) -> int:
                     f"{h} {summary['beta_sh'][:, i].mean():.3f}" for i, h in enumerate(heads))
                     + " | beta_priv " + " ".join(
                     f"{h} {summary['beta_priv'][:, i].mean():.3f}" for i, h in enumerate(heads)))
+                log(f"  per client beta_sh {heads[0]}/{heads[-1]}: " + "  ".join(
+                    f"c{i} {summary['beta_sh'][i, 0]:.2f}/{summary['beta_sh'][i, -1]:.2f}"
+                    for i in range(K)))
 
         if saving:
             source.flush(step)  # nothing in flight: the saved pool is the pool of this step
@@ -420,6 +446,9 @@ def run(cfg: JobConfig, world: World) -> int:
             intra.shutdown()
             return EXIT_RESUMABLE
     world.barrier()
+    for stream in (private, public, test):
+        if stream is not None:
+            stream.close()
     intra.shutdown()
     log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {run_dir}")
     return 0

@@ -99,13 +99,15 @@ def test_world_size_must_match():
     assert info.value.key == "clients.count"
 
 
-def test_every_option_is_documented_and_in_the_job_file():
-    job = yaml.safe_load(Path(JOB).read_text())
+@pytest.mark.parametrize("job_file", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_file_is_valid_and_lists_every_option(job_file):
+    load_config(str(job_file))
+    job = yaml.safe_load(job_file.read_text())
     for key, _default, text in reference():
         assert text, f"{key} has no documentation"
         node = job
         for part in key.split("."):
-            assert part in node, f"jobs/digits.yaml lacks {key}"
+            assert part in node, f"{job_file.name} lacks {key}"
             node = node[part]
 
 

@@ -32,7 +32,7 @@ def test_config_error_stops_every_rank_before_training(tmp_path, data_root):
 def test_world_size_mismatch_is_a_clear_error(tmp_path, data_root):
     res = run_mpi(3, train_args(tmp_path / "run", data_root, "clients.count=2"), timeout=60)
     assert res.returncode != 0
-    assert "launched on 3 ranks" in res.stderr
+    assert "but was launched on 3" in res.stderr
 
 
 def test_failing_rank_brings_the_job_down(tmp_path, data_root):

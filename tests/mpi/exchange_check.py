@@ -12,7 +12,7 @@ import sys
 import torch
 
 from mhd_hpc import topology
-from mhd_hpc.exchange import ExchangeError, PredictionExchange
+from mhd_hpc.exchange import PredictionExchange
 from mhd_hpc.world import ClientLayout, init_world
 
 B, C, D, H = 6, 10, 4, 3

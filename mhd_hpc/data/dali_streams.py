@@ -1,0 +1,173 @@
+"""NVIDIA DALI pipelines for JPEG shards (imported lazily, only when DALI is used).
+
+Two ways to feed the same decode/augment graph:
+
+* :class:`DaliStream` (the training backend): Python reads encoded bytes in StepBatches order
+  through ``fn.external_source`` (batch mode; DALI calls the source ``prefetch_queue_depth``
+  iterations ahead, so reading overlaps decoding). Order-exact, so public batches align across
+  clients and a resumed run sees the same samples.
+* :func:`reader_batches`: ``fn.readers.webdataset`` with the index files, the reader DALI users
+  expect. Its order is DALI's own (buffer shuffle), so it serves benchmarks, not training.
+
+CPU pipelines (``device_id=None``) when CUDA is absent; with CUDA, ``mixed`` decoding (nvJPEG)
+and GPU augmentation, and batches come back as CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.tensors import TensorListGPU
+
+from mhd_hpc.data.loader import Batch
+from mhd_hpc.data.streams import BatchStream, ByteReader, SplitTable, resize_shorter_to
+from mhd_hpc.data.tarindex import index_path
+
+__all__ = ["DaliStream", "build_pipeline", "reader_batches"]
+
+LABEL_BYTES = 12  # .cls members are padded to this many ASCII bytes (a dense batch for DALI)
+
+
+def _device() -> int | None:
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def _transform(jpegs, train: bool, size: int, normalize: dict, gpu: bool):
+    """The decode + augment + normalise graph shared by both feeds."""
+    decode_dev = "mixed" if gpu else "cpu"
+    if train:
+        # ROI decoding: only the random crop window is decoded (libjpeg-turbo / nvJPEG).
+        images = fn.decoders.image_random_crop(
+            jpegs, device=decode_dev, output_type=types.RGB, random_area=[0.08, 1.0],
+            random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+        images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR,
+                           antialias=True)
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        images = fn.decoders.image(jpegs, device=decode_dev, output_type=types.RGB)
+        # Linear + antialias is PIL's BILINEAR resize; subpixel_scale=False maps the whole
+        # input onto the rounded output size, as PIL does (else edges shift by up to 0.5 px).
+        images = fn.resize(images, resize_shorter=resize_shorter_to(size),
+                           interp_type=types.INTERP_LINEAR, antialias=True,
+                           subpixel_scale=False)
+        mirror = 0
+    # (x * scale - mean) / std == (x - mean / scale) / (std / scale) on raw 0..255 values.
+    scale = float(normalize.get("scale", 1.0))
+    return fn.crop_mirror_normalize(
+        images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror,
+        mean=[m / scale for m in normalize["mean"]], std=[s / scale for s in normalize["std"]],
+        dtype=types.FLOAT, output_layout="CHW")
+
+
+def build_pipeline(source: Callable | None, train: bool, size: int, normalize: dict,
+                   max_batch: int, threads: int, seed: int, reader: dict | None = None):
+    """A built pipeline fed by ``source`` (batch_info callback) or by a webdataset ``reader``."""
+    dev = _device()
+
+    @pipeline_def(batch_size=max_batch, num_threads=max(1, threads), device_id=dev,
+                  seed=seed % (2 ** 31), prefetch_queue_depth=2)
+    def pipe():
+        if reader is None:
+            jpegs = fn.external_source(source=source, batch=True, batch_info=True,
+                                       dtype=types.UINT8, ndim=1)
+            return _transform(jpegs, train, size, normalize, dev is not None)
+        jpegs, cls = fn.readers.webdataset(
+            **reader, ext=["jpg", "cls"], missing_component_behavior="error",
+            dtypes=[types.UINT8, types.UINT8], name="Reader")
+        # Variable-length ASCII labels would make a ragged batch: pad to a fixed width.
+        labels = fn.pad(cls, axes=(0,), shape=(LABEL_BYTES,), fill_value=0)
+        return _transform(jpegs, train, size, normalize, dev is not None), labels
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _to_torch(tl) -> torch.Tensor:
+    """DALI TensorList -> torch tensor, copied (DALI recycles its output buffers)."""
+    if isinstance(tl, TensorListGPU):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        t = tl.as_tensor()
+        out = torch.empty(t.shape(), dtype=torch.float32, device=torch.device("cuda", _device()))
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream())
+        return out
+    return torch.from_numpy(np.array(tl.as_tensor()))
+
+
+class DaliStream(BatchStream):
+    """Order-exact DALI stream: StepBatches order in, DALI decode/augment out."""
+
+    def __init__(self, table: SplitTable, normalize: dict, image_size: int, threads: int,
+                 **kw) -> None:
+        super().__init__(table.keys, table.labels, normalize, **kw)
+        self.table, self.image_size, self.threads = table, image_size, threads
+        self._reader = ByteReader(table)
+        self._pipe = None
+        self._next = -1
+
+    def _read(self, idx: np.ndarray) -> list[np.ndarray]:
+        return [np.frombuffer(self._reader.read(int(i)), np.uint8) for i in idx]
+
+    def _pipeline(self, source: Callable, train: bool, max_batch: int, seed: int):
+        return build_pipeline(source, train, self.image_size, self.normalize, max_batch,
+                              self.threads, seed)
+
+    def batch(self, step: int) -> Batch:
+        idx = self.indices(step)
+        if self._pipe is None or step != self._next:
+            start = step
+            self._pipe = None  # free the old pipeline's threads and buffers first
+            # DALI's augmentation RNG is per pipeline: seeded by (seed, part, start step), so a
+            # run restarted at a step repeats that restart (but not the unbroken run's draws).
+            seed = int(np.random.default_rng([self.seed, self.part, start]).integers(2 ** 31))
+            self._pipe = self._pipeline(
+                lambda info: self._read(self.indices(start + info.iteration)),
+                self.kind == "train", len(idx), seed)
+        (out,) = self._pipe.run()
+        self._next = step + 1
+        return self._batch(idx, _to_torch(out))
+
+    def eval_batches(self) -> Iterator[Batch]:
+        ranges = self.eval_ranges()
+        if not ranges:
+            return
+
+        def source(info) -> list[np.ndarray]:
+            if info.iteration >= len(ranges):
+                raise StopIteration  # prefetching ran past the end
+            lo, hi = ranges[info.iteration]
+            return self._read(np.arange(lo, hi))
+
+        pipe = self._pipeline(source, False, self.batch_size, self.seed)
+        for lo, hi in ranges:
+            (out,) = pipe.run()
+            yield self._batch(np.arange(lo, hi), _to_torch(out))
+        del pipe
+
+    def close(self) -> None:
+        self._pipe = None
+        self._reader.close()
+
+
+def reader_batches(shard_paths: list[str], batch_size: int, image_size: int, normalize: dict,
+                   train: bool = True, threads: int = 2, seed: int = 0, part: int = 0,
+                   num_parts: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(images, labels)`` from ``fn.readers.webdataset`` (DALI's order, not ours)."""
+    reader = dict(paths=list(shard_paths), index_paths=[index_path(p) for p in shard_paths],
+                  shard_id=part, num_shards=num_parts, random_shuffle=train,
+                  initial_fill=min(1024, 4 * batch_size), seed=seed)
+    missing = [p for p in reader["index_paths"] if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"DALI index files missing (tools/make_shards.py writes them): "
+                                f"{missing[:3]}")
+    pipe = build_pipeline(None, train, image_size, normalize, batch_size, threads, seed, reader)
+    while True:
+        out, cls = pipe.run()
+        raw = np.array(cls.as_tensor())  # ASCII digits, then zero padding
+        labels = torch.tensor([int(bytes(row[row > 0])) for row in raw], dtype=torch.int64)
+        yield _to_torch(out), labels

@@ -1,0 +1,391 @@
+"""Build JPEG WebDataset shards (public, per-client private, test) from an ImageFolder tree.
+
+Input: ``train/<class>/*.JPEG`` (ImageNet layout) and a validation set, either a tree
+``val/<class>/*`` or a folder of images with a label file (lines ``filename class_name``).
+Output, in the layout of :mod:`mhd_hpc.data.embedded` (same ``manifest.json`` keys, plus
+``dataset``/``classes``/``format``/``corrupt``)::
+
+    out/manifest.json
+    out/public/shard-000000.tar  shard-000000.idx  shard-000000.done
+    out/client_000/...   out/test/...
+
+A sample is ``{key}.jpg`` (the original file bytes; re-encoded as RGB JPEG only when it is not a
+JPEG or exceeds ``max_side``) + ``{key}.cls`` (ASCII class index). The split is
+:func:`make_partition` of the train labels; public and client samples are shuffled at write time
+(DALI's reader only shuffles within a buffer), test keeps source order.
+
+Robustness: a shard is written to a fixed temporary name and renamed; then its DALI index
+(:mod:`mhd_hpc.data.tarindex`) and last a ``.done`` sidecar (sample count, sha256, a hash of the
+planned contents) are written. A rerun skips every shard whose sidecar matches the plan, so an
+interrupted build resumes and a finished one is a no-op. Unreadable images are listed by path in
+the manifest (``corrupt``) and the summary: never a crash, never a silent drop.
+
+Parallelism: shard jobs are spread over ranks (``rank``/``size``, shard i on rank i % size) and
+within a rank over a process pool; the caller owns MPI (see ``tools/make_shards.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing import Pool
+from typing import Callable
+
+import numpy as np
+
+from mhd_hpc.data.embedded import FORMAT_VERSION, MANIFEST_NAME, client_split
+from mhd_hpc.data.partition import make_partition
+from mhd_hpc.data.shards import shard_name
+from mhd_hpc.data.tarindex import index_path, write_index
+
+__all__ = ["ShardSettings", "ShardJob", "list_image_folder", "list_label_file", "plan_jobs",
+           "write_shard", "build_imagefolder_shards", "format_summary", "IMAGENET_MEAN",
+           "IMAGENET_STD", "FAULT_ENV"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+FAULT_ENV = "MHD_MAKE_SHARDS_FAIL_AFTER"  # test hook: raise after this many shards were written
+JPEG_QUALITY = 95  # re-encoding only; close to lossless for training purposes
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Everything that determines the built dataset (recorded in the manifest)."""
+
+    train_dir: str
+    val_dir: str | None = None
+    val_labels: str | None = None
+    clients: int = 8
+    public_fraction: float = 0.1
+    label_assignment: str = "random"
+    labels_per_client: int | None = None  # None: a quarter of the classes (paper: 250 of 1000)
+    skew: float = 100.0
+    seed: int = 0
+    image_size: int = 224
+    max_side: int | None = None
+    samples_per_shard: int = 1000
+
+
+@dataclass
+class ShardJob:
+    """One shard to write: ``items`` are ``(key, source path, label)`` in write order."""
+
+    split: str
+    relpath: str
+    items: list[tuple[str, str, int]]
+    max_side: int | None
+
+    def plan_hash(self) -> str:
+        blob = json.dumps([self.relpath, self.max_side, self.items], separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _key(prefix: str, rel: str, seen: set[str]) -> str:
+    # webdataset/DALI cut a member name at its first dot: keys carry no dots, slashes or spaces.
+    key = prefix + re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(rel)[0])
+    base, n = key, 1
+    while key in seen:
+        key, n = f"{base}_{n}", n + 1
+    seen.add(key)
+    return key
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_image_folder(root: str, classes: list[str] | None = None
+                      ) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, sorted ``(path, label)``) of ``root/<class>/**``; ``classes`` fixes the map."""
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise ValueError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+    classes = classes if classes is not None else found
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(found) - set(index))
+    if unknown:
+        raise ValueError(f"{root}: class folders not in the train classes: {unknown[:10]}")
+    items = []
+    for name in found:
+        for dirpath, dirnames, files in os.walk(os.path.join(root, name), followlinks=True):
+            dirnames.sort()
+            items += [(os.path.join(dirpath, f), index[name]) for f in sorted(files)
+                      if _is_image(f)]
+    return classes, items
+
+
+def list_label_file(image_dir: str, label_file: str, classes: list[str]
+                    ) -> list[tuple[str, int]]:
+    """``(path, label)`` from lines ``filename class_name`` (ImageNet validation style)."""
+    index = {c: i for i, c in enumerate(classes)}
+    items = []
+    with open(label_file, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in index:
+                raise ValueError(f"{label_file}:{line_no}: expected 'filename class_name' with "
+                                 f"a train class, got {line.strip()!r}")
+            items.append((os.path.join(image_dir, parts[0]), index[parts[1]]))
+    return sorted(items)
+
+
+def _find_val(s: ShardSettings) -> tuple[str, str | None]:
+    """(validation image folder, label file or None for a class tree)."""
+    val_dir = s.val_dir or (os.path.dirname(s.val_labels) if s.val_labels else None)
+    if val_dir is None:
+        sibling = os.path.join(os.path.dirname(os.path.abspath(s.train_dir)), "val")
+        if not os.path.isdir(sibling):
+            raise ValueError(f"no validation set: pass val_dir/val_labels (no {sibling})")
+        val_dir = sibling
+    if s.val_labels:
+        return val_dir, s.val_labels
+    if any(e.is_dir() for e in os.scandir(val_dir)):
+        return val_dir, None
+    for cand in (os.path.join(val_dir, "val_labels.txt"),
+                 os.path.join(os.path.dirname(os.path.abspath(val_dir)), "val_labels.txt")):
+        if os.path.isfile(cand):
+            return val_dir, cand
+    raise ValueError(f"{val_dir}: neither class folders nor a val_labels.txt")
+
+
+def plan_jobs(s: ShardSettings) -> tuple[list[str], dict, dict[str, list[ShardJob]]]:
+    """(classes, partition manifest, split -> shard jobs): a pure function of the file listing."""
+    classes, train = list_image_folder(s.train_dir)
+    val_dir, label_file = _find_val(s)
+    test = (list_label_file(val_dir, label_file, classes) if label_file
+            else list_image_folder(val_dir, classes)[1])
+    labels = np.array([lab for _, lab in train], dtype=np.int64)
+    lpc = s.labels_per_client if s.labels_per_client is not None else max(1, len(classes) // 4)
+    part = make_partition(labels, s.clients, s.public_fraction, s.label_assignment, lpc,
+                          s.skew, s.seed, num_classes=len(classes))
+    rng = np.random.default_rng([s.seed, 0x5EED])  # same write-order rule as embedded.py
+    order = {"test": None, "public": rng.permutation(part.public)}
+    for i, idx in enumerate(part.clients):
+        order[client_split(i)] = rng.permutation(idx)
+    seen: set[str] = set()
+    train_keys = [_key("", os.path.relpath(p, s.train_dir), seen) for p, _ in train]
+    test_keys = [_key("val_", os.path.relpath(p, val_dir), seen) for p, _ in test]
+    jobs: dict[str, list[ShardJob]] = {}
+    for split, idx in order.items():
+        if idx is None:
+            items = [(k, p, lab) for k, (p, lab) in zip(test_keys, test)]
+        else:
+            items = [(train_keys[i], train[i][0], train[i][1]) for i in idx]
+        n = s.samples_per_shard
+        jobs[split] = [ShardJob(split, os.path.join(split, shard_name("shard", j // n)),
+                                items[j:j + n], s.max_side) for j in range(0, len(items), n)]
+    return classes, part.manifest(), jobs
+
+
+def prepare_image(path: str, max_side: int | None) -> tuple[bytes, bool]:
+    """(bytes to store, re-encoded?). Raises for unreadable images (the caller reports them)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    with Image.open(io.BytesIO(raw)) as im:
+        w, h = im.size
+        if im.format == "JPEG" and not (max_side and max(w, h) > max_side):
+            # Keep the original bytes, but prove they decode: a DCT-scaled draft still reads
+            # every scan (truncation raises) at ~1/8 of the full decode cost.
+            im.draft(None, (max(1, w // 8), max(1, h // 8)))
+            im.load()
+            return raw, False
+        # Not a JPEG (ImageNet's train set has a PNG named .JPEG) or too large: store an RGB
+        # JPEG. Gray and CMYK JPEGs kept verbatim decode identically in DALI and PIL (tested).
+        rgb = im.convert("RGB")
+        if max_side and max(w, h) > max_side:
+            scale = max_side / max(w, h)
+            rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                             Image.BICUBIC, reducing_gap=3.0)
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=JPEG_QUALITY)
+        return buf.getvalue(), True
+
+
+def _done_path(out_dir: str, relpath: str) -> str:
+    return os.path.splitext(os.path.join(out_dir, relpath))[0] + ".done"
+
+
+def read_done(out_dir: str, job: ShardJob) -> dict | None:
+    """The sidecar of a finished shard, or None if the shard must be (re)written."""
+    try:
+        with open(_done_path(out_dir, job.relpath), encoding="utf-8") as f:
+            done = json.load(f)
+        tar = os.path.join(out_dir, job.relpath)
+        ok = (done.get("plan") == job.plan_hash() and os.path.getsize(tar) == done["bytes"]
+              and os.path.isfile(index_path(tar)))
+    except (OSError, ValueError, KeyError):
+        return None
+    return done if ok else None
+
+
+def _atomic_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_shard(job: ShardJob, out_dir: str) -> dict:
+    """Write one shard + index + sidecar; return the sidecar (counts, bytes, corrupt paths)."""
+    from mhd_hpc.data.shards import _add_member  # fixed tar metadata: byte-stable rebuilds
+
+    final = os.path.join(out_dir, job.relpath)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    # One fixed temp name per shard: a killed run's leftover is simply overwritten next time.
+    tmp = os.path.join(os.path.dirname(final), "." + os.path.basename(final) + ".tmp")
+    corrupt: dict[str, str] = {}
+    labels: list[int] = []
+    converted = 0
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w") as tar:
+            for key, path, label in job.items:
+                try:
+                    data, conv = prepare_image(path, job.max_side)
+                except Exception as exc:  # any decoder failure: report, keep going
+                    corrupt[path] = f"{type(exc).__name__}: {exc}"
+                    continue
+                _add_member(tar, f"{key}.jpg", data)
+                _add_member(tar, f"{key}.cls", str(label).encode("ascii"))
+                labels.append(label)
+                converted += conv
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, final)
+    write_index(final)
+    sha = hashlib.sha256()
+    with open(final, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    done = {"plan": job.plan_hash(), "count": len(labels), "bytes": os.path.getsize(final),
+            "sha256": sha.hexdigest(), "labels": labels, "corrupt": corrupt,
+            "converted": converted}
+    _atomic_json(_done_path(out_dir, job.relpath), done)  # last: marks the shard complete
+    return done
+
+
+def _write_one(args: tuple[ShardJob, str]) -> dict:
+    return write_shard(*args)
+
+
+class _Progress:
+    """One status line: ``\\r``-updated on a terminal, at most every 10 s in a log file."""
+
+    def __init__(self, total: int, prefix: str) -> None:
+        self.total, self.prefix, self.t0, self.last = total, prefix, time.monotonic(), 0.0
+        self.done = self.samples = self.bytes = 0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, info: dict) -> None:
+        self.done += 1
+        self.samples += info["count"]
+        self.bytes += info["bytes"]
+        now = time.monotonic()
+        if self.tty or now - self.last >= 10 or self.done == self.total:
+            self.last = now
+            rate = self.samples / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) * (now - self.t0) / self.done
+            start = "\r" if self.tty else ""
+            end = "" if self.tty and self.done < self.total else "\n"
+            sys.stderr.write(f"{start}{self.prefix}{self.done}/{self.total} shards, "
+                             f"{self.samples} samples, {self.bytes / 1e6:.1f} MB, "
+                             f"{rate:.0f} img/s, ETA {eta:.0f} s{end}")
+            sys.stderr.flush()
+
+
+def build_imagefolder_shards(s: ShardSettings, out_dir: str, workers: int = 1, rank: int = 0,
+                             size: int = 1, barrier: Callable[[], None] | None = None,
+                             log: Callable[[str], None] = print) -> dict | None:
+    """Write this rank's missing shards; rank 0 then writes and returns the manifest."""
+    classes, part_manifest, jobs = plan_jobs(s)
+    flat = [j for split in jobs.values() for j in split]
+    mine = [j for i, j in enumerate(flat) if i % size == rank]
+    todo = [j for j in mine if read_done(out_dir, j) is None]
+    log(f"rank {rank}/{size}: {len(mine)} shards, {len(mine) - len(todo)} already complete, "
+        f"{len(todo)} to write with {workers} worker(s)")
+    fail_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    progress = _Progress(len(todo), f"[make_shards rank {rank}] ")
+    args = [(j, out_dir) for j in todo]
+    if workers > 1 and len(todo) > 1:
+        with Pool(workers) as pool:  # leaving the block on error terminates the workers
+            for n, info in enumerate(pool.imap_unordered(_write_one, args), start=1):
+                progress.update(info)
+                if fail_after and n >= fail_after:
+                    raise RuntimeError(f"{FAULT_ENV}={fail_after}: injected failure")
+    else:
+        for n, a in enumerate(args, start=1):
+            progress.update(_write_one(a))
+            if fail_after and n >= fail_after:
+                raise RuntimeError(f"{FAULT_ENV}={fail_after}: injected failure")
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    return _write_manifest(s, out_dir, classes, part_manifest, jobs)
+
+
+def _write_manifest(s: ShardSettings, out_dir: str, classes: list[str], part_manifest: dict,
+                    jobs: dict[str, list[ShardJob]]) -> dict:
+    c = len(classes)
+    manifest: dict = {
+        "dataset": "imagefolder", "format_version": FORMAT_VERSION, "format": "jpg",
+        "num_classes": c, "classes": classes, "image_shape": [3, s.image_size, s.image_size],
+        "normalize": {"scale": 1.0 / 255.0, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+        "settings": {**asdict(s), "dataset": "imagefolder", "format_version": FORMAT_VERSION},
+        "partition": part_manifest, "splits": {}, "counts": {}, "class_counts": {}, "bytes": {},
+        "corrupt": [], "corrupt_reasons": {}, "converted": 0,
+    }
+    missing = []
+    for split, split_jobs in jobs.items():
+        counts = np.zeros(c, dtype=np.int64)
+        manifest["splits"][split] = [j.relpath for j in split_jobs]
+        manifest["bytes"][split] = 0
+        for j in split_jobs:
+            done = read_done(out_dir, j)
+            if done is None:
+                missing.append(j.relpath)
+                continue
+            counts += np.bincount(np.asarray(done["labels"], dtype=np.int64), minlength=c)
+            manifest["bytes"][split] += done["bytes"]
+            manifest["corrupt"] += list(done["corrupt"])
+            manifest["corrupt_reasons"].update(done["corrupt"])
+            manifest["converted"] += done["converted"]
+        manifest["counts"][split] = int(counts.sum())
+        manifest["class_counts"][split] = counts.tolist()
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards were not written (a rank or worker failed): "
+                           f"{missing[:5]}; rerun to complete them")
+    _atomic_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def format_summary(manifest: dict, max_class_columns: int = 16) -> str:
+    """Samples, shards, bytes and per-class counts per split, plus the corrupt files."""
+    c = manifest["num_classes"]
+    wide = c <= max_class_columns
+    head = f"{'split':<12}{'samples':>9}{'shards':>8}{'MB':>10}{'classes':>9}  "
+    head += "".join(f"{i:>5}" for i in range(c)) if wide else "min/max per class"
+    lines = [head, "-" * len(head)]
+    for split, count in manifest["counts"].items():
+        cc = manifest["class_counts"][split]
+        line = (f"{split:<12}{count:>9}{len(manifest['splits'][split]):>8}"
+                f"{manifest['bytes'][split] / 1e6:>10.1f}{sum(x > 0 for x in cc):>9}  ")
+        lines.append(line + ("".join(f"{x:>5}" for x in cc) if wide else f"{min(cc)}/{max(cc)}"))
+    total = sum(manifest["bytes"].values())
+    lines.append(f"total {sum(manifest['counts'].values())} samples, {total / 1e6:.1f} MB, "
+                 f"{manifest['converted']} re-encoded, {len(manifest['corrupt'])} corrupt")
+    lines += [f"corrupt: {p}: {manifest['corrupt_reasons'].get(p, '')}"
+              for p in manifest["corrupt"]]
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Training from JPEG shards built by tools/make_shards.py, with each loader backend."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("PIL", reason="Pillow is needed to build JPEG shards (pip install pillow)")
+
+from _jpeg_tree import make_image_folder  # noqa: E402
+from conftest import ROOT, run_mpi  # noqa: E402
+from mhd_hpc.data.streams import dali_available  # noqa: E402
+from mhd_hpc.report import main as report_main  # noqa: E402
+
+JOB = ["data.dataset=shards", "clients.count=2", "run.steps=6", "run.eval_every=6",
+       "run.log_every=3", "run.checkpoint_every=6", "data.batch_size=8",
+       "data.public_batch_size=8", "data.loader_threads=1", "optim.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def jpeg_shards(tmp_path_factory):
+    src = tmp_path_factory.mktemp("imagefolder")
+    make_image_folder(src, classes=4, per_class=12)
+    out = src / "shards"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "imagefolder",
+                    str(src / "train"), str(out), "--clients", "2", "--labels-per-client", "2",
+                    "--skew", "10", "--image-size", "32", "--samples-per-shard", "8",
+                    "--workers", "1"], check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.mark.parametrize("loader", [
+    "wds", pytest.param("dali", marks=pytest.mark.skipif(
+        not dali_available(), reason="nvidia.dali not importable (pip install -e '.[dali]')"))])
+def test_mhd_trains_from_jpeg_shards(tmp_path, jpeg_shards, loader, capsys):
+    run = tmp_path / loader
+    res = run_mpi(2, ["-m", "mhd_hpc.train", str(ROOT / "jobs" / "digits.yaml"),
+                      f"run.out_dir={run}", f"data.root={jpeg_shards}", f"data.loader={loader}",
+                      *JOB], timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert f"loader {loader}" in res.stdout and "4 classes" in res.stdout
+    assert report_main([str(run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 6 and set(summary["clients"]) == {"client0", "client1"}
+
+
+def test_shards_built_for_other_client_count_are_refused(tmp_path, jpeg_shards):
+    res = run_mpi(3, ["-m", "mhd_hpc.train", str(ROOT / "jobs" / "digits.yaml"),
+                      f"run.out_dir={tmp_path / 'run'}", f"data.root={jpeg_shards}", *JOB,
+                      "clients.count=3"], timeout=120)
+    assert res.returncode == 2
+    assert "config error at 'clients.count'" in res.stderr
+    assert "partitioned for 2 clients" in res.stderr

@@ -1,0 +1,189 @@
+"""open_stream: DALI and webdataset/PIL backends give the StepBatches order and agreeing images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL", reason="Pillow is needed to decode JPEG shards (pip install pillow)")
+
+from PIL import Image  # noqa: E402
+
+from _jpeg_tree import build_dataset, make_image_folder  # noqa: E402
+from mhd_hpc.data.embedded import build_digits_shards, load_manifest  # noqa: E402
+from mhd_hpc.data.loader import StepBatches, iterate_eval, load_split  # noqa: E402
+from mhd_hpc.data.shards import Samples  # noqa: E402
+from mhd_hpc.data.streams import (  # noqa: E402
+    SplitTable, centre_offset, dali_available, open_stream, resize_shorter_to, resized_size,
+)
+
+needs_dali = pytest.mark.skipif(
+    not dali_available(), reason="nvidia.dali not importable (pip install nvidia-dali-cuda120)")
+STD255 = 0.229 * 255  # one uint8 level is ~1/STD255 in normalised units
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[str, dict, dict]:
+    root = tmp_path_factory.mktemp("jpegs")
+    special = make_image_folder(root / "src")
+    manifest = build_dataset(root / "src", root / "out")
+    return str(root / "out"), manifest, special
+
+
+def _expected_keys(ds: str, manifest: dict, split: str, bs: int, seed: int, step: int,
+                   part: int = 0, num_parts: int = 1) -> list[str]:
+    table = SplitTable.load(ds, split, manifest)
+    stub = Samples(table.keys, np.zeros((len(table), 0, 0, 0), np.uint8), table.labels)
+    order = StepBatches(stub, bs, {}, seed, part=part, num_parts=num_parts)
+    return [table.keys[i] for i in order.indices(step)]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Same image up to resampler rounding (DALI float vs PIL fixed point): <= 2 uint8 levels."""
+    d = (a - b).abs().flatten() * STD255
+    assert d.mean() < 0.5 and d.max() < 2.5, (d.mean(), d.max())
+
+
+def test_wds_order_matches_step_batches_and_resumes(dataset) -> None:
+    ds, m, _ = dataset
+    stream, name = open_stream(ds, "client_000", 5, seed=7, kind="public", backend="wds",
+                               threads=0)
+    assert name == "wds"
+    steps = [0, 1, 2, 9, 3, 3]  # consecutive, a jump forward, a jump back (resume), a repeat
+    got = {s: stream.batch(s) for s in steps}
+    for s, b in got.items():
+        assert b.keys == _expected_keys(ds, m, "client_000", 5, 7, s)
+        assert b.images.shape == (5, 3, 32, 32) and b.images.dtype == torch.float32
+        assert b.labels.dtype == torch.int64
+    fresh, _ = open_stream(ds, "client_000", 5, seed=7, kind="public", backend="wds", threads=0)
+    assert torch.equal(fresh.batch(3).images, got[3].images)
+    # Parts of a client's ranks concatenate to the global batch.
+    parts = [open_stream(ds, "public", 3, seed=1, kind="public", backend="wds", part=p,
+                         num_parts=2, threads=0)[0].batch(4).keys for p in range(2)]
+    assert parts[0] + parts[1] == _expected_keys(ds, m, "public", 3, 1, 4)
+    assert len(parts[0]) == 2 and len(parts[1]) == 1
+    # Evaluation parts are contiguous slices that together cover the split once.
+    eval_keys = [k for p in range(3) for b in open_stream(
+        ds, "test", 2, 0, "eval", backend="wds", part=p, num_parts=3, threads=0)[0].eval_batches()
+        for k in b.keys]
+    assert eval_keys == SplitTable.load(ds, "test", m).keys
+
+
+def test_wds_workers_and_train_kind_deterministic(dataset) -> None:
+    ds, _, _ = dataset
+    a, _ = open_stream(ds, "client_001", 4, seed=2, kind="train", backend="wds", threads=2)
+    seq = [a.batch(s) for s in range(4)]
+    b, _ = open_stream(ds, "client_001", 4, seed=2, kind="train", backend="wds", threads=0)
+    # Augmentation is a function of (seed, step, part): a resumed stream repeats it exactly.
+    assert torch.equal(b.batch(2).images, seq[2].images)
+    pub, _ = open_stream(ds, "client_001", 4, seed=2, kind="public", backend="wds", threads=0)
+    assert pub.batch(2).keys == seq[2].keys
+    assert not torch.equal(pub.batch(2).images, seq[2].images)
+    a.close()
+
+
+def test_reference_decode_of_gray_and_cmyk(dataset) -> None:
+    """The PIL path equals an independent PIL reference on the odd-mode images."""
+    ds, m, special = dataset
+    for mode in ("L", "CMYK"):
+        src = Image.open(special[mode]).convert("RGB")
+        nw, nh = resized_size(*src.size, resize_shorter_to(32))
+        x, y = centre_offset(nw, 32), centre_offset(nh, 32)
+        ref = np.asarray(src.resize((nw, nh), Image.BILINEAR).crop((x, y, x + 32, y + 32)))
+        key = "n0000000{0}_n0000000{0}_{1}".format(*((0, 1) if mode == "L" else (1, 2)))
+        found = None
+        for split in [s for s in m["splits"] if s != "test"]:
+            stream, _ = open_stream(ds, split, 4, seed=0, kind="eval", backend="wds", threads=0)
+            for b in stream.eval_batches():
+                if key in b.keys:
+                    found = b.images[b.keys.index(key)]
+        assert found is not None, key
+        mean = torch.tensor(m["normalize"]["mean"]).view(3, 1, 1)
+        std = torch.tensor(m["normalize"]["std"]).view(3, 1, 1)
+        pixels = (found * std + mean) * 255
+        ref_t = torch.from_numpy(ref.transpose(2, 0, 1).copy()).float()
+        assert (pixels - ref_t).abs().max() < 0.01
+        if mode == "L":
+            assert torch.allclose(pixels[0], pixels[1], atol=0.01)
+
+
+@needs_dali
+@pytest.mark.parametrize("split", ["public", "client_002"])
+def test_dali_and_wds_agree_on_public_kind(dataset, split: str) -> None:
+    ds, m, _ = dataset
+    dali, name = open_stream(ds, split, 3, seed=5, kind="public", backend="dali", threads=1)
+    auto_name = open_stream(ds, split, 3, seed=5, kind="public", backend="auto")[1]
+    wds, _ = open_stream(ds, split, 3, seed=5, kind="public", backend="wds", threads=0)
+    assert name == auto_name == "dali"
+    for step in [0, 1, 2, 6, 1]:  # includes a jump forward and a resume backwards
+        a, b = dali.batch(step), wds.batch(step)
+        assert a.keys == b.keys == _expected_keys(ds, m, split, 3, 5, step)
+        assert torch.equal(a.labels, b.labels)
+        _close(a.images, b.images)
+    assert dali.global_key_hash(4) == wds.global_key_hash(4)
+    dali.close()
+
+
+@needs_dali
+def test_dali_and_wds_agree_on_eval_over_every_split(dataset) -> None:
+    """Every sample once, in order; covers the grayscale and CMYK JPEGs wherever they landed."""
+    ds, m, _ = dataset
+    for split, count in m["counts"].items():
+        out = {}
+        for backend in ("dali", "wds"):
+            stream, _ = open_stream(ds, split, 5, seed=0, kind="eval", backend=backend, threads=1)
+            out[backend] = list(stream.eval_batches())
+        keys = [k for b in out["wds"] for k in b.keys]
+        assert keys == SplitTable.load(ds, split, m).keys and len(keys) == count
+        assert [len(b) for b in out["wds"]][-1] == (count % 5 or 5)
+        for a, b in zip(out["dali"], out["wds"]):
+            assert a.keys == b.keys and torch.equal(a.labels, b.labels)
+            _close(a.images, b.images)
+
+
+@needs_dali
+def test_dali_train_kind_shapes(dataset) -> None:
+    ds, m, _ = dataset
+    dali, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", backend="dali", threads=1)
+    wds, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", backend="wds", threads=0)
+    for step in (0, 1, 5):
+        a, b = dali.batch(step), wds.batch(step)
+        assert a.keys == b.keys and torch.equal(a.labels, b.labels)
+        assert a.images.shape == b.images.shape == (4, 3, 32, 32)
+        assert a.images.dtype == b.images.dtype == torch.float32
+        assert a.images.abs().max() < 3.0  # normalised
+    dali.close()
+
+
+def test_npy_dataset_through_open_stream(tmp_path: Path) -> None:
+    ds = build_digits_shards(str(tmp_path), 2, 0.1, "random", 3, 10.0, 0)
+    stream, name = open_stream(ds, "client_000", 8, seed=4, kind="train", backend="auto")
+    assert name == "wds"
+    samples = load_split(ds, "client_000")
+    norm = load_manifest(ds)["normalize"]
+    ref = StepBatches(samples, 8, norm, seed=4)
+    for step in (0, 3, 1):
+        a, b = stream.batch(step), ref.batch(step)
+        assert a.keys == b.keys and torch.equal(a.images, b.images)
+    test, _ = open_stream(ds, "test", 50, seed=0, kind="eval", backend="wds")
+    got = list(test.eval_batches())
+    want = list(iterate_eval(load_split(ds, "test"), 50, norm))
+    assert [b.keys for b in got] == [b.keys for b in want]
+    with pytest.raises(ValueError, match="npy.*backend='wds'"):
+        open_stream(ds, "public", 8, seed=0, kind="public", backend="dali")
+
+
+def test_open_stream_errors(dataset) -> None:
+    ds, _, _ = dataset
+    with pytest.raises(ValueError, match="unknown loader backend"):
+        open_stream(ds, "public", 2, 0, "public", backend="torchvision")
+    with pytest.raises(ValueError, match="unknown stream kind"):
+        open_stream(ds, "public", 2, 0, "augmented")
+    with pytest.raises(ValueError, match="split 'nope' not in"):
+        open_stream(ds, "nope", 2, 0, "public")
+    stream, _ = open_stream(ds, "test", 2, 0, "eval", backend="wds")
+    with pytest.raises(ValueError, match="batch\\(step\\) needs kind"):
+        stream.batch(0)
