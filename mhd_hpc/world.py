@@ -155,7 +155,9 @@ class World:
         buffer (FedAvg weights, supervised-baseline gradients). Returns bytes sent."""
         if not tensors:
             return 0
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors]).numpy()
+        # Through host memory: MPI sees plain CPU buffers whatever device the tensors are on.
+        flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32)
+                          for t in tensors]).numpy()
         self.comm.Allreduce(MPI.IN_PLACE, [flat, MPI.FLOAT], op=MPI.SUM)
         flat /= self.size
         offset = 0
