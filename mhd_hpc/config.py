@@ -490,12 +490,13 @@ def check_environment(cfg: JobConfig) -> None:
     import torch
 
     if max(cfg.client_ranks()) > 1 and cfg.backend.intra == "horovod":
-        try:
-            import horovod.torch  # noqa: F401  (a broken build fails here, not mid-training)
-        except ImportError as exc:
+        from mhd_hpc.intra import horovod_import_error
+
+        problem = horovod_import_error()  # a broken build fails here, not mid-training
+        if problem:
             raise ConfigError("backend.intra", f"horovod was asked for but cannot be imported "
-                              f"({exc}): run tools/install_horovod.sh, load the site Horovod, "
-                              "or set backend.intra=torch") from None
+                              f"({problem}): run tools/install_horovod.sh, load the site "
+                              "Horovod, or set backend.intra=torch")
     if cfg.backend.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("backend.device", "cuda was asked for but torch sees no CUDA device "
                           "(use backend.device=auto or cpu)")

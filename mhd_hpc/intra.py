@@ -162,17 +162,25 @@ class TorchIntra(SingleRank):
         self.dist.destroy_process_group()
 
 
+def horovod_import_error() -> str | None:
+    """None when ``horovod.torch`` imports, else why not."""
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def make_intra(kind: str, world: World, device: torch.device) -> tuple[SingleRank, str]:
     """The data-parallel backend for this job, and a line saying what was chosen and why."""
     assert world.layout is not None
     if max(len(r) for r in world.layout.ranks_of_client) == 1:
         return SingleRank(world), "one rank per client: no intra-client data parallelism"
     if kind == "auto":
-        try:
-            import horovod.torch  # noqa: F401
-            kind, why = "horovod", "backend.intra=auto: Horovod is importable"
-        except ImportError as exc:
-            kind, why = "torch", f"backend.intra=auto: Horovod not importable ({exc})"
+        problem = horovod_import_error()
+        kind = "torch" if problem else "horovod"
+        why = (f"backend.intra=auto: Horovod not importable ({problem})" if problem
+               else "backend.intra=auto: Horovod is importable")
     else:
         why = f"backend.intra={kind}"
     if kind == "horovod":
