@@ -302,6 +302,13 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def config_from_dict(data: dict) -> JobConfig:
+    """Defaults <- ``data`` (e.g. a saved resolved config), type-checked but not validated."""
+    cfg = JobConfig()
+    _apply(cfg, data, "")
+    return cfg
+
+
 def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Defaults <- YAML file <- ``key=value`` overrides, type-checked, then validated."""
     cfg = JobConfig()

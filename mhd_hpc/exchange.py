@@ -50,6 +50,22 @@ def _wait_until(done: Callable[[], bool], timeout_s: float, describe: Callable[[
         pause = min(0.002, pause + 0.0001)
 
 
+class TrafficCounters:
+    """Bytes sent and received and seconds spent waiting, reported per log interval."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.wait_seconds = 0.0
+
+    def take_counters(self) -> tuple[int, int, float]:
+        """(bytes sent, bytes received, seconds waiting) since the previous call."""
+        out = (self.bytes_sent, self.bytes_received, self.wait_seconds)
+        self.bytes_sent = self.bytes_received = 0
+        self.wait_seconds = 0.0
+        return out
+
+
 @dataclass
 class PeerOutputs:
     """What one peer computed on the current public batch."""
@@ -59,11 +75,12 @@ class PeerOutputs:
     embedding: torch.Tensor | None  # (B, D) float32, already normalised
 
 
-class PredictionExchange:
+class PredictionExchange(TrafficCounters):
     """Fixed-size message layout for a job, plus the send/receive of one step."""
 
     def __init__(self, world: World, num_heads: int, num_classes: int, batch_size: int,
                  top_k: int, embedding_dim: int, timeout_s: float):
+        super().__init__()
         self.world = world
         self.num_heads = num_heads
         self.num_classes = num_classes
@@ -71,9 +88,6 @@ class PredictionExchange:
         self.top_k = top_k if 0 < top_k < num_classes else 0
         self.embedding_dim = embedding_dim
         self.timeout_s = timeout_s
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.wait_seconds = 0.0
         k = self.top_k or num_classes
         self._probs_bytes = batch_size * k * 2
         self._index_bytes = batch_size * k * 2 if self.top_k else 0
@@ -175,14 +189,6 @@ class PredictionExchange:
                     lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
                             f"step {step} waiting to {pending()} (exchange.timeout_s)")
 
-    def take_counters(self) -> tuple[int, int, float]:
-        """(bytes sent, bytes received, seconds waiting) since the previous call."""
-        out = (self.bytes_sent, self.bytes_received, self.wait_seconds)
-        self.bytes_sent = self.bytes_received = 0
-        self.wait_seconds = 0.0
-        return out
-
-
 class ClientExchange:
     """The prediction exchange between clients made of one or more ranks.
 
@@ -235,10 +241,6 @@ class ClientExchange:
                                  [h[r * b:(r + 1) * b] for h in p.head_probs],
                                  p.embedding[r * b:(r + 1) * b] if emb is not None else None)
                  for p in peers] or [np.empty(0, np.uint8)]) for r in range(w.local_size)])
-            self.slice.bytes_received += self.whole.bytes_received
-            self.slice.bytes_sent += self.whole.bytes_sent
-            self.slice.wait_seconds += self.whole.wait_seconds
-            self.whole.take_counters()
         if not receive_from:
             return {}
         size = self.slice.message_bytes
@@ -247,7 +249,9 @@ class ClientExchange:
                 for k, j in enumerate(receive_from)}
 
     def take_counters(self) -> tuple[int, int, float]:
-        return self.slice.take_counters()
+        """Direct (slice) traffic plus, on leaders, the whole-batch traffic they relay."""
+        return tuple(a + b for a, b in zip(self.slice.take_counters(),
+                                           self.whole.take_counters()))
 
 
 _WEIGHTS_TAG = 18
@@ -262,7 +266,7 @@ class _PendingReceive:
     request: object
 
 
-class WeightTransfer:
+class WeightTransfer(TrafficCounters):
     """Background (non-blocking) point-to-point transfer of flat weight vectors for pool mode.
 
     A message is a header (sender's step, sender client, value count) followed by float32
@@ -272,13 +276,11 @@ class WeightTransfer:
     """
 
     def __init__(self, world: World, timeout_s: float):
+        super().__init__()
         self.world = world
         self.timeout_s = timeout_s
         self._sends: list[tuple[object, np.ndarray, int]] = []
         self._receives: list[_PendingReceive] = []
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.wait_seconds = 0.0
 
     def post_send(self, step: int, flat: np.ndarray, to_clients: list[int]) -> None:
         header = np.array([(step, self.world.client, flat.size)], dtype=_WEIGHTS_HEADER)
@@ -340,9 +342,3 @@ class WeightTransfer:
         _wait_until(request.Test, self.timeout_s,
                     lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
                             f"step {step} waiting to {what} (exchange.timeout_s)")
-
-    def take_counters(self) -> tuple[int, int, float]:
-        out = (self.bytes_sent, self.bytes_received, self.wait_seconds)
-        self.bytes_sent = self.bytes_received = 0
-        self.wait_seconds = 0.0
-        return out

@@ -23,7 +23,7 @@ import yaml
 
 from mhd_hpc import losses, topology
 from mhd_hpc.checkpoint import ClientCheckpoints, newest_common_step
-from mhd_hpc.config import ConfigError, JobConfig
+from mhd_hpc.config import ConfigError, JobConfig, config_from_dict
 from mhd_hpc.data.embedded import build_digits_shards, client_split, load_manifest
 from mhd_hpc.data.streams import open_stream
 from mhd_hpc.exchange import ClientExchange
@@ -81,10 +81,8 @@ def prepare_run_dir(cfg: JobConfig) -> str | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.yaml"
     if saved.exists():
-        old = JobConfig()
         try:
-            from mhd_hpc.config import _apply
-            _apply(old, yaml.safe_load(saved.read_text()) or {}, "")
+            old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
         except (ConfigError, yaml.YAMLError) as exc:
             return f"{saved} is not a config of this version ({exc}); use another run.out_dir"
         new_id, old_id = identity(cfg), identity(old)
