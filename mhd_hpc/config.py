@@ -17,16 +17,7 @@ from typing import Any, Union
 
 import yaml
 
-METHODS = ("mhd", "separate", "fedavg", "supervised")
-TOPOLOGIES = ("complete", "cycle", "islands", "none", "edges")
-SELECTIONS = ("confidence", "random")
-ASSIGNMENTS = ("random", "even")
-SCHEDULES = ("cosine", "constant")
-EXCHANGE_MODES = ("predictions", "pool")
-INTRA_BACKENDS = ("auto", "horovod", "torch")
-DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("digits", "shards")
-LOADERS = ("auto", "dali", "wds")
 #: Classes of the datasets that ship with the package, needed to validate label counts early.
 DATASET_CLASSES = {"digits": 10}
 
@@ -342,8 +333,15 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 
 def validate(cfg: JobConfig) -> None:
-    """Reject impossible jobs before anything runs. Pure: needs no MPI and touches no files."""
-    from mhd_hpc.models import ARCHS, native_embedding_dim  # lazy: torch import is slow
+    """Reject impossible jobs before anything runs. Pure: needs no MPI and touches no files.
+    The choices and graph rules are the domain modules' own; errors here name the key."""
+    for check in (_check_run, _check_clients, _check_data, _check_model_and_distill,
+                  _check_topology, _check_exchange, _check_optim_and_backend):
+        check(cfg)
+
+
+def _check_run(cfg: JobConfig) -> None:
+    from mhd_hpc.strategies import METHODS  # lazy: domain modules import torch (slow)
 
     _choice("method", cfg.method, METHODS)
     r = cfg.run
@@ -352,6 +350,10 @@ def validate(cfg: JobConfig) -> None:
     _positive("run.threads", r.threads, allow_zero=True)
     if not r.out_dir:
         raise ConfigError("run.out_dir", "must not be empty")
+
+
+def _check_clients(cfg: JobConfig) -> None:
+    from mhd_hpc.models import ARCHS
 
     k = cfg.clients.count
     _positive("clients.count", k)
@@ -375,13 +377,23 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("clients.arch", f"method={cfg.method} averages weights or gradients "
                           f"and needs one architecture for all clients, got {sorted(set(archs))}")
 
-    d = cfg.data
+
+def _num_classes(cfg: JobConfig) -> int:
+    """Classes of the job's dataset when known before start (embedded datasets), else a bound
+    that lets every count pass (shard datasets are checked against their manifest at start)."""
+    return DATASET_CLASSES.get(cfg.data.dataset, 1_000_000)
+
+
+def _check_data(cfg: JobConfig) -> None:
+    from mhd_hpc.data.partition import LABEL_ASSIGNMENTS
+    from mhd_hpc.data.stream_factory import STREAM_BACKENDS
+
+    d, k = cfg.data, cfg.clients.count
     _choice("data.dataset", d.dataset, DATASETS)
-    _choice("data.loader", d.loader, LOADERS)
-    _choice("data.label_assignment", d.label_assignment, ASSIGNMENTS)
+    _choice("data.loader", d.loader, STREAM_BACKENDS)
+    _choice("data.label_assignment", d.label_assignment, LABEL_ASSIGNMENTS)
     _positive("data.loader_threads", d.loader_threads)
-    # Shard datasets carry their classes and partition in their manifest (checked at start).
-    num_classes = DATASET_CLASSES.get(d.dataset, 1_000_000)
+    num_classes = _num_classes(cfg)
     if d.dataset in DATASET_CLASSES:  # built here: the partition keys must make sense
         if not 0.0 <= d.public_fraction < 1.0:
             raise ConfigError("data.public_fraction", f"must be in [0, 1), got "
@@ -408,56 +420,41 @@ def validate(cfg: JobConfig) -> None:
                 raise ConfigError(f"data.{name}", f"{getattr(d, name)} does not split evenly "
                                   f"over the {ranks} ranks of client {i}")
 
-    m = cfg.model
+
+def _check_model_and_distill(cfg: JobConfig) -> None:
+    from mhd_hpc.losses import SELECTION_MODES
+    from mhd_hpc.models import native_embedding_dim
+
+    m, dist = cfg.model, cfg.distill
     _positive("model.aux_heads", m.aux_heads, allow_zero=True)
     _positive("model.embedding_dim", m.embedding_dim, allow_zero=True)
-
-    dist = cfg.distill
     _positive("distill.nu_aux", dist.nu_aux, allow_zero=True)
     _positive("distill.nu_emb", dist.nu_emb, allow_zero=True)
     _positive("distill.targets_per_step", dist.targets_per_step)
-    _choice("distill.selection", dist.selection, SELECTIONS)
+    _choice("distill.selection", dist.selection, SELECTION_MODES)
     if cfg.method == "mhd" and dist.nu_emb > 0 and m.embedding_dim == 0:
-        dims = {a: native_embedding_dim(a) for a in archs}
+        dims = {a: native_embedding_dim(a) for a in cfg.client_archs()}
         if len(set(dims.values())) > 1:
             raise ConfigError("model.embedding_dim", f"embedding distillation (distill.nu_emb > 0)"
                               f" between backbones of different widths {dims} needs a shared "
                               "model.embedding_dim > 0 (or set distill.nu_emb=0)")
 
-    t = cfg.topology
-    _choice("topology.kind", t.kind, TOPOLOGIES)
-    if t.kind == "islands":
-        if isinstance(t.islands, int):
-            if not 1 <= t.islands <= k:
-                raise ConfigError("topology.islands", f"must be between 1 and clients.count={k}")
-        else:
-            seen: dict[int, int] = {}
-            for g, group in enumerate(t.islands):
-                for c in group:
-                    if not 0 <= c < k:
-                        raise ConfigError(f"topology.islands[{g}]", f"client {c} does not exist "
-                                          f"(clients are 0..{k - 1})")
-                    if c in seen:
-                        raise ConfigError(f"topology.islands[{g}]", f"client {c} is already in "
-                                          f"group {seen[c]}")
-                    seen[c] = g
-            missing = sorted(set(range(k)) - set(seen))
-            if missing:
-                raise ConfigError("topology.islands", f"clients {missing} are in no group")
-    if t.kind == "edges":
-        if not t.edges:
-            raise ConfigError("topology.edges", "kind=edges needs at least one [src, dst] pair")
-        for e, edge in enumerate(t.edges):
-            if len(edge) != 2:
-                raise ConfigError(f"topology.edges[{e}]", f"expected [src, dst], got {edge}")
-            for c in edge:
-                if not 0 <= c < k:
-                    raise ConfigError(f"topology.edges[{e}]", f"names client {c}, but clients "
-                                      f"are 0..{k - 1} (clients.count={k})")
-            if edge[0] == edge[1]:
-                raise ConfigError(f"topology.edges[{e}]", f"self-loop {edge}")
 
-    ex = cfg.exchange
+def _check_topology(cfg: JobConfig) -> None:
+    from mhd_hpc import topology
+
+    t, k = cfg.topology, cfg.clients.count
+    _choice("topology.kind", t.kind, topology.TOPOLOGY_KINDS)
+    try:  # the graph builders are the one definition of a valid graph
+        topology.build_topology(t.kind, k, t.islands, t.edges)
+    except topology.TopologyError as exc:
+        raise ConfigError(f"topology.{exc.where}", f"{exc} (clients.count={k})") from None
+
+
+def _check_exchange(cfg: JobConfig) -> None:
+    from mhd_hpc.targets import EXCHANGE_MODES
+
+    ex, num_classes = cfg.exchange, _num_classes(cfg)
     if ex.top_k < 0 or ex.top_k > num_classes:
         raise ConfigError("exchange.top_k", f"must be in [0, {num_classes}], got {ex.top_k}")
     _positive("exchange.timeout_s", ex.timeout_s)
@@ -469,6 +466,12 @@ def validate(cfg: JobConfig) -> None:
     _positive("exchange.pool_every", ex.pool_every)
     _positive("exchange.pool_transfer_steps", ex.pool_transfer_steps, allow_zero=True)
     _positive("fedavg.every", cfg.fedavg.every)
+
+
+def _check_optim_and_backend(cfg: JobConfig) -> None:
+    from mhd_hpc.devices import DEVICES
+    from mhd_hpc.distributed.intra import INTRA_BACKENDS
+    from mhd_hpc.schedules import SCHEDULES
 
     o = cfg.optim
     _positive("optim.lr", o.lr)
@@ -497,7 +500,7 @@ def check_environment(cfg: JobConfig) -> None:
     import torch
 
     if max(cfg.client_ranks()) > 1 and cfg.backend.intra == "horovod":
-        from mhd_hpc.intra import horovod_import_error
+        from mhd_hpc.distributed.intra import horovod_import_error
 
         problem = horovod_import_error()  # a broken build fails here, not mid-training
         if problem:

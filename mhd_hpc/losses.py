@@ -6,7 +6,8 @@ candidate set is the client itself (its own head, detached) plus the peers chose
 Per public sample one candidate is selected as the target, either the most confident one
 (Λ = max_c p_c) or a uniformly random one. Targets never carry gradient.
 
-No MPI, no I/O: the caller gathers peer outputs (possibly top-k, fp16) and weights the terms.
+No MPI, no I/O: the caller gathers peer outputs (possibly top-k, fp16); :func:`mhd_loss`
+assembles the whole objective of one step from them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SELECTION_MODES = ("confidence", "random")
+
+
+@dataclass
+class PeerOutputs:
+    """What one peer computed on the current public batch: the distillation targets it offers."""
+
+    client: int
+    head_probs: list[Tensor]  # dense (B, C) float32 per head, main first
+    embedding: Tensor | None  # (B, D) float32, already normalised; None when not sent
 
 
 def main_ce_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -182,3 +192,45 @@ def aux_chain_losses(
             skipped_fraction=float((~kept).sum().item()) / n,
         ))
     return stats
+
+
+def mhd_loss(
+    supervised: Tensor,
+    pub_logits: Sequence[Tensor],
+    pub_emb: Tensor,
+    peers: Sequence[PeerOutputs],
+    nu_aux: float,
+    nu_emb: float,
+    selection: str = "confidence",
+    skip_less_confident: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """Eq. 1 for one client and step: ``supervised + nu_emb * embedding loss
+    + nu_aux * sum_k aux_k loss``, where ``supervised`` is the main head's CE on the private
+    batch (:func:`main_ce_loss`, computed first so that the caller can check it before the
+    exchange).
+
+    ``pub_logits`` (B, C) per head and ``pub_emb`` (B, D) on the public batch; ``peers`` what this
+    step's peers sent (dense probabilities per head, normalised embedding). With no peers the aux heads distill from the client itself (the
+    baselines' self-distillation) and there is no embedding term. Returns (loss, terms): the loss
+    terms (``loss_ce``, ``loss_emb``, ``loss_auxK``, ``loss_total``) detached, and per aux head
+    the fraction of targets that were the client itself and of samples skipped.
+    """
+    loss = supervised
+    terms: dict[str, Tensor | float] = {"loss_ce": supervised.detach()}
+    if nu_emb > 0 and peers:
+        loss_emb = embedding_loss(pub_emb, [p.embedding for p in peers])
+        loss = loss + nu_emb * loss_emb
+        terms["loss_emb"] = loss_emb.detach()
+    if len(pub_logits) > 1:
+        stacked = [torch.stack([p.head_probs[h] for p in peers]) if peers
+                   else pub_logits[h].new_zeros((0,) + pub_logits[h].shape)
+                   for h in range(len(pub_logits))]
+        stats = aux_chain_losses(pub_logits, stacked, selection, skip_less_confident, generator)
+        for k, s in enumerate(stats, start=1):
+            loss = loss + nu_aux * s.loss
+            terms[f"loss_aux{k}"] = s.loss.detach()
+            terms[f"self_target_aux{k}"] = s.chosen_self_fraction
+            terms[f"skipped_aux{k}"] = s.skipped_fraction
+    terms["loss_total"] = loss.detach()
+    return loss, terms

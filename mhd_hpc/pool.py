@@ -24,17 +24,17 @@ import numpy as np
 import torch
 
 from mhd_hpc.checkpoint import ClientCheckpoints
+from mhd_hpc.tensors import flatten, total_numel, unflatten_into
 
 
 def flatten_state(model: torch.nn.Module) -> np.ndarray:
     """All of a model's state (parameters and buffers) as one contiguous float32 vector."""
-    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32)
-                      for t in model.state_dict().values()]).numpy()
+    return flatten(list(model.state_dict().values()), "cpu").numpy()
 
 
 def state_size(model: torch.nn.Module) -> int:
     """Length of ``flatten_state(model)``, without copying."""
-    return sum(t.numel() for t in model.state_dict().values())
+    return total_numel(list(model.state_dict().values()))
 
 
 def load_flat_state(model: torch.nn.Module, flat: np.ndarray) -> None:
@@ -42,12 +42,7 @@ def load_flat_state(model: torch.nn.Module, flat: np.ndarray) -> None:
     if flat.size != state_size(model):
         raise ValueError(f"flat state has {flat.size} values, {type(model).__name__} needs "
                          f"{state_size(model)}")
-    state, offset = {}, 0
-    for name, t in model.state_dict().items():
-        n = t.numel()
-        state[name] = torch.from_numpy(flat[offset:offset + n].copy()).view(t.shape).to(t.dtype)
-        offset += n
-    model.load_state_dict(state)
+    unflatten_into(torch.from_numpy(flat), list(model.state_dict().values()))
 
 
 @dataclass

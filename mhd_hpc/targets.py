@@ -9,18 +9,22 @@ the client runs Delta of them on the public batch itself. Both hand the training
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from mhd_hpc import losses, topology
-from mhd_hpc.config import JobConfig
-from mhd_hpc.data.loader import Batch, key_hash
-from mhd_hpc.data.streams import BatchStream
-from mhd_hpc.exchange import ClientExchange, PeerOutputs, WeightTransfer
+from mhd_hpc.data.batches import Batch, key_hash
+from mhd_hpc.losses import PeerOutputs
 from mhd_hpc.pool import CheckpointPool, flatten_state, refresh_sources, state_size
-from mhd_hpc.world import World
+
+if TYPE_CHECKING:  # MPI-bound: imported where they are used, so config can import this module
+    from mhd_hpc.data.streams import BatchStream
+    from mhd_hpc.distributed.exchange import ClientExchange
+    from mhd_hpc.distributed.world import World
+
+EXCHANGE_MODES = ("predictions", "pool")
 
 
 class NoTargets:
@@ -51,15 +55,17 @@ class NoTargets:
 
 
 class LiveTargets(NoTargets):
-    def __init__(self, cfg: JobConfig, world: World, graph: list[list[int]],
-                 exchange: ClientExchange, public: BatchStream, send_embedding: bool):
-        self.cfg, self.world, self.graph, self.exchange = cfg, world, graph, exchange
+    """The peers of this step (``delta`` in-neighbours drawn from ``seed``) send their outputs."""
+
+    def __init__(self, world: World, graph: list[list[int]], exchange: ClientExchange,
+                 public: BatchStream, delta: int, seed: int, send_embedding: bool):
+        self.world, self.graph, self.exchange = world, graph, exchange
         self.public, self.send_embedding = public, send_embedding
+        self.delta, self.seed = delta, seed
 
     def targets(self, step, pub, pub_logits, pub_emb):
         me = self.world.client
-        chosen = topology.peers_at_step(self.graph, step, self.cfg.distill.targets_per_step,
-                                        self.cfg.run.seed)
+        chosen = topology.peers_at_step(self.graph, step, self.delta, self.seed)
         send_to, receive_from = topology.out_peers(chosen)[me], chosen[me]
         if not (send_to or receive_from):
             return []
@@ -78,15 +84,21 @@ class LiveTargets(NoTargets):
 
 
 class PoolTargets(NoTargets):
-    def __init__(self, cfg: JobConfig, world: World, graph: list[list[int]],
-                 build: Callable[[str], torch.nn.Module], send_embedding: bool):
-        self.cfg, self.world, self.graph = cfg, world, graph
+    """Peer checkpoints arrive every ``pool_every`` steps (``transfer_steps`` in the
+    background) into a pool of ``capacity``; each step ``delta`` entries compute the targets."""
+
+    def __init__(self, world: World, graph: list[list[int]], archs: list[str],
+                 build: Callable[[str], torch.nn.Module], capacity: int, pool_every: int,
+                 transfer_steps: int, delta: int, seed: int, timeout_s: float,
+                 send_embedding: bool):
+        self.world, self.graph, self.archs = world, graph, archs
         self.send_embedding = send_embedding
-        ex = cfg.exchange
-        capacity = ex.pool_size or cfg.clients.count
-        self.archs = cfg.client_archs()
-        self.pool = CheckpointPool(capacity, world.client, cfg.run.seed, build)
-        self.transfer = WeightTransfer(world, ex.timeout_s)
+        self.pool_every, self.transfer_steps = pool_every, transfer_steps
+        self.delta, self.seed = delta, seed
+        from mhd_hpc.distributed.transfer import WeightTransfer
+
+        self.pool = CheckpointPool(capacity, world.client, seed, build)
+        self.transfer = WeightTransfer(world, timeout_s)
         self.build = build
         self._sizes: dict[str, int] = {}
         self._staleness: list[int] = []
@@ -100,17 +112,17 @@ class PoolTargets(NoTargets):
         """Post this step's refresh transfers and insert those that are due. Only leaders
         transfer (a client's replicas hold the same weights); they share what arrives with
         their client's ranks at the same, fixed step."""
-        ex, me = self.cfg.exchange, self.world.client
-        if step % ex.pool_every == 0 and self.world.is_leader:
-            sources = refresh_sources(self.graph, step, self.cfg.run.seed)
+        me = self.world.client
+        if step % self.pool_every == 0 and self.world.is_leader:
+            sources = refresh_sources(self.graph, step, self.seed)
             if sources[me] >= 0:
                 self.transfer.post_receive(sources[me], self._size(self.archs[sources[me]]),
-                                           due=step + ex.pool_transfer_steps)
+                                           due=step + self.transfer_steps)
             receivers = [i for i, src in enumerate(sources) if src == me]
             if receivers:
                 self.transfer.post_send(step, flatten_state(model), receivers)
-        ex_lag = ex.pool_transfer_steps % ex.pool_every
-        if step % ex.pool_every == ex_lag:  # the only steps at which transfers fall due
+        lag = self.transfer_steps % self.pool_every
+        if step % self.pool_every == lag:  # the only steps at which transfers fall due
             self._insert(step, self._share(self.transfer.complete(step)))
         self.transfer.poll()
 
@@ -141,7 +153,7 @@ class PoolTargets(NoTargets):
     @torch.no_grad()
     def targets(self, step, pub, pub_logits, pub_emb):
         out = []
-        for entry in self.pool.draw(step, self.cfg.distill.targets_per_step):
+        for entry in self.pool.draw(step, self.delta):
             emb, logits = entry.model(pub.images)
             out.append(PeerOutputs(
                 entry.source_client, [torch.softmax(l, dim=1) for l in logits],

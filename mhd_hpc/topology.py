@@ -20,6 +20,15 @@ import numpy as np
 TOPOLOGY_KINDS = ("complete", "cycle", "islands", "none", "edges")
 
 
+class TopologyError(ValueError):
+    """A graph description that does not fit the clients; ``where`` names the offending part
+    (``islands``, ``islands[1]``, ``edges``, ``edges[0]``) so that config errors can name it."""
+
+    def __init__(self, where: str, message: str):
+        self.where = where
+        super().__init__(message)
+
+
 def _check_n(n: int) -> None:
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"number of clients must be an int >= 1, got {n!r}")
@@ -66,7 +75,8 @@ def islands(n: int, groups: int | list[list[int]]) -> list[list[int]]:
     _check_n(n)
     if isinstance(groups, (int, np.integer)) and not isinstance(groups, bool):
         if not 1 <= groups <= n:
-            raise ValueError(f"islands: group count must be in [1, {n}], got {groups}")
+            raise TopologyError("islands", f"islands: group count must be in [1, {n}] "
+                                f"(the number of clients), got {groups}")
         members = [list(map(int, g)) for g in np.array_split(np.arange(n), int(groups))]
     else:
         members = [list(g) for g in groups]
@@ -74,15 +84,16 @@ def islands(n: int, groups: int | list[list[int]]) -> list[list[int]]:
         for gi, group in enumerate(members):
             for c in group:
                 if not isinstance(c, (int, np.integer)) or not 0 <= c < n:
-                    raise ValueError(f"islands: client {c!r} in group {gi} is not in range({n})")
+                    raise TopologyError(f"islands[{gi}]", f"islands: client {c!r} in group {gi} "
+                                        f"is not in range({n}) (clients are 0..{n - 1})")
                 if c in seen:
-                    raise ValueError(
-                        f"islands: client {c} appears in group {seen[c]} and group {gi}"
-                    )
+                    raise TopologyError(f"islands[{gi}]", f"islands: client {c} appears in "
+                                        f"group {seen[c]} and group {gi}")
                 seen[int(c)] = gi
         missing = [c for c in range(n) if c not in seen]
         if missing:
-            raise ValueError(f"islands: client {missing[0]} belongs to no group")
+            raise TopologyError("islands", f"islands: client {missing[0]} belongs to no group "
+                                f"(clients {missing} are in none)")
     result: list[list[int]] = [[] for _ in range(n)]
     for group in members:
         for i in group:
@@ -94,15 +105,17 @@ def from_edges(n: int, edges: list[list[int]]) -> list[list[int]]:
     """Graph from explicit ``[src, dst]`` pairs (src -> dst: dst distills from src)."""
     _check_n(n)
     sets: list[set[int]] = [set() for _ in range(n)]
-    for edge in edges:
+    for e, edge in enumerate(edges):
+        where = f"edges[{e}]"
         if len(edge) != 2:
-            raise ValueError(f"edge {list(edge)!r} must be a [src, dst] pair")
+            raise TopologyError(where, f"edge {list(edge)!r} must be a [src, dst] pair")
         src, dst = edge
         for c in (src, dst):
             if not isinstance(c, (int, np.integer)) or isinstance(c, bool) or not 0 <= c < n:
-                raise ValueError(f"edge {list(edge)!r}: client {c!r} is not in range({n})")
+                raise TopologyError(where, f"edge {list(edge)!r}: names client {c!r}, but "
+                                    f"clients are 0..{n - 1} (range({n}))")
         if src == dst:
-            raise ValueError(f"edge {list(edge)!r} is a self-loop")
+            raise TopologyError(where, f"edge {list(edge)!r} is a self-loop")
         sets[int(dst)].add(int(src))  # a set makes duplicate edges harmless
     return [sorted(s) for s in sets]
 
@@ -123,8 +136,8 @@ def build_topology(
     if kind == "none":
         return no_edges(n)
     if kind == "edges":
-        if edges is None:
-            raise ValueError("topology kind 'edges' needs an explicit edge list")
+        if not edges:
+            raise TopologyError("edges", "kind=edges needs at least one [src, dst] pair")
         return from_edges(n, edges)
     raise ValueError(f"unknown topology kind {kind!r}; expected one of {TOPOLOGY_KINDS}")
 

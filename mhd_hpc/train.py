@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, not at module level: loader worker processes (spawn/forkserver) re-import
     # this module as their __main__, and importing mpi4py there would start MPI in a child of
     # an MPI rank, with the parent's Open MPI environment (seen: segfaults in the sm transport).
-    from mhd_hpc.world import init_world
+    from mhd_hpc.distributed.world import init_world
 
     world = init_world()
     with world.guard():

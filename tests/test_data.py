@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from mhd_hpc.data.batches import StepBatches, iterate_eval, key_hash, load_split
 from mhd_hpc.data.embedded import (
     build_digits_shards, dataset_dir_name, digits_settings, load_digits_arrays,
-    digits_test_split, load_manifest,
+    digits_test_split,
 )
-from mhd_hpc.data.loader import (
-    LOADER_BACKENDS, StepBatches, iterate_eval, key_hash, load_split,
-)
+from mhd_hpc.data.manifest import load_manifest
+from mhd_hpc.data.stream_factory import STREAM_BACKENDS, open_stream
 from mhd_hpc.data.partition import make_partition
 from mhd_hpc.data.shards import Samples, read_shards, write_shards
 
@@ -192,9 +192,14 @@ def test_normalised_pool_and_cli(digits_root: tuple[str, str, str], capsys) -> N
 # ---------------------------------------------------------------- loader
 
 def test_loader_factory_rejects_dali(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not available.*wds") as err:
-        load_split(str(tmp_path), "test", backend="dali")
-    assert all(b in str(err.value) for b in LOADER_BACKENDS)
+    # The backend choice moved from load_split (a .npy reader only) to the stream factory: an
+    # .npy dataset cannot be read by DALI, and an unknown backend names the valid ones.
+    d0 = build_digits_shards(str(tmp_path), 2, 0.1, "random", 3, 10.0, 0)
+    with pytest.raises(ValueError, match="DALI backend reads JPEG shards only.*wds"):
+        open_stream(d0, "test", 8, 0, "eval", backend="dali")
+    with pytest.raises(ValueError, match="unknown loader backend") as err:
+        open_stream(d0, "test", 8, 0, "eval", backend="pillow")
+    assert all(b in str(err.value) for b in STREAM_BACKENDS)
 
 
 def test_step_batches_deterministic_and_aligned() -> None:

@@ -21,9 +21,10 @@ from PIL import Image  # noqa: E402
 
 from _jpeg_tree import make_image_folder  # noqa: E402
 from conftest import ROOT, run_mpi  # noqa: E402
-from mhd_hpc.data.make_shards import FAULT_ENV, format_summary  # noqa: E402
+from mhd_hpc.data.make_shards import FAULT_ENV  # noqa: E402
+from mhd_hpc.data.manifest import format_summary  # noqa: E402
 from mhd_hpc.data.partition import make_partition  # noqa: E402
-from mhd_hpc.data.streams import dali_available  # noqa: E402
+from mhd_hpc.data.stream_factory import dali_available  # noqa: E402
 from mhd_hpc.data.tarindex import index_path, index_tar, read_index  # noqa: E402
 
 TOOL = ROOT / "tools" / "make_shards.py"

@@ -13,11 +13,13 @@ pytest.importorskip("PIL", reason="Pillow is needed to decode JPEG shards (pip i
 from PIL import Image  # noqa: E402
 
 from _jpeg_tree import build_dataset, make_image_folder  # noqa: E402
-from mhd_hpc.data.embedded import build_digits_shards, load_manifest  # noqa: E402
-from mhd_hpc.data.loader import StepBatches, iterate_eval, load_split  # noqa: E402
+from mhd_hpc.data.batches import StepBatches, iterate_eval, load_split  # noqa: E402
+from mhd_hpc.data.embedded import build_digits_shards  # noqa: E402
+from mhd_hpc.data.manifest import load_manifest  # noqa: E402
 from mhd_hpc.data.shards import Samples  # noqa: E402
+from mhd_hpc.data.stream_factory import dali_available, open_stream  # noqa: E402
 from mhd_hpc.data.streams import (  # noqa: E402
-    SplitTable, centre_offset, dali_available, open_stream, resize_shorter_to, resized_size,
+    SplitTable, centre_offset, resize_shorter_to, resized_size,
 )
 
 needs_dali = pytest.mark.skipif(

@@ -37,7 +37,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
-from mhd_hpc.data.streams import SplitTable, dali_available, decode_pil, open_stream
+from mhd_hpc.data.pil_stream import decode_pil
+from mhd_hpc.data.stream_factory import dali_available, open_stream
+from mhd_hpc.data.streams import SplitTable
 from mhd_hpc.data.synthetic import synthetic_jpeg
 
 
@@ -84,7 +86,7 @@ def breakdown(table: SplitTable, crop: int, n: int = 150) -> dict:
     """Single-core ms per image of each stage of the PIL path (where the time goes)."""
     from PIL import Image
 
-    from mhd_hpc.data.loader import normalize_images
+    from mhd_hpc.data.batches import normalize_images
     from mhd_hpc.data.streams import ByteReader
 
     reader, idx = ByteReader(table), range(min(n, len(table)))

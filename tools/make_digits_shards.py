@@ -17,10 +17,12 @@ import os
 import sys
 
 try:
-    from mhd_hpc.data.embedded import build_digits_shards, format_summary
+    from mhd_hpc.data.embedded import build_digits_shards
+    from mhd_hpc.data.manifest import format_summary, load_manifest
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mhd_hpc.data.embedded import build_digits_shards, format_summary
+    from mhd_hpc.data.embedded import build_digits_shards
+    from mhd_hpc.data.manifest import format_summary, load_manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         label_assignment=args.label_assignment, labels_per_client=args.labels_per_client,
         skew=args.skew, seed=args.seed,
     )
-    print(format_summary(dataset_dir))
+    print(format_summary(load_manifest(dataset_dir), dataset_dir))
     print(dataset_dir)
     return 0
 

@@ -21,10 +21,12 @@ import sys
 from typing import Callable
 
 try:
-    from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards, format_summary
+    from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
+    from mhd_hpc.data.manifest import format_summary
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards, format_summary
+    from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
+    from mhd_hpc.data.manifest import format_summary
 
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 

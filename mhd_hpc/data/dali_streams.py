@@ -23,7 +23,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.tensors import TensorListGPU
 
-from mhd_hpc.data.loader import Batch
+from mhd_hpc.data.batches import Batch
 from mhd_hpc.data.streams import BatchStream, ByteReader, SplitTable, resize_shorter_to
 from mhd_hpc.data.tarindex import index_path
 

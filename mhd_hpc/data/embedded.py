@@ -28,27 +28,21 @@ from typing import Any
 
 import numpy as np
 
+from mhd_hpc.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_manifest,
+                                   write_manifest, write_order)
 from mhd_hpc.data.partition import make_partition
 from mhd_hpc.data.shards import write_shards
 
 __all__ = [
-    "DIGITS_TEST_FRACTION", "DIGITS_TEST_SEED", "FORMAT_VERSION", "MANIFEST_NAME",
-    "load_digits_arrays", "digits_test_split", "digits_settings", "dataset_dir_name",
-    "build_digits_shards", "load_manifest", "client_split", "format_summary",
+    "DIGITS_TEST_FRACTION", "DIGITS_TEST_SEED", "load_digits_arrays", "digits_test_split",
+    "digits_settings", "dataset_dir_name", "build_digits_shards",
 ]
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_TEST_SEED = 0  # fixed on purpose: the test set must not move with the run seed
 DIGITS_NUM_CLASSES = 10
 DIGITS_SCALE = 1.0 / 16.0  # pixel values are 0..16
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 SAMPLES_PER_SHARD = 1000
-
-
-def client_split(i: int) -> str:
-    """Split name of client ``i`` in a manifest: ``client_000``, ``client_001``, ..."""
-    return f"client_{i:03d}"
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -94,30 +88,6 @@ def dataset_dir_name(settings: dict) -> str:
     return "digits-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
-def load_manifest(dataset_dir: str) -> dict:
-    """Read and check ``dataset_dir/manifest.json``; errors name the file."""
-    path = os.path.join(dataset_dir, MANIFEST_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset manifest not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"corrupt dataset manifest {path}: {exc}") from exc
-    if not isinstance(manifest, dict):
-        raise ValueError(f"corrupt dataset manifest {path}: top level is not an object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"dataset manifest {path} has format_version {version!r}; this code reads "
-            f"{FORMAT_VERSION} (rebuild the dataset)"
-        )
-    for field in ("num_classes", "image_shape", "normalize", "splits", "counts"):
-        if field not in manifest:
-            raise ValueError(f"corrupt dataset manifest {path}: missing {field!r}")
-    return manifest
-
-
 def _is_complete(dataset_dir: str, settings: dict) -> bool:
     """True if ``dataset_dir`` holds a readable manifest for ``settings`` and all its shards."""
     manifest = load_manifest(dataset_dir)
@@ -148,12 +118,9 @@ def build_digits_shards(root: str, num_clients: int, public_fraction: float,
                           labels_per_client, skew, seed, num_classes=DIGITS_NUM_CLASSES)
 
     # Partition indices point into the pool; map them back to load_digits indices. Public and
-    # client splits are written in a seeded random order because DALI's reader only shuffles
-    # within a buffer; the test split stays in source order.
-    rng = np.random.default_rng([int(seed), 0x5EED])
-    splits: dict[str, np.ndarray] = {"test": test, "public": rng.permutation(pool[part.public])}
-    for i, idx in enumerate(part.clients):
-        splits[client_split(i)] = rng.permutation(pool[idx])
+    # client splits are written in the manifest's write order; the test split in source order.
+    splits: dict[str, np.ndarray] = {"test": test}
+    splits.update(write_order(seed, pool[part.public], [pool[idx] for idx in part.clients]))
 
     scaled = images[pool].astype(np.float64) * DIGITS_SCALE
     os.makedirs(root, exist_ok=True)
@@ -171,16 +138,20 @@ def build_digits_shards(root: str, num_clients: int, public_fraction: float,
             "splits": {},
             "counts": {},
             "class_counts": {},
+            "bytes": {},
+            "shard_sha256": {},
         }
         for name, idx in splits.items():
             paths = write_shards(os.path.join(tmp, name), [f"digits-{j:05d}" for j in idx],
                                  images[idx], labels[idx], samples_per_shard=SAMPLES_PER_SHARD)
             manifest["splits"][name] = [os.path.relpath(p, tmp) for p in paths]
+            manifest["bytes"][name] = sum(os.path.getsize(p) for p in paths)
+            manifest["shard_sha256"].update({os.path.relpath(p, tmp): file_sha256(p)
+                                             for p in paths})
             manifest["counts"][name] = int(idx.size)
             manifest["class_counts"][name] = np.bincount(
                 labels[idx], minlength=DIGITS_NUM_CLASSES).tolist()
-        with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
+        write_manifest(tmp, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the dataset is meant to be shared
         try:
             os.rename(tmp, final)
@@ -192,19 +163,3 @@ def build_digits_shards(root: str, num_clients: int, public_fraction: float,
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def format_summary(dataset_dir: str) -> str:
-    """Human-readable table: samples per split and per-class counts, from the manifest."""
-    manifest = load_manifest(dataset_dir)
-    num_classes = int(manifest["num_classes"])
-    header = f"{'split':<12}{'samples':>8}  " + "".join(f"{c:>5}" for c in range(num_classes))
-    lines = [f"dataset {dataset_dir}", header, "-" * len(header)]
-    for name, count in manifest["counts"].items():
-        per_class = manifest.get("class_counts", {}).get(name, [])
-        lines.append(f"{name:<12}{count:>8}  " + "".join(f"{n:>5}" for n in per_class))
-    primary = manifest.get("partition", {}).get("primary")
-    if primary is not None:
-        lines.append("primary labels: " + "; ".join(
-            f"{client_split(i)}={','.join(map(str, p)) or '-'}" for i, p in enumerate(primary)))
-    return "\n".join(lines)

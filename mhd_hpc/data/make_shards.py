@@ -2,8 +2,8 @@
 
 Input: ``train/<class>/*.JPEG`` (ImageNet layout) and a validation set, either a tree
 ``val/<class>/*`` or a folder of images with a label file (lines ``filename class_name``).
-Output, in the layout of :mod:`mhd_hpc.data.embedded` (same ``manifest.json`` keys, plus
-``dataset``/``classes``/``format``/``corrupt``)::
+Output, in the layout of :mod:`mhd_hpc.data.manifest` (plus ``dataset``/``classes``/``format``/
+``corrupt`` in the manifest)::
 
     out/manifest.json
     out/public/shard-000000.tar  shard-000000.idx  shard-000000.done
@@ -40,13 +40,13 @@ from typing import Callable
 
 import numpy as np
 
-from mhd_hpc.data.embedded import FORMAT_VERSION, MANIFEST_NAME, client_split
+from mhd_hpc.data.manifest import FORMAT_VERSION, file_sha256, write_manifest, write_order
 from mhd_hpc.data.partition import make_partition
-from mhd_hpc.data.shards import shard_name
+from mhd_hpc.data.shards import add_member, shard_name
 from mhd_hpc.data.tarindex import index_path, write_index
 
 __all__ = ["ShardSettings", "ShardJob", "list_image_folder", "list_label_file", "plan_jobs",
-           "write_shard", "build_imagefolder_shards", "format_summary", "IMAGENET_MEAN",
+           "write_shard", "build_imagefolder_shards", "IMAGENET_MEAN",
            "IMAGENET_STD", "FAULT_ENV"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -168,10 +168,8 @@ def plan_jobs(s: ShardSettings) -> tuple[list[str], dict, dict[str, list[ShardJo
     lpc = s.labels_per_client if s.labels_per_client is not None else max(1, len(classes) // 4)
     part = make_partition(labels, s.clients, s.public_fraction, s.label_assignment, lpc,
                           s.skew, s.seed, num_classes=len(classes))
-    rng = np.random.default_rng([s.seed, 0x5EED])  # same write-order rule as embedded.py
-    order = {"test": None, "public": rng.permutation(part.public)}
-    for i, idx in enumerate(part.clients):
-        order[client_split(i)] = rng.permutation(idx)
+    order: dict[str, np.ndarray | None] = {"test": None}
+    order.update(write_order(s.seed, part.public, part.clients))
     seen: set[str] = set()
     train_keys = [_key("", os.path.relpath(p, s.train_dir), seen) for p, _ in train]
     test_keys = [_key("val_", os.path.relpath(p, val_dir), seen) for p, _ in test]
@@ -239,8 +237,6 @@ def _atomic_json(path: str, obj: dict) -> None:
 
 def write_shard(job: ShardJob, out_dir: str) -> dict:
     """Write one shard + index + sidecar; return the sidecar (counts, bytes, corrupt paths)."""
-    from mhd_hpc.data.shards import _add_member  # fixed tar metadata: byte-stable rebuilds
-
     final = os.path.join(out_dir, job.relpath)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     # One fixed temp name per shard: a killed run's leftover is simply overwritten next time.
@@ -256,8 +252,8 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
                 except Exception as exc:  # any decoder failure: report, keep going
                     corrupt[path] = f"{type(exc).__name__}: {exc}"
                     continue
-                _add_member(tar, f"{key}.jpg", data)
-                _add_member(tar, f"{key}.cls", str(label).encode("ascii"))
+                add_member(tar, f"{key}.jpg", data)
+                add_member(tar, f"{key}.cls", str(label).encode("ascii"))
                 labels.append(label)
                 converted += conv
         f.flush()
@@ -265,12 +261,8 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     os.chmod(tmp, 0o644)
     os.replace(tmp, final)
     write_index(final)
-    sha = hashlib.sha256()
-    with open(final, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
     done = {"plan": job.plan_hash(), "count": len(labels), "bytes": os.path.getsize(final),
-            "sha256": sha.hexdigest(), "labels": labels, "corrupt": corrupt,
+            "sha256": file_sha256(final), "labels": labels, "corrupt": corrupt,
             "converted": converted}
     _atomic_json(_done_path(out_dir, job.relpath), done)  # last: marks the shard complete
     return done
@@ -345,7 +337,7 @@ def _write_manifest(s: ShardSettings, out_dir: str, classes: list[str], part_man
         "normalize": {"scale": 1.0 / 255.0, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
         "settings": {**asdict(s), "dataset": "imagefolder", "format_version": FORMAT_VERSION},
         "partition": part_manifest, "splits": {}, "counts": {}, "class_counts": {}, "bytes": {},
-        "corrupt": [], "corrupt_reasons": {}, "converted": 0,
+        "corrupt": [], "corrupt_reasons": {}, "converted": 0, "shard_sha256": {},
     }
     missing = []
     for split, split_jobs in jobs.items():
@@ -359,6 +351,7 @@ def _write_manifest(s: ShardSettings, out_dir: str, classes: list[str], part_man
                 continue
             counts += np.bincount(np.asarray(done["labels"], dtype=np.int64), minlength=c)
             manifest["bytes"][split] += done["bytes"]
+            manifest["shard_sha256"][j.relpath] = done["sha256"]
             manifest["corrupt"] += list(done["corrupt"])
             manifest["corrupt_reasons"].update(done["corrupt"])
             manifest["converted"] += done["converted"]
@@ -367,25 +360,5 @@ def _write_manifest(s: ShardSettings, out_dir: str, classes: list[str], part_man
     if missing:
         raise RuntimeError(f"{len(missing)} shards were not written (a rank or worker failed): "
                            f"{missing[:5]}; rerun to complete them")
-    _atomic_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    write_manifest(out_dir, manifest)
     return manifest
-
-
-def format_summary(manifest: dict, max_class_columns: int = 16) -> str:
-    """Samples, shards, bytes and per-class counts per split, plus the corrupt files."""
-    c = manifest["num_classes"]
-    wide = c <= max_class_columns
-    head = f"{'split':<12}{'samples':>9}{'shards':>8}{'MB':>10}{'classes':>9}  "
-    head += "".join(f"{i:>5}" for i in range(c)) if wide else "min/max per class"
-    lines = [head, "-" * len(head)]
-    for split, count in manifest["counts"].items():
-        cc = manifest["class_counts"][split]
-        line = (f"{split:<12}{count:>9}{len(manifest['splits'][split]):>8}"
-                f"{manifest['bytes'][split] / 1e6:>10.1f}{sum(x > 0 for x in cc):>9}  ")
-        lines.append(line + ("".join(f"{x:>5}" for x in cc) if wide else f"{min(cc)}/{max(cc)}"))
-    total = sum(manifest["bytes"].values())
-    lines.append(f"total {sum(manifest['counts'].values())} samples, {total / 1e6:.1f} MB, "
-                 f"{manifest['converted']} re-encoded, {len(manifest['corrupt'])} corrupt")
-    lines += [f"corrupt: {p}: {manifest['corrupt_reasons'].get(p, '')}"
-              for p in manifest["corrupt"]]
-    return "\n".join(lines)

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["Samples", "write_shards", "read_shards", "shard_name"]
+__all__ = ["Samples", "write_shards", "read_shards", "shard_name", "add_member"]
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _npy_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     # Fixed metadata (mtime 0, no owner) makes shards byte-identical across rebuilds, which keeps
     # checksums and DALI index files stable.
     info = tarfile.TarInfo(name=name)
@@ -81,8 +81,8 @@ class _ShardWriter:
         self.count = 0
 
     def add(self, key: str, image: np.ndarray, label: int) -> None:
-        _add_member(self.tar, f"{key}.npy", _npy_bytes(image))
-        _add_member(self.tar, f"{key}.cls", str(int(label)).encode("ascii"))
+        add_member(self.tar, f"{key}.npy", _npy_bytes(image))
+        add_member(self.tar, f"{key}.cls", str(int(label)).encode("ascii"))
         self.count += 1
 
     def commit(self) -> str:

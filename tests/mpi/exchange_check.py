@@ -12,8 +12,8 @@ import sys
 import torch
 
 from mhd_hpc import topology
-from mhd_hpc.exchange import PredictionExchange
-from mhd_hpc.world import ClientLayout, init_world
+from mhd_hpc.distributed.exchange import PredictionExchange
+from mhd_hpc.distributed.world import ClientLayout, init_world
 
 B, C, D, H = 6, 10, 4, 3
 

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from mhd_hpc.intra import make_intra
+from mhd_hpc.distributed.intra import make_intra
 from mhd_hpc.models import build_model
-from mhd_hpc.world import ClientLayout, init_world
+from mhd_hpc.distributed.world import ClientLayout, init_world
 
 
 def main() -> None:

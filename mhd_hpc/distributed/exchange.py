@@ -16,7 +16,6 @@ public samples and is an error, never silently wrong targets.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -24,55 +23,12 @@ import torch
 
 from mpi4py import MPI
 
-from mhd_hpc.losses import densify_topk
-from mhd_hpc.world import World
+from mhd_hpc.distributed.p2p import ExchangeError, TrafficCounters, wait_until
+from mhd_hpc.distributed.world import World
+from mhd_hpc.losses import PeerOutputs, densify_topk
 
 _TAG = 17
 _HEADER = np.dtype([("step", "<i8"), ("hash", "<u8"), ("sender", "<i8")])
-
-
-class ExchangeError(RuntimeError):
-    """A peer's message was missing, late or about different public samples."""
-
-
-def _wait_until(done: Callable[[], bool], timeout_s: float, describe: Callable[[], str]) -> None:
-    """Poll ``done`` until it holds; after ``timeout_s`` raise with ``describe()``.
-
-    Polling instead of a blocking Wait is what makes a deadline (and a message naming the peer)
-    possible; the back-off keeps a waiting rank from stealing the core of the peer it waits for.
-    """
-    deadline = time.monotonic() + timeout_s
-    pause = 0.0
-    while not done():
-        if time.monotonic() > deadline:
-            raise ExchangeError(describe())
-        time.sleep(pause)
-        pause = min(0.002, pause + 0.0001)
-
-
-class TrafficCounters:
-    """Bytes sent and received and seconds spent waiting, reported per log interval."""
-
-    def __init__(self) -> None:
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.wait_seconds = 0.0
-
-    def take_counters(self) -> tuple[int, int, float]:
-        """(bytes sent, bytes received, seconds waiting) since the previous call."""
-        out = (self.bytes_sent, self.bytes_received, self.wait_seconds)
-        self.bytes_sent = self.bytes_received = 0
-        self.wait_seconds = 0.0
-        return out
-
-
-@dataclass
-class PeerOutputs:
-    """What one peer computed on the current public batch."""
-
-    client: int
-    head_probs: list[torch.Tensor]  # dense (B, C) float32 per head, main first
-    embedding: torch.Tensor | None  # (B, D) float32, already normalised
 
 
 class PredictionExchange(TrafficCounters):
@@ -85,7 +41,9 @@ class PredictionExchange(TrafficCounters):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.batch_size = batch_size
-        self.top_k = top_k if 0 < top_k < num_classes else 0
+        if not 0 <= top_k <= num_classes:
+            raise ValueError(f"top_k={top_k} must be in [0, num_classes={num_classes}]")
+        self.top_k = top_k if top_k < num_classes else 0  # the top C of C is the whole
         self.embedding_dim = embedding_dim
         self.timeout_s = timeout_s
         k = self.top_k or num_classes
@@ -185,9 +143,10 @@ class PredictionExchange(TrafficCounters):
                 f"{'receive from' if n < num_recv else 'send to'} client {owners[n]} "
                 f"(rank {rank_of(owners[n])})"
                 for n, r in enumerate(requests) if not r.Test())
-        _wait_until(lambda: MPI.Request.Testall(requests), self.timeout_s,
+        wait_until(lambda: MPI.Request.Testall(requests), self.timeout_s,
                     lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
                             f"step {step} waiting to {pending()} (exchange.timeout_s)")
+
 
 class ClientExchange:
     """The prediction exchange between clients made of one or more ranks.
@@ -252,93 +211,3 @@ class ClientExchange:
         """Direct (slice) traffic plus, on leaders, the whole-batch traffic they relay."""
         return tuple(a + b for a, b in zip(self.slice.take_counters(),
                                            self.whole.take_counters()))
-
-
-_WEIGHTS_TAG = 18
-_WEIGHTS_HEADER = np.dtype([("step", "<i8"), ("sender", "<i8"), ("count", "<i8")])
-
-
-@dataclass
-class _PendingReceive:
-    source: int
-    due: int  # the step at which the receiver waits for it and inserts it
-    buffer: np.ndarray
-    request: object
-
-
-class WeightTransfer(TrafficCounters):
-    """Background (non-blocking) point-to-point transfer of flat weight vectors for pool mode.
-
-    A message is a header (sender's step, sender client, value count) followed by float32
-    weights, one contiguous buffer. Transfers are posted at a refresh step and completed no later
-    than their ``due`` step, so the receiver's pool changes at steps that do not depend on network
-    timing, and an interrupted run resumes into exactly the same pool.
-    """
-
-    def __init__(self, world: World, timeout_s: float):
-        super().__init__()
-        self.world = world
-        self.timeout_s = timeout_s
-        self._sends: list[tuple[object, np.ndarray, int]] = []
-        self._receives: list[_PendingReceive] = []
-
-    def post_send(self, step: int, flat: np.ndarray, to_clients: list[int]) -> None:
-        header = np.array([(step, self.world.client, flat.size)], dtype=_WEIGHTS_HEADER)
-        buf = np.concatenate([header.view(np.uint8), flat.astype(np.float32).view(np.uint8)])
-        for dest in to_clients:
-            request = self.world.comm.Isend([buf, MPI.BYTE], dest=self.world.rank_of_client(dest),
-                                            tag=_WEIGHTS_TAG)
-            self._sends.append((request, buf, dest))  # the buffer must outlive the send
-            self.bytes_sent += buf.nbytes
-
-    def post_receive(self, source: int, count: int, due: int) -> None:
-        buf = np.empty(_WEIGHTS_HEADER.itemsize + 4 * count, dtype=np.uint8)
-        request = self.world.comm.Irecv([buf, MPI.BYTE], source=self.world.rank_of_client(source),
-                                        tag=_WEIGHTS_TAG)
-        self._receives.append(_PendingReceive(source, due, buf, request))
-
-    def poll(self) -> None:
-        """Let MPI progress the transfers (large messages advance only inside MPI calls) and
-        release finished sends."""
-        if self._receives:
-            MPI.Request.Testall([r.request for r in self._receives])
-        self._sends = [s for s in self._sends if not s[0].Test()]
-
-    @property
-    def pending(self) -> int:
-        return len(self._sends) + len(self._receives)
-
-    def complete(self, step: int, everything: bool = False) -> list[tuple[int, int, np.ndarray]]:
-        """Wait for the receives due by ``step`` (all of them with ``everything``) and the
-        sends; returns (source client, source step, weights) in a deterministic order."""
-        due = [r for r in self._receives if everything or r.due <= step]
-        self._receives = [r for r in self._receives if r not in due]
-        t0 = time.perf_counter()
-        for r in due:
-            self._wait(r.request, f"receive a checkpoint from client {r.source} "
-                                  f"(rank {self.world.rank_of_client(r.source)})", step)
-        if everything:
-            for request, _, dest in self._sends:
-                self._wait(request, f"send a checkpoint to client {dest} "
-                                    f"(rank {self.world.rank_of_client(dest)})", step)
-            self._sends = []
-        self.wait_seconds += time.perf_counter() - t0
-        out = []
-        for r in sorted(due, key=lambda r: (r.due, r.source)):
-            header = r.buffer[:_WEIGHTS_HEADER.itemsize].view(_WEIGHTS_HEADER)[0]
-            if int(header["sender"]) != r.source:
-                raise ExchangeError(f"{self.world.where()}: checkpoint from client "
-                                    f"{int(header['sender'])}, expected client {r.source}")
-            flat = r.buffer[_WEIGHTS_HEADER.itemsize:].view(np.float32)
-            if flat.size != int(header["count"]):
-                raise ExchangeError(f"{self.world.where()}: checkpoint from client {r.source} "
-                                    f"has {int(header['count'])} values, expected {flat.size} "
-                                    "(different architecture?)")
-            self.bytes_received += r.buffer.nbytes
-            out.append((r.source, int(header["step"]), flat))
-        return out
-
-    def _wait(self, request, what: str, step: int) -> None:
-        _wait_until(request.Test, self.timeout_s,
-                    lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
-                            f"step {step} waiting to {what} (exchange.timeout_s)")

@@ -1,4 +1,4 @@
-"""Loader interface: read a split, and cut it into step-indexed, normalised batches.
+"""Batches: read a ``.npy`` split, and cut any split into step-indexed, normalised batches.
 
 Two ideas carry the design:
 
@@ -8,8 +8,8 @@ Two ideas carry the design:
   Resuming at any step therefore needs no saved loader state, and every client that builds a
   :class:`StepBatches` over the public split with the shared seed sees the same public samples in
   the same order (design §2, public stream alignment); :func:`key_hash` lets the exchange check it.
-* **Backends behind a factory.** ``load_split`` picks the reader by name and imports it lazily,
-  so a DALI backend can be added without this module (or its callers) importing DALI.
+* **The order is separate from the decoding.** :class:`StepBatches` defines which samples form
+  batch ``t``; the image backends (``streams``, ``pil_stream``, ``dali_streams``) only decode.
 
 Nothing here knows about MPI ranks: multi-rank clients pass their client-local ``part`` and
 ``num_parts`` explicitly.
@@ -28,10 +28,7 @@ import torch
 
 from mhd_hpc.data.shards import Samples
 
-__all__ = ["LOADER_BACKENDS", "Batch", "load_split", "key_hash", "normalize_images",
-           "StepBatches", "iterate_eval"]
-
-LOADER_BACKENDS: tuple[str, ...] = ("wds",)
+__all__ = ["Batch", "load_split", "key_hash", "normalize_images", "StepBatches", "iterate_eval"]
 
 
 @dataclass
@@ -46,25 +43,19 @@ class Batch:
         return len(self.keys)
 
 
-def load_split(dataset_dir: str, split: str, backend: str = "wds") -> Samples:
-    """Read one split (``test``, ``public``, ``client_000``, ...) of a built dataset into memory."""
-    if backend not in LOADER_BACKENDS:
-        raise ValueError(
-            f"loader backend {backend!r} is not available; available backends: "
-            f"{', '.join(LOADER_BACKENDS)}"
-        )
-    from mhd_hpc.data.embedded import MANIFEST_NAME, load_manifest
+def load_split(dataset_dir: str, split: str, manifest: dict | None = None) -> Samples:
+    """Read one ``.npy`` split (``test``, ``public``, ``client_000``, ...) of a built dataset into
+    memory; ``manifest`` is the dataset's manifest when the caller has already read it."""
+    from mhd_hpc.data.manifest import MANIFEST_NAME, load_manifest
+    from mhd_hpc.data.shards import read_shards
 
-    manifest = load_manifest(dataset_dir)
+    manifest = load_manifest(dataset_dir) if manifest is None else manifest
     manifest_path = os.path.join(dataset_dir, MANIFEST_NAME)
     if split not in manifest["splits"]:
         raise ValueError(
             f"split {split!r} not in {manifest_path}; splits: {', '.join(manifest['splits'])}"
         )
     paths = [os.path.join(dataset_dir, f) for f in manifest["splits"][split]]
-    # Only "wds" gets here; a DALI backend adds its own branch with its own lazy import.
-    from mhd_hpc.data.shards import read_shards
-
     samples = read_shards(paths)
     if len(samples) == 0:
         # An empty split (possible for a client under extreme skew) still has a known shape.

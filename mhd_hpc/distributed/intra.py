@@ -25,11 +25,16 @@ all clients after it, and every backend then keeps the same plain optimizer and 
 from __future__ import annotations
 
 import socket
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from mhd_hpc.world import World
+from mhd_hpc.tensors import flatten, unflatten_into
+
+if TYPE_CHECKING:  # the world arrives as an argument; config imports INTRA_BACKENDS from here
+    from mhd_hpc.distributed.world import World
+
+INTRA_BACKENDS = ("auto", "horovod", "torch")
 
 
 class SingleRank:
@@ -132,30 +137,20 @@ class TorchIntra(SingleRank):
         self.dist, self.group, self.device = dist, mine, device
         self.root = world.peer_rank(world.client, 0)  # torch's src is a global rank too
 
-    def _flat(self, tensors):
-        return torch.cat([t.detach().reshape(-1).to(self.device, torch.float32) for t in tensors])
-
-    def _unflatten_into(self, flat, tensors):
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t))
-            offset += n
-
     def average_(self, tensors):
         if self.world.local_size == 1 or not tensors:
             return
-        flat = self._flat(tensors)
+        flat = flatten(tensors, self.device)
         self.dist.all_reduce(flat, group=self.group)
         flat /= self.world.local_size
-        self._unflatten_into(flat, tensors)
+        unflatten_into(flat, tensors)
 
     def broadcast_(self, tensors):
         if self.world.local_size == 1 or not tensors:
             return
-        flat = self._flat(tensors)
+        flat = flatten(tensors, self.device)
         self.dist.broadcast(flat, src=self.root, group=self.group)
-        self._unflatten_into(flat, tensors)
+        unflatten_into(flat, tensors)
 
     def shutdown(self):
         self.dist.barrier()

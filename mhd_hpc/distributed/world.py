@@ -1,7 +1,7 @@
 """MPI start-up, the rank -> client mapping, and the collectives the training loop needs.
 
-This is the only module (with ``exchange.py``) that imports mpi4py, and the only place that knows
-global ranks: everything else talks about clients and client-local ranks. A client is a
+With ``exchange.py`` and ``transfer.py`` beside it, the only module that imports mpi4py, and the
+only place that knows global ranks: everything else talks about clients and client-local ranks. A client is a
 contiguous block of ranks (``ClientLayout``) with its own communicator; client-local rank 0, the
 leader, evaluates, checkpoints and speaks for the client where a message concerns all of it.
 """
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from mpi4py import MPI  # noqa: E402  (imported before any torch.distributed use, see environment.md)
+
+from mhd_hpc.tensors import flatten, unflatten_into
 
 
 @dataclass(frozen=True)
@@ -156,16 +158,11 @@ class World:
         if not tensors:
             return 0
         # Through host memory: MPI sees plain CPU buffers whatever device the tensors are on.
-        flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32)
-                          for t in tensors]).numpy()
-        self.comm.Allreduce(MPI.IN_PLACE, [flat, MPI.FLOAT], op=MPI.SUM)
+        flat = flatten(tensors, "cpu")
+        self.comm.Allreduce(MPI.IN_PLACE, [flat.numpy(), MPI.FLOAT], op=MPI.SUM)
         flat /= self.size
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(torch.from_numpy(flat[offset:offset + n]).view_as(t))
-            offset += n
-        return flat.nbytes
+        unflatten_into(flat, tensors)
+        return flat.numel() * flat.element_size()
 
     def max_over_ranks(self, value: float) -> float:
         return float(self.comm.allreduce(value, op=MPI.MAX))

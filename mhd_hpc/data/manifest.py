@@ -1,0 +1,131 @@
+"""The dataset manifest: the one description of a built dataset that everything else reads.
+
+Both shard builders (the embedded digits, :mod:`mhd_hpc.data.embedded`, and ImageFolder trees,
+:mod:`mhd_hpc.data.make_shards`) write it through :func:`write_manifest`; the training run reads
+it once (:func:`load_manifest`) and hands the dict to the streams. Layout::
+
+    dataset_dir/manifest.json    format_version, num_classes, image_shape, normalize, settings,
+                                 partition (primary labels, per-client per-class counts),
+                                 splits (split -> shard files), counts, class_counts, bytes,
+                                 shard_sha256 (shard file -> digest)
+    dataset_dir/<split>/shard-000000.tar ...
+
+Splits are named ``test``, ``public`` and ``client_000``, ``client_001``, ... (:func:`client_split`).
+The write order of the public and client splits is one rule for both builders
+(:func:`write_order`): DALI only shuffles within a buffer, so samples are shuffled when written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "client_split", "load_manifest", "write_manifest",
+           "write_order", "format_summary", "file_sha256", "content_digest"]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_WRITE_ORDER_STREAM = 0x5EED  # the seed stream of the write-order shuffle (kept for old datasets)
+_REQUIRED = ("num_classes", "image_shape", "normalize", "splits", "counts")
+
+
+def client_split(i: int) -> str:
+    """Split name of client ``i`` in a manifest: ``client_000``, ``client_001``, ..."""
+    return f"client_{i:03d}"
+
+
+def load_manifest(dataset_dir: str) -> dict:
+    """Read and check ``dataset_dir/manifest.json``; errors name the file."""
+    path = os.path.join(dataset_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset manifest not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"corrupt dataset manifest {path}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"corrupt dataset manifest {path}: top level is not an object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"dataset manifest {path} has format_version {version!r}; this code "
+                         f"reads {FORMAT_VERSION} (rebuild the dataset)")
+    for field in _REQUIRED:
+        if field not in manifest:
+            raise ValueError(f"corrupt dataset manifest {path}: missing {field!r}")
+    return manifest
+
+
+def write_manifest(dataset_dir: str, manifest: dict) -> str:
+    """Write ``manifest.json`` atomically (temp file, fsync, rename); returns its path."""
+    path = os.path.join(dataset_dir, MANIFEST_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_order(seed: int, public: np.ndarray, clients: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The order in which the public and client splits are written: a seeded permutation of
+    each, drawn public first, then client 0, 1, ... from one generator."""
+    rng = np.random.default_rng([int(seed), _WRITE_ORDER_STREAM])
+    order = {"public": rng.permutation(public)}
+    for i, idx in enumerate(clients):
+        order[client_split(i)] = rng.permutation(idx)
+    return order
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def content_digest(manifest: dict) -> str:
+    """What identifies a dataset whatever folder it sits in: a digest of the manifest's content
+    (classes, partition, splits, counts and, where recorded, the shard digests), not its path."""
+    keep = {k: manifest.get(k) for k in ("num_classes", "image_shape", "normalize", "partition",
+                                         "splits", "counts", "class_counts", "shard_sha256")}
+    canonical = json.dumps(keep, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def format_summary(manifest: dict, dataset_dir: str | None = None,
+                   max_class_columns: int = 16) -> str:
+    """Samples, shards, bytes and per-class counts per split, the primary labels, and the
+    corrupt input files (ImageFolder builds) of a manifest, as a table."""
+    c = int(manifest["num_classes"])
+    wide = c <= max_class_columns
+    head = f"{'split':<12}{'samples':>9}{'shards':>8}{'MB':>10}{'classes':>9}  "
+    head += "".join(f"{i:>5}" for i in range(c)) if wide else "min/max per class"
+    lines = ([f"dataset {dataset_dir}"] if dataset_dir else []) + [head, "-" * len(head)]
+    sizes: dict[str, Any] = manifest.get("bytes", {})
+    for split, count in manifest["counts"].items():
+        cc = manifest.get("class_counts", {}).get(split, [0] * c)
+        mb = f"{sizes[split] / 1e6:>10.1f}" if split in sizes else f"{'?':>10}"
+        line = (f"{split:<12}{count:>9}{len(manifest['splits'][split]):>8}{mb}"
+                f"{sum(x > 0 for x in cc):>9}  ")
+        lines.append(line + ("".join(f"{x:>5}" for x in cc) if wide
+                             else f"{min(cc)}/{max(cc)}"))
+    total = sum(sizes.values()) if sizes else 0
+    lines.append(f"total {sum(manifest['counts'].values())} samples, {total / 1e6:.1f} MB, "
+                 f"{manifest.get('converted', 0)} re-encoded, "
+                 f"{len(manifest.get('corrupt', []))} corrupt")
+    primary = manifest.get("partition", {}).get("primary")
+    if primary is not None and len(primary) <= 64:
+        lines.append("primary labels: " + "; ".join(
+            f"{client_split(i)}={','.join(map(str, p)) if len(p) <= 16 else f'{len(p)} labels'}"
+            if p else f"{client_split(i)}=-" for i, p in enumerate(primary)))
+    lines += [f"corrupt: {p}: {manifest.get('corrupt_reasons', {}).get(p, '')}"
+              for p in manifest.get("corrupt", [])]
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Background point-to-point transfer of flat weight vectors between clients (pool mode, the
+paper's Algorithm 2): ``Isend``/``Irecv`` of one contiguous buffer per checkpoint, progressed by a
+test call each step and completed at fixed steps so that runs are reproducible."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from mhd_hpc.distributed.p2p import ExchangeError, TrafficCounters, wait_until
+from mhd_hpc.distributed.world import World
+
+__all__ = ["WeightTransfer"]
+
+_WEIGHTS_TAG = 18
+_WEIGHTS_HEADER = np.dtype([("step", "<i8"), ("sender", "<i8"), ("count", "<i8")])
+
+
+@dataclass
+class _PendingReceive:
+    source: int
+    due: int  # the step at which the receiver waits for it and inserts it
+    buffer: np.ndarray
+    request: object
+
+
+class WeightTransfer(TrafficCounters):
+    """Background (non-blocking) point-to-point transfer of flat weight vectors for pool mode.
+
+    A message is a header (sender's step, sender client, value count) followed by float32
+    weights, one contiguous buffer. Transfers are posted at a refresh step and completed no later
+    than their ``due`` step, so the receiver's pool changes at steps that do not depend on network
+    timing, and an interrupted run resumes into exactly the same pool.
+    """
+
+    def __init__(self, world: World, timeout_s: float):
+        super().__init__()
+        self.world = world
+        self.timeout_s = timeout_s
+        self._sends: list[tuple[object, np.ndarray, int]] = []
+        self._receives: list[_PendingReceive] = []
+
+    def post_send(self, step: int, flat: np.ndarray, to_clients: list[int]) -> None:
+        header = np.array([(step, self.world.client, flat.size)], dtype=_WEIGHTS_HEADER)
+        buf = np.concatenate([header.view(np.uint8), flat.astype(np.float32).view(np.uint8)])
+        for dest in to_clients:
+            request = self.world.comm.Isend([buf, MPI.BYTE], dest=self.world.rank_of_client(dest),
+                                            tag=_WEIGHTS_TAG)
+            self._sends.append((request, buf, dest))  # the buffer must outlive the send
+            self.bytes_sent += buf.nbytes
+
+    def post_receive(self, source: int, count: int, due: int) -> None:
+        buf = np.empty(_WEIGHTS_HEADER.itemsize + 4 * count, dtype=np.uint8)
+        request = self.world.comm.Irecv([buf, MPI.BYTE], source=self.world.rank_of_client(source),
+                                        tag=_WEIGHTS_TAG)
+        self._receives.append(_PendingReceive(source, due, buf, request))
+
+    def poll(self) -> None:
+        """Let MPI progress the transfers (large messages advance only inside MPI calls) and
+        release finished sends."""
+        if self._receives:
+            MPI.Request.Testall([r.request for r in self._receives])
+        self._sends = [s for s in self._sends if not s[0].Test()]
+
+    @property
+    def pending(self) -> int:
+        return len(self._sends) + len(self._receives)
+
+    def complete(self, step: int, everything: bool = False) -> list[tuple[int, int, np.ndarray]]:
+        """Wait for the receives due by ``step`` (all of them with ``everything``) and the
+        sends; returns (source client, source step, weights) in a deterministic order."""
+        due = [r for r in self._receives if everything or r.due <= step]
+        self._receives = [r for r in self._receives if r not in due]
+        t0 = time.perf_counter()
+        for r in due:
+            self._wait(r.request, f"receive a checkpoint from client {r.source} "
+                                  f"(rank {self.world.rank_of_client(r.source)})", step)
+        if everything:
+            for request, _, dest in self._sends:
+                self._wait(request, f"send a checkpoint to client {dest} "
+                                    f"(rank {self.world.rank_of_client(dest)})", step)
+            self._sends = []
+        self.wait_seconds += time.perf_counter() - t0
+        out = []
+        for r in sorted(due, key=lambda r: (r.due, r.source)):
+            header = r.buffer[:_WEIGHTS_HEADER.itemsize].view(_WEIGHTS_HEADER)[0]
+            if int(header["sender"]) != r.source:
+                raise ExchangeError(f"{self.world.where()}: checkpoint from client "
+                                    f"{int(header['sender'])}, expected client {r.source}")
+            flat = r.buffer[_WEIGHTS_HEADER.itemsize:].view(np.float32)
+            if flat.size != int(header["count"]):
+                raise ExchangeError(f"{self.world.where()}: checkpoint from client {r.source} "
+                                    f"has {int(header['count'])} values, expected {flat.size} "
+                                    "(different architecture?)")
+            self.bytes_received += r.buffer.nbytes
+            out.append((r.source, int(header["step"]), flat))
+        return out
+
+    def _wait(self, request, what: str, step: int) -> None:
+        wait_until(request.Test, self.timeout_s,
+                    lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
+                            f"step {step} waiting to {what} (exchange.timeout_s)")

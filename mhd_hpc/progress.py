@@ -1,0 +1,86 @@
+"""What a run tells its user while it trains: progress lines and the rows of training metrics.
+
+Every rank accumulates its step terms over a log interval (:class:`Interval`); at a log step
+the rows are gathered on the root, merged per client (:func:`merge_client_rows`), written to
+``metrics.h5`` and summarised in one progress line; evaluations get two lines. Only the root
+rank prints (:class:`Log`): one terminal, not K copies.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+__all__ = ["Log", "Interval", "merge_client_rows", "train_line", "eval_lines"]
+
+
+class Log:
+    """Progress lines from the root rank only, stamped with seconds since the start."""
+
+    def __init__(self, is_root: bool):
+        self.is_root, self.t0 = is_root, time.time()
+
+    def __call__(self, msg: str) -> None:
+        if self.is_root:
+            print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+
+class Interval:
+    """One rank's step terms and wall time over the current log interval."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, terms: dict[str, float]) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += 1
+
+    def row(self, sent: int, received: int, waited: float, lr: float) -> dict[str, float]:
+        """Means over the interval plus traffic and timing; starts the next interval."""
+        n = max(self.steps, 1)
+        row = {name: total / n for name, total in self.sums.items()}
+        row.update(step_time_s=(time.perf_counter() - self.start) / n, exchange_wait_s=waited / n,
+                   bytes_sent=sent, bytes_received=received, lr=lr)
+        self.reset()
+        return row
+
+
+def merge_client_rows(rows: list[tuple[int, dict]], num_clients: int) -> list[dict]:
+    """Per-rank log rows -> one row per client: means over its ranks, byte counts summed."""
+    merged = []
+    for client in range(num_clients):
+        mine = [r for c, r in rows if c == client]
+        names = set().union(*mine)
+        merged.append({n: (float(np.nansum([r.get(n, np.nan) for r in mine]))
+                           if n.startswith("bytes_") else
+                           float(np.nanmean([r.get(n, np.nan) for r in mine]))) for n in names})
+    return merged
+
+
+def train_line(step: int, total: int, per_client: list[dict]) -> str:
+    """``step 100/600 | ce 0.3 aux1 ... | 28 ms/step (exchange wait 6 ms) | sent 4.3 MB``."""
+    names = sorted(set().union(*per_client))
+    mean = {n: float(np.nanmean([r.get(n, np.nan) for r in per_client])) for n in names}
+    loss_txt = " ".join(f"{n.removeprefix('loss_')} {mean[n]:.3f}" for n in names
+                        if n.startswith("loss_"))
+    return (f"step {step:>6}/{total} | {loss_txt} | {1000 * mean['step_time_s']:.0f} ms/step "
+            f"(exchange wait {1000 * mean['exchange_wait_s']:.0f} ms) | "
+            f"sent {sum(r['bytes_sent'] for r in per_client) / 1e6:.2f} MB")
+
+
+def eval_lines(step: int, summary: dict, heads: list[str]) -> list[str]:
+    """Mean beta_sh / beta_priv per head, and main/last-head beta_sh per client."""
+    sh, priv = summary["beta_sh"], summary["beta_priv"]
+    return [f"eval @ {step}: mean over clients  beta_sh " + " ".join(
+                f"{h} {sh[:, i].mean():.3f}" for i, h in enumerate(heads))
+            + " | beta_priv " + " ".join(f"{h} {priv[:, i].mean():.3f}"
+                                         for i, h in enumerate(heads)),
+            f"  per client beta_sh {heads[0]}/{heads[-1]}: " + "  ".join(
+                f"c{i} {sh[i, 0]:.2f}/{sh[i, -1]:.2f}" for i in range(sh.shape[0]))]
