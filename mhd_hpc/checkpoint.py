@@ -6,11 +6,16 @@ attribute, so the files can be inspected with h5py/h5dump without this package.
 
 Writes go to ``*.tmp`` first, are flushed and fsync'ed, then ``os.replace``d into place: a kill
 during a write never damages the previous checkpoint. Each client keeps the last N checkpoints;
-on resume the job restarts from the newest step that *every* client has complete.
+on resume the job restarts from the newest step that *every* client has complete and intact.
+
+Every file carries a sha256 of its content (names, kinds, dtypes, shapes and bytes of every
+node, in write order) in the ``sha256`` attribute; ``load`` recomputes it, so flipped bytes
+anywhere in the stored state are an error naming the file, never silently trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,30 +37,41 @@ class CheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------- tree codec
 
 
-def _write(group: h5py.Group, name: str, obj: Any) -> None:
+def _digest(h, node_name: str, kind: str, detail: str, data: bytes = b"") -> None:
+    """Feed one node into the content hash: where it is, what it is, and its bytes."""
+    h.update(f"{node_name}\0{kind}\0{detail}\0{len(data)}\0".encode())
+    h.update(data)
+
+
+def _write(group: h5py.Group, name: str, obj: Any, h) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: store widened, restore on load
-            ds = group.create_dataset(name, data=t.float().numpy())
-        else:
-            ds = group.create_dataset(name, data=t.numpy())
+        # numpy has no bfloat16: store widened, restore on load
+        array = (t.float() if t.dtype == torch.bfloat16 else t).contiguous().numpy()
+        ds = group.create_dataset(name, data=array)
         ds.attrs["kind"] = "tensor"
         ds.attrs["dtype"] = str(t.dtype).removeprefix("torch.")
+        _digest(h, ds.name, "tensor", f"{ds.attrs['dtype']}{array.shape}", array.tobytes())
     elif isinstance(obj, np.ndarray):
-        group.create_dataset(name, data=obj).attrs["kind"] = "ndarray"
+        ds = group.create_dataset(name, data=obj)
+        ds.attrs["kind"] = "ndarray"
+        _digest(h, ds.name, "ndarray", f"{obj.dtype}{obj.shape}",
+                np.ascontiguousarray(obj).tobytes())
     elif isinstance(obj, dict):
         sub = group.create_group(name)
         sub.attrs["kind"] = "dict"
         # Item names are positional: state-dict keys may be ints or contain '/'.
         sub.attrs["keys"] = json.dumps([[type(k).__name__, k] for k in obj])
+        _digest(h, sub.name, "dict", sub.attrs["keys"])
         for n, value in enumerate(obj.values()):
-            _write(sub, f"i{n}", value)
+            _write(sub, f"i{n}", value, h)
     elif isinstance(obj, (list, tuple)):
         sub = group.create_group(name)
         sub.attrs["kind"] = "list" if isinstance(obj, list) else "tuple"
         sub.attrs["length"] = len(obj)
+        _digest(h, sub.name, sub.attrs["kind"], str(len(obj)))
         for n, value in enumerate(obj):
-            _write(sub, f"i{n}", value)
+            _write(sub, f"i{n}", value, h)
     else:
         try:
             text = json.dumps(obj)
@@ -63,23 +79,34 @@ def _write(group: h5py.Group, name: str, obj: Any) -> None:
             raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint ({name})") from None
         ds = group.create_dataset(name, data=np.bytes_(text.encode()))
         ds.attrs["kind"] = "json"
+        _digest(h, ds.name, "json", "", text.encode())
 
 
-def _read(node: h5py.Group | h5py.Dataset) -> Any:
+def _read(node: h5py.Group | h5py.Dataset, h) -> Any:
     kind = node.attrs["kind"]
     if kind == "tensor":
-        t = torch.from_numpy(np.array(node[()]))
+        array = np.array(node[()])
         dtype = node.attrs["dtype"]
+        _digest(h, node.name, "tensor", f"{dtype}{array.shape}", array.tobytes())
+        t = torch.from_numpy(array)
         return t.to(getattr(torch, dtype)) if str(t.dtype).removeprefix("torch.") != dtype else t
     if kind == "ndarray":
-        return np.array(node[()])
+        array = np.array(node[()])
+        _digest(h, node.name, "ndarray", f"{array.dtype}{array.shape}", array.tobytes())
+        return array
     if kind == "json":
-        return json.loads(bytes(node[()]).decode())
+        data = bytes(node[()])
+        _digest(h, node.name, "json", "", data)
+        return json.loads(data.decode())
     if kind == "dict":
+        _digest(h, node.name, "dict", node.attrs["keys"])
         keys = json.loads(node.attrs["keys"])
-        return {(int(k) if t == "int" else k): _read(node[f"i{n}"]) for n, (t, k) in enumerate(keys)}
+        return {(int(k) if t == "int" else k): _read(node[f"i{n}"], h)
+                for n, (t, k) in enumerate(keys)}
     if kind in ("list", "tuple"):
-        items = [_read(node[f"i{n}"]) for n in range(int(node.attrs["length"]))]
+        length = int(node.attrs["length"])
+        _digest(h, node.name, kind, str(length))
+        items = [_read(node[f"i{n}"], h) for n in range(length)]
         return items if kind == "list" else tuple(items)
     raise CheckpointError(f"unknown node kind {kind!r} at {node.name}")
 
@@ -94,10 +121,12 @@ def save_atomic(path: str | Path, state: dict, meta: dict,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    h = hashlib.sha256()
     with h5py.File(tmp, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["meta"] = json.dumps(meta)
-        _write(f, "state", state)
+        _write(f, "state", state, h)
+        f.attrs["sha256"] = h.hexdigest()
         f.attrs["complete"] = True  # last: a file without it was cut short
         f.flush()
         os.fsync(f.id.get_vfd_handle())
@@ -116,15 +145,34 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load(path: str | Path) -> tuple[dict, dict]:
-    """(state, meta) of a checkpoint; CheckpointError naming the file when it is unusable."""
+def read_meta(path: str | Path) -> dict:
+    """The ``meta`` attribute of a checkpoint without reading its state (cheap)."""
     try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format_version") != FORMAT_VERSION or not f.attrs.get("complete"):
-                raise CheckpointError(f"{path}: incomplete or unknown checkpoint format")
-            return _read(f["state"]), json.loads(f.attrs["meta"])
+        with h5py.File(path, "r", locking=False) as f:
+            return json.loads(f.attrs["meta"])
     except (OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
+
+
+def load(path: str | Path) -> tuple[dict, dict]:
+    """(state, meta) of a checkpoint; CheckpointError naming the file when it is unusable,
+    including when its content does not match the stored sha256 (files written before checksums
+    were introduced have none and load unchecked)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if f.attrs.get("format_version") != FORMAT_VERSION or not f.attrs.get("complete"):
+                raise CheckpointError(f"{path}: incomplete or unknown checkpoint format")
+            h = hashlib.sha256()
+            state, meta = _read(f["state"], h), json.loads(f.attrs["meta"])
+            stored = f.attrs.get("sha256")
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
+    if stored is not None and stored != h.hexdigest():
+        raise CheckpointError(f"{path}: corrupt checkpoint (content sha256 {h.hexdigest()[:12]}... "
+                              f"does not match the stored {str(stored)[:12]}...)")
+    return state, meta
 
 
 class ClientCheckpoints:

@@ -2,8 +2,10 @@
 and, in pool mode, the checkpoint pool. The file format (atomic HDF5) lives in ``checkpoint``.
 
 Every client's leader writes ``checkpoints/client_NNN/step_*.h5`` (and ``pools/client_NNN/...``);
-on resume all ranks agree on the newest step that *every* client has, so the clients restart
-from the same step and the run continues as if it had never stopped.
+on resume every leader verifies its kept files (content checksums), and all ranks agree on the
+newest step that *every* client has intact, so the clients restart from the same step and the
+run continues as if it had never stopped. A corrupt file is named, moved aside to
+``*.h5.corrupt`` (kept for inspection, never deleted) and the previous intact step is used.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from mhd_hpc.checkpoint import ClientCheckpoints, newest_common_step
+from mhd_hpc.checkpoint import CheckpointError, ClientCheckpoints, newest_common_step
 from mhd_hpc.config import ConfigError
 from mhd_hpc.distributed.world import World
 from mhd_hpc.pool import pool_files
@@ -24,31 +26,51 @@ __all__ = ["Checkpointer"]
 class Checkpointer:
     """One client's checkpoints (and pool files) in a run folder."""
 
-    def __init__(self, run_dir: str | Path, world: World, keep: int, fingerprint: str,
-                 arch: str, with_pool: bool):
-        self.world, self.fingerprint, self.arch = world, fingerprint, arch
+    def __init__(self, run_dir: str | Path, world: World, keep: int,
+                 fingerprints: tuple[str, ...], arch: str, with_pool: bool):
+        """``fingerprints``: the run's fingerprint (written into new files) first, then older
+        spellings of the same identity that existing files may carry."""
+        self.world, self.fingerprints, self.arch = world, fingerprints, arch
         self.ckpts = ClientCheckpoints(run_dir, world.client, keep)
         self.pools = pool_files(run_dir, world.client, keep) if with_pool else None
 
-    def _usable_steps(self) -> set[int]:
-        usable = set(self.ckpts.steps())
+    def _files(self) -> list[ClientCheckpoints]:
+        return [self.ckpts] + ([self.pools] if self.pools is not None else [])
+
+    def _intact_steps(self) -> tuple[list[int], list[str]]:
+        """Leader: the steps whose checkpoint (and pool file) load and match their checksums,
+        and a note per corrupt file, which is moved aside so that it is never used again."""
+        steps = set(self.ckpts.steps())
         if self.pools is not None:  # a pool-mode step needs its pool file as well
-            usable &= set(self.pools.steps())
-        return usable
+            steps &= set(self.pools.steps())
+        intact, notes = [], []
+        for step in sorted(steps, reverse=True):
+            try:
+                for files in self._files():
+                    files.load(step)
+            except CheckpointError as exc:
+                for files in self._files():
+                    path = files.path(step)
+                    if path.exists():
+                        path.rename(path.with_name(path.name + ".corrupt"))
+                notes.append(f"{exc}; moved aside to {path.name}.corrupt")
+                continue
+            intact.append(step)
+        return sorted(intact), notes
 
-    def common_step(self) -> int:
-        """Collective: the newest step every client can resume from (0 = start fresh)."""
-        mine = sorted(self._usable_steps()) if self.world.is_leader else None
-        return newest_common_step([s for s in self.world.allgather(mine) if s is not None])
-
-    def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer, source) -> int:
-        """Collective: load the newest common step into ``model``, ``opt``, the RNG and the
-        target ``source``; returns that step (0 when the run starts fresh)."""
-        start = self.common_step()
+    def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               source) -> tuple[int, list[str]]:
+        """Collective: load the newest step every client has intact into ``model``, ``opt``, the
+        RNG and the target ``source``. Returns (that step or 0 for a fresh start, the notes about
+        corrupt files of all clients, for the root to print)."""
+        mine = self._intact_steps() if self.world.is_leader else None
+        reports = [r for r in self.world.allgather(mine) if r is not None]
+        start = newest_common_step([steps for steps, _ in reports])
+        notes = [note for _, client_notes in reports for note in client_notes]
         if not start:
-            return 0
+            return 0, notes
         state, meta = self.ckpts.load(start)
-        if meta.get("fingerprint") != self.fingerprint or meta.get("arch") != self.arch:
+        if meta.get("fingerprint") not in self.fingerprints or meta.get("arch") != self.arch:
             raise ConfigError("run.out_dir", f"{self.ckpts.path(start)} was written by a "
                               "different job")
         model.load_state_dict(state["model"])
@@ -56,15 +78,15 @@ class Checkpointer:
         torch.set_rng_state(state["torch_rng"])
         if self.pools is not None:
             source.load_state(self.pools.load(start)[0])
-        return start
+        return start, notes
 
     def save(self, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, source,
              before_commit: Callable[[], None] | None = None) -> None:
         """Leader only writes; ``before_commit`` runs between the temp file and the rename."""
         if not self.world.is_leader:
             return
-        meta = {"fingerprint": self.fingerprint, "arch": self.arch, "client": self.world.client,
-                "step": step}
+        meta = {"fingerprint": self.fingerprints[0], "arch": self.arch,
+                "client": self.world.client, "step": step}
         if self.pools is not None:
             self.pools.save(step, source.state(), meta)
         self.ckpts.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),

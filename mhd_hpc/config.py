@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
 import types
 import typing
@@ -105,6 +107,10 @@ class DataConfig:
                       "DataLoader workers) | auto (dali when importable and the shards are JPEG).",
                       "auto")
     loader_threads: int = doc("Decoding threads (DALI) or worker processes (wds) per rank.", 2)
+    verify_shards: bool = doc("Check every shard against the sha256 in the dataset manifest "
+                              "before training (the ranks share the work); a mismatch stops the "
+                              "job naming the file. Also: python tools/verify_shards.py DIR.",
+                              False)
 
 
 @dataclass
@@ -214,8 +220,27 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# YAML 1.1 (PyYAML) reads 1e-4 and 1e5 as strings (it wants a dot: 1.0e-4): numbers written that
+# way are accepted where numbers are due.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _as_number(value: Any) -> float | int | None:
+    """``value`` as a Python number when it is one (or a string spelling one), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip()
+        return int(text) if text.lstrip("+-").isdigit() else float(text)
+    return None
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are due."""
+    """Check ``value`` against the annotation ``tp``: ints are accepted where floats are due,
+    integral floats (1e5, 100000.0) where ints are, numbers in scientific notation as strings;
+    NaN and infinities are refused (a NaN timeout or learning rate never does what was meant)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -238,12 +263,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    elif tp in (int, float):
+        number = _as_number(value)
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
+        if tp is float and number is not None:
+            return float(number)
+        if tp is int and number is not None and float(number).is_integer():
+            return int(number)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -294,9 +321,30 @@ def _nest(key: str, value: Any) -> dict:
 
 
 def config_from_dict(data: dict) -> JobConfig:
-    """Defaults <- ``data`` (e.g. a saved resolved config), type-checked but not validated."""
+    """Defaults <- ``data``, type-checked but not validated."""
     cfg = JobConfig()
     _apply(cfg, data, "")
+    return cfg
+
+
+#: Keys added after run folders were first written, with the value that reproduces what a run
+#: from before them did. A saved config (a run folder's ``config.yaml``) that lacks one of them
+#: was written before it existed: it gets this value, not today's default.
+ADDED_KEYS: dict[str, Any] = {
+    "data.verify_shards": False,
+}
+
+
+def config_from_saved(data: dict) -> JobConfig:
+    """A run folder's resolved config: like :func:`config_from_dict`, but keys the file lacks
+    because they did not exist when it was written take their ``ADDED_KEYS`` value."""
+    cfg = config_from_dict(data)
+    for key, value in ADDED_KEYS.items():
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if not isinstance(node, dict) or parts[-1] not in node:
+            _apply(cfg, _nest(key, value), "")
     return cfg
 
 

@@ -1,28 +1,49 @@
-"""The run folder (``run.out_dir``): which job it belongs to, and what may change on resume.
+"""The run folder (``run.out_dir``): who owns it, which job it belongs to, what may change on
+resume, and the rule that nothing is written into it before every check has passed.
 
-A run folder holds one job: ``config.yaml`` (the resolved config), ``partition.json``,
-``metrics.h5``, ``checkpoints/`` and ``pools/``. Its *identity* is every setting that changes what
-is learned; bookkeeping keys (``RESUMABLE_CHANGES``) may differ between the first start and a
-resume. Only the root rank touches the folder here; it reports problems as a message instead of
-raising, so that every rank can stop together with the same config error.
+A run folder holds one job: ``config.yaml`` (the resolved config), ``dataset.json`` (which
+dataset, by content), ``partition.json``, ``metrics.h5``, ``checkpoints/`` and ``pools/``. Its
+*identity* is every setting that changes what is learned, plus the dataset's content digest;
+bookkeeping keys (``RESUMABLE_CHANGES``) may differ between the first start and a resume, and the
+dataset may move (``data.root`` is a location, not an identity).
+
+Only the root rank touches the folder here. It first takes the folder's lock (``RunLock``: one
+job per folder), then checks the saved config, the dataset, every checkpoint's and the metrics
+file's fingerprint, and only then writes. Problems come back as a message instead of an
+exception, so that every rank can stop together with the same config error.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from mhd_hpc.config import ConfigError, JobConfig, config_from_dict
+from mhd_hpc.checkpoint import CheckpointError, read_meta
+from mhd_hpc.config import ADDED_KEYS, ConfigError, JobConfig, config_from_saved
+from mhd_hpc.metrics import check_metrics_file
+from mhd_hpc.schedules import lr_at
 
-__all__ = ["RESUMABLE_CHANGES", "identity", "fingerprint", "prepare_run_dir"]
+__all__ = ["RESUMABLE_CHANGES", "LOCATION_KEYS", "identity", "fingerprint", "legacy_fingerprint",
+           "RunLock", "RunFolder", "claim_run_dir", "schedule_change_note"]
 
 #: Config keys that may change when a run is resumed (they do not change what is learned).
 RESUMABLE_CHANGES = ("run.steps", "run.eval_every", "run.log_every", "run.checkpoint_every",
-                     "run.keep_checkpoints", "run.threads", "exchange.timeout_s", "run.out_dir")
+                     "run.keep_checkpoints", "run.threads", "exchange.timeout_s", "run.out_dir",
+                     "data.verify_shards")
+_V1_RESUMABLE = RESUMABLE_CHANGES[:8]  # before data.verify_shards existed
+#: Where things are, not what they are: the dataset is identified by its manifest's content.
+LOCATION_KEYS = ("data.root",)
+LOCK_NAME = ".lock"
+DATASET_RECORD = "dataset.json"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -37,32 +58,201 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def identity(cfg: JobConfig) -> dict:
     """The settings that define what a run learns; a resumed run must match them."""
-    return {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RESUMABLE_CHANGES}
+    skip = RESUMABLE_CHANGES + LOCATION_KEYS
+    return {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in skip}
 
 
-def fingerprint(cfg: JobConfig) -> str:
-    """16 hex digits of sha256 over the run's identity: stored in checkpoints and metrics."""
-    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
+def fingerprint(cfg: JobConfig, dataset_digest: str = "") -> str:
+    """16 hex digits of sha256 over the run's identity and its dataset's content digest: stored
+    in checkpoints and metrics, compared on resume."""
+    blob = json.dumps({"identity": identity(cfg), "dataset": dataset_digest}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare_run_dir(cfg: JobConfig) -> str | None:
-    """Root only: create the run folder, refuse to mix two different jobs in it, save the
-    resolved config. Returns an error message instead of raising so all ranks can stop together."""
+def legacy_fingerprint(cfg: JobConfig) -> str:
+    """The fingerprint that run folders written before the dataset was identified by content
+    carry (identity over that version's keys, ``data.root`` included): accepted on resume, never
+    written. A job that sets a later-added key to anything but its old behaviour cannot be such
+    a run, and gets a fingerprint no file carries."""
+    flat = _flatten(cfg.to_dict())
+    if any(flat[k] != v for k, v in ADDED_KEYS.items() if k not in RESUMABLE_CHANGES):
+        return "-"
+    ident = {k: v for k, v in flat.items() if k not in _V1_RESUMABLE and k not in ADDED_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RunLock:
+    """One job per run folder: an exclusive ``flock`` on ``RUN_DIR/.lock``, held by the root
+    rank for the job's lifetime. The OS drops the lock when the process ends in any way
+    (``kill -9``, a node failure once the file system notices), so a rerun is never blocked by a
+    dead job. The file's text names the holder (host, pid, start time) for the refusal message.
+    Where the file system offers no ``flock``, the text alone is the lock, and a lock whose
+    holder ran on this host and whose pid is gone is recognised as stale and taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_NAME
+        self.fd: int | None = None
+
+    @staticmethod
+    def _holder(text: str) -> str:
+        try:
+            h = json.loads(text)
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
+            return f"host {h['host']}, pid {h['pid']}, since {since}"
+        except (ValueError, KeyError, TypeError):
+            return "an unknown holder"
+
+    def acquire(self) -> str | None:
+        """Take the lock; None on success, else why not (naming folder and holder)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            return (f"{self.path.parent} is in use by another job ({self._holder(text)}): wait "
+                    "for it to end or stop it, or use another run.out_dir")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            problem = self._stale_check(os.pread(fd, 4096, 0).decode(errors="replace"))
+            if problem:
+                os.close(fd)
+                return problem
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return None
+
+    def _stale_check(self, text: str) -> str | None:
+        """Without flock: refuse unless the recorded holder is gone (same host, dead pid)."""
+        try:
+            h = json.loads(text)
+        except ValueError:
+            return None  # empty or unreadable: nobody holds it
+        if h.get("host") == socket.gethostname():
+            try:
+                os.kill(int(h["pid"]), 0)
+            except ProcessLookupError:
+                return None  # stale: its holder died
+            except PermissionError:
+                pass
+        return (f"{self.path.parent} is in use by another job ({self._holder(text)}; this file "
+                f"system has no flock, so a holder on another host cannot be checked): if that "
+                f"job is gone, delete {self.path}")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+@dataclass
+class RunFolder:
+    """The root's result of checking and claiming a run folder."""
+
+    path: Path
+    lock: RunLock
+    old_config: JobConfig | None = None  # the config the run started with (None: a new run)
+    notes: list[str] = field(default_factory=list)  # what the user should read in the log
+
+
+def _check_config(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig | None, str | None]:
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return None, None
+    try:
+        old = config_from_saved(yaml.safe_load(saved.read_text()) or {})
+    except (ConfigError, yaml.YAMLError) as exc:
+        return None, f"{saved} is not a config of this version ({exc}); use another run.out_dir"
+    new_id, old_id = identity(cfg), identity(old)
+    for key in new_id:
+        if new_id[key] != old_id.get(key):
+            return None, (f"{run_dir} holds a run with {key}={old_id.get(key)!r}, this job has "
+                          f"{new_id[key]!r}: resume with the same settings or use another "
+                          f"run.out_dir")
+    return old, None
+
+
+def _check_dataset(run_dir: Path, cfg: JobConfig, digest: str) -> tuple[list[str], str | None]:
+    record = run_dir / DATASET_RECORD
+    if not record.exists():
+        return [], None
+    try:
+        old = json.loads(record.read_text())
+    except ValueError as exc:
+        return [], f"{record} is unreadable ({exc}); move it away to resume"
+    if old.get("digest") != digest:
+        return [], (f"data.root={cfg.data.root} holds a different dataset (content digest "
+                    f"{digest}) than the one this run started with ({old.get('root')}, digest "
+                    f"{old.get('digest')}): point data.root at that dataset or use another "
+                    "run.out_dir")
+    if old.get("root") != cfg.data.root:
+        return [f"dataset moved from {old.get('root')} to {cfg.data.root} (same content, digest "
+                f"{digest}): continuing"], None
+    return [], None
+
+
+def _check_files(run_dir: Path, accepted: tuple[str, ...]) -> str | None:
+    """Every checkpoint and pool file (their meta only) and the metrics file belong to this
+    job. Unreadable checkpoints are left to the resume, which names and skips them."""
+    for kind in ("checkpoints", "pools"):
+        for path in sorted((run_dir / kind).glob("client_*/step_*.h5")):
+            try:
+                found = read_meta(path).get("fingerprint")
+            except CheckpointError:
+                continue
+            if found not in accepted:
+                return (f"{path} was written by a different job (fingerprint {found}, this job "
+                        f"{accepted[0]}): resume with the same settings and dataset or use "
+                        "another run.out_dir")
+    return check_metrics_file(run_dir / "metrics.h5", accepted)
+
+
+def claim_run_dir(cfg: JobConfig, dataset_digest: str, partition: dict,
+                  ) -> tuple[RunFolder | None, str | None]:
+    """Root only: lock the run folder, check everything in it against this job, and only then
+    write the config, the dataset record and the partition. Returns (folder, None) or
+    (None, message)."""
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        try:
-            old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
-        except (ConfigError, yaml.YAMLError) as exc:
-            return f"{saved} is not a config of this version ({exc}); use another run.out_dir"
-        new_id, old_id = identity(cfg), identity(old)
-        for key in new_id:
-            if new_id[key] != old_id.get(key):
-                return (f"{run_dir} holds a run with {key}={old_id.get(key)!r}, this job has "
-                        f"{new_id[key]!r}: resume with the same settings or use another "
-                        f"run.out_dir")
-    tmp = saved.with_suffix(".yaml.tmp")
-    tmp.write_text(cfg.to_yaml())
-    os.replace(tmp, saved)
-    return None
+    lock = RunLock(run_dir)
+    problem = lock.acquire()
+    if problem:
+        return None, problem
+    accepted = (fingerprint(cfg, dataset_digest), legacy_fingerprint(cfg))
+    old, problem = _check_config(run_dir, cfg)
+    notes: list[str] = []
+    if not problem:
+        notes, problem = _check_dataset(run_dir, cfg, dataset_digest)
+    if not problem:
+        problem = _check_files(run_dir, accepted)
+    if problem:
+        lock.release()
+        return None, problem
+    _write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    _write_atomic(run_dir / DATASET_RECORD, json.dumps(
+        {"digest": dataset_digest, "root": cfg.data.root}, indent=1))
+    _write_atomic(run_dir / "partition.json", json.dumps(partition, indent=1))
+    return RunFolder(run_dir, lock, old, notes), None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def schedule_change_note(old: JobConfig | None, cfg: JobConfig, start: int) -> str | None:
+    """What a changed ``run.steps`` does to the learning rate from the resumed step on."""
+    if old is None or not start or old.run.steps == cfg.run.steps or cfg.optim.schedule == "constant":
+        return None
+    o = cfg.optim
+    before = lr_at(start, o.lr, old.run.steps, o.warmup_steps, o.schedule)
+    after = lr_at(start, o.lr, cfg.run.steps, o.warmup_steps, o.schedule)
+    return (f"run.steps changed from {old.run.steps} to {cfg.run.steps} on resume: the {o.schedule} "
+            f"learning-rate schedule now spans {cfg.run.steps} steps, so at step {start + 1} the "
+            f"lr is {after:.6g} instead of {before:.6g} (and follows the new curve from there)")

@@ -8,7 +8,6 @@ client), so a resumed run takes exactly the steps an uninterrupted one would hav
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from mhd_hpc import topology
 from mhd_hpc.checkpointer import Checkpointer
 from mhd_hpc.config import ConfigError, JobConfig
 from mhd_hpc.data.embedded import build_digits_shards
-from mhd_hpc.data.manifest import client_split, load_manifest
+from mhd_hpc.data.manifest import client_split, content_digest, load_manifest, verify_shards
 from mhd_hpc.data.stream_factory import open_stream
 from mhd_hpc.devices import pick_device, to_device
 from mhd_hpc.distributed.exchange import ClientExchange
@@ -29,7 +28,8 @@ from mhd_hpc.evaluation import evaluate
 from mhd_hpc.metrics import MetricsWriter, summarize
 from mhd_hpc.models import build_model
 from mhd_hpc.progress import Interval, Log, eval_lines, merge_client_rows, train_line
-from mhd_hpc.run_dir import fingerprint, prepare_run_dir
+from mhd_hpc.run_dir import (RunFolder, claim_run_dir, fingerprint, legacy_fingerprint,
+                             schedule_change_note)
 from mhd_hpc.schedules import lr_at
 from mhd_hpc.seeds import INIT, PRIVATE_ORDER, PUBLIC_ORDER, seed_of
 from mhd_hpc.signals import EXIT_RESUMABLE, Fault, StopSignal, die
@@ -91,14 +91,54 @@ def prepare_dataset(cfg: JobConfig, log: Log) -> tuple[str, dict | None, tuple[s
     return d.root, manifest, None
 
 
-def open_data(cfg: JobConfig, world: World, log: Log) -> Data:
-    """Collective: the root prepares the dataset and reads its manifest, the one read of a run,
-    while the others wait; every rank then opens its slice (client-local rank) of its client's
-    streams."""
-    found = prepare_dataset(cfg, log) if world.is_root else None
-    folder, manifest, error = world.bcast(found)
+@dataclass
+class RunSetup:
+    """What the root found and decided before training, sent to every rank."""
+
+    dataset_dir: str
+    manifest: dict
+    fingerprints: tuple[str, ...]  # the run's own first, then older spellings files may carry
+    old_config: JobConfig | None  # the config the run started with, when resuming
+    notes: list[str]
+
+
+def prepare_run(cfg: JobConfig, world: World, log: Log) -> tuple[RunSetup, RunFolder | None]:
+    """Collective: the root prepares the dataset (reading its manifest, the one read of a run)
+    and claims the run folder (lock, checks, then writes) while the others wait in a bcast;
+    every rank then stops with the same config error, or gets the setup."""
+    found, folder = None, None
+    if world.is_root:
+        dataset_dir, manifest, error = prepare_dataset(cfg, log)
+        if error is None:
+            digest = content_digest(manifest)
+            folder, problem = claim_run_dir(cfg, digest, manifest["partition"])
+            error = ("run.out_dir", problem) if problem else None
+        found = (RunSetup(dataset_dir, manifest,
+                          (fingerprint(cfg, digest), legacy_fingerprint(cfg)),
+                          folder.old_config, folder.notes) if error is None else None, error)
+    setup, error = world.bcast(found)
     if error:
         raise ConfigError(*error)
+    for note in setup.notes:
+        log(note)
+    return setup, folder
+
+
+def verify_dataset(cfg: JobConfig, world: World, setup: RunSetup, log: Log) -> None:
+    """Collective (``data.verify_shards``): every rank hashes its share of the shards."""
+    checked, problems = verify_shards(setup.dataset_dir, setup.manifest, world.rank, world.size)
+    reports = world.allgather((checked, problems))
+    problems = sorted({p for _, found in reports for p in found})
+    if problems:
+        raise ConfigError("data.verify_shards", f"{len(problems)} shard problem(s) in "
+                          f"{setup.dataset_dir}: " + "; ".join(problems[:5]))
+    log(f"data.verify_shards: {sum(n for n, _ in reports)} shards match their sha256")
+
+
+def open_data(cfg: JobConfig, world: World, setup: RunSetup) -> Data:
+    """This rank's slice (client-local rank) of its client's streams, and the test stream on
+    leaders."""
+    folder, manifest = setup.dataset_dir, setup.manifest
     d = cfg.data
     opts = {"backend": d.loader, "part": world.local_rank, "num_parts": world.local_size,
             "threads": d.loader_threads, "manifest": manifest}
@@ -210,29 +250,31 @@ def run(cfg: JobConfig, world: World) -> int:
         torch.set_num_threads(cfg.run.threads)
     stop, fault = StopSignal(), Fault.for_rank(world.rank)
 
-    # -- run folder, data, client (the root prepares, everyone waits in a bcast) -------------
-    error = world.bcast(prepare_run_dir(cfg) if world.is_root else None)
-    if error:
-        raise ConfigError("run.out_dir", error)
+    # -- dataset, run folder (the root checks and claims it), data, client ----------------------
+    setup, folder = prepare_run(cfg, world, log)  # the root holds the folder's lock till exit
+    if cfg.data.verify_shards:
+        verify_dataset(cfg, world, setup, log)
     run_dir = Path(cfg.run.out_dir)
     device = pick_device(cfg.backend.device, world.node_local_rank())  # DALI decodes there
-    data = open_data(cfg, world, log)
-    if world.is_root:
-        (run_dir / "partition.json").write_text(json.dumps(data.manifest["partition"], indent=1))
+    data = open_data(cfg, world, setup)
     client = build_client(cfg, world, data, device, log)
     model, opt = client.model, client.opt
 
     # -- resume (run.out_dir is shared by all ranks: each reads its client's leader's files) ---
-    ckpt = Checkpointer(run_dir, world, cfg.run.keep_checkpoints, fingerprint(cfg),
+    ckpt = Checkpointer(run_dir, world, cfg.run.keep_checkpoints, setup.fingerprints,
                         cfg.client_archs()[world.client], isinstance(client.source, PoolTargets))
-    start = ckpt.resume(model, opt, client.source)
+    start, notes = ckpt.resume(model, opt, client.source)
+    notes.append(schedule_change_note(setup.old_config, cfg, start))
+    for note in filter(None, notes):
+        log(note)
     if start:
         log(f"resuming every client from step {start} ({ckpt.folder})")
     else:  # replicas of a client start from its leader's weights
         client.intra.broadcast_(list(model.state_dict().values()))
     metrics = (MetricsWriter(run_dir / "metrics.h5", [f"client{i}" for i in range(cfg.clients.count)],
-                             model.head_names, data.label_distribution(), fingerprint(cfg), start,
-                             topology.hop_distances(client.graph)) if world.is_root else None)
+                             model.head_names, data.label_distribution(), setup.fingerprints[0],
+                             start, topology.hop_distances(client.graph), setup.fingerprints[1:])
+               if world.is_root else None)
     if start >= cfg.run.steps:
         log(f"run already complete at step {start}; see python -m mhd_hpc.report {run_dir}")
         client.intra.shutdown()

@@ -127,3 +127,23 @@ def test_ci_runs_the_readme_test_command():
     blocks = readme.split("```")
     test_command = [b.strip() for b in blocks if "python -m pytest" in b][0]
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("key", ["optim.lr", "optim.momentum", "data.skew", "distill.nu_aux",
+                                 "distill.nu_emb", "exchange.timeout_s", "optim.weight_decay",
+                                 "data.public_fraction"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan"])
+def test_non_finite_floats_are_refused_naming_the_key(key, value):
+    assert error_key(f"{key}={value}") == key
+
+
+def test_scientific_notation_is_accepted_for_numbers(tmp_path):
+    cfg = load_config(JOB, ["optim.lr=1e-4", "run.steps=1e3", "exchange.timeout_s=2.5E1"])
+    assert cfg.optim.lr == 1e-4 and cfg.exchange.timeout_s == 25.0
+    assert cfg.run.steps == 1000 and isinstance(cfg.run.steps, int)
+    job = tmp_path / "job.yaml"  # YAML 1.1 reads these as strings
+    job.write_text("optim:\n  lr: 1e-4\n  weight_decay: 5e-4\nrun:\n  steps: 2e3\n")
+    cfg = load_config(str(job))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.run.steps) == (1e-4, 5e-4, 2000)
+    assert error_key("run.steps=1e-1") == "run.steps"  # not integral
+    assert error_key("run.out_dir=[1]") == "run.out_dir"

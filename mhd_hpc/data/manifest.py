@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "client_split", "load_manifest", "write_manifest",
-           "write_order", "format_summary", "file_sha256", "content_digest"]
+           "write_order", "format_summary", "file_sha256", "content_digest", "verify_shards"]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -93,9 +93,11 @@ def file_sha256(path: str) -> str:
 
 def content_digest(manifest: dict) -> str:
     """What identifies a dataset whatever folder it sits in: a digest of the manifest's content
-    (classes, partition, splits, counts and, where recorded, the shard digests), not its path."""
+    (classes, normalisation, partition, split files and per-class counts), not its path. Shard
+    digests and byte counts are left out: older builds of the same samples lack them, and the
+    shards themselves are checked against them by :func:`verify_shards`."""
     keep = {k: manifest.get(k) for k in ("num_classes", "image_shape", "normalize", "partition",
-                                         "splits", "counts", "class_counts", "shard_sha256")}
+                                         "splits", "counts", "class_counts")}
     canonical = json.dumps(keep, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
@@ -129,3 +131,29 @@ def format_summary(manifest: dict, dataset_dir: str | None = None,
     lines += [f"corrupt: {p}: {manifest.get('corrupt_reasons', {}).get(p, '')}"
               for p in manifest.get("corrupt", [])]
     return "\n".join(lines)
+
+
+def verify_shards(dataset_dir: str, manifest: dict, part: int = 0, num_parts: int = 1,
+                  ) -> tuple[int, list[str]]:
+    """Hash this part's share of the shards (shard n when n % num_parts == part) and compare
+    with the manifest's ``shard_sha256``. Returns (shards checked, problems naming each file);
+    a manifest without digests (built before they were recorded) is one problem."""
+    digests = manifest.get("shard_sha256")
+    if not digests:
+        return 0, [f"{os.path.join(dataset_dir, MANIFEST_NAME)} records no shard digests "
+                   "(built by an older version): rebuild the dataset to verify it"]
+    problems, checked = [], 0
+    for n, (rel, want) in enumerate(sorted(digests.items())):
+        if n % num_parts != part:
+            continue
+        path = os.path.join(dataset_dir, rel)
+        checked += 1
+        try:
+            got = file_sha256(path)
+        except OSError as exc:
+            problems.append(f"{path}: unreadable ({exc.strerror or exc})")
+            continue
+        if got != want:
+            problems.append(f"{path}: sha256 {got[:12]}... does not match the manifest's "
+                            f"{want[:12]}... (corrupt or replaced)")
+    return checked, problems

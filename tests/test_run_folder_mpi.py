@@ -1,0 +1,213 @@
+"""Run folders under real use (issue 9), under real mpirun: reading a run while it trains, two
+jobs on one folder, the lock after kill -9, flipped bytes in checkpoints, metrics and shards,
+a refused job that must not write, a moved dataset, and a longer run.steps on resume."""
+
+import shutil
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from mhd_hpc.metrics import MetricsError, read_metrics
+from mhd_hpc.report import main as report_main
+
+from conftest import ROOT, mpi_env, mpirun_exe, run_mpi, train_args
+
+SMALL = ["clients.count=2", "run.steps=30", "run.eval_every=10", "run.log_every=10",
+         "run.checkpoint_every=10", "data.labels_per_client=5", "data.public_batch_size=32"]
+
+
+def start_mpi(np_: int, args: list[str]) -> subprocess.Popen:
+    """mpirun in the background (the caller waits with a timeout)."""
+    cmd = [mpirun_exe(), "--oversubscribe", "-np", str(np_), sys.executable, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=mpi_env(), cwd=ROOT)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"mpirun timed out\nstdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out, err
+
+
+def wait_for(predicate, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(0.05)
+
+
+def flip_bytes(path, offset: int, count: int = 4) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_reading_a_run_while_it_trains_never_disturbs_it(tmp_path, data_root, capsys):
+    run = tmp_path / "run"
+    args = train_args(run, data_root, *SMALL, "run.steps=300", "run.eval_every=20",
+                      "run.log_every=5", "run.checkpoint_every=100")
+    proc = start_mpi(2, args)
+    wait_for(lambda: (run / "metrics.h5").exists() or proc.poll() is not None)
+    seen = []
+    while proc.poll() is None:
+        # A reader the way people read: h5py with its default file locking, held open a while,
+        # and the report, over and over while the trainer appends.
+        try:
+            with h5py.File(run / "metrics.h5", "r") as f:
+                f.attrs.get("fingerprint")
+                time.sleep(0.05)
+        except OSError:
+            pass  # the reader may see a write in flight; the writer must not care
+        if report_main([str(run), "--json"]) == 0:
+            seen.append(capsys.readouterr().out)
+        else:
+            capsys.readouterr()
+    code, out, err = finish(proc)
+    assert code == 0, err
+    m = read_metrics(run / "metrics.h5")
+    assert list(m["eval"]["step"]) == list(range(20, 301, 20))
+    assert list(m["train"]["step"]) == list(range(5, 301, 5))
+    assert seen, "the report never read the running job"
+
+
+def test_a_second_job_on_the_same_folder_stops_at_once(tmp_path, data_root):
+    run = tmp_path / "run"
+    args = train_args(run, data_root, *SMALL, "run.steps=400", "run.eval_every=100",
+                      "run.checkpoint_every=100")
+    first = start_mpi(2, args)
+    wait_for(lambda: (run / "metrics.h5").exists() or first.poll() is not None)
+    t0 = time.monotonic()
+    second = run_mpi(2, args, timeout=120)
+    assert second.returncode == 2
+    assert f"{run} is in use by another job (host " in second.stderr
+    assert ", pid " in second.stderr and ", since " in second.stderr
+    assert time.monotonic() - t0 < 60
+    code, _, err = finish(first)
+    assert code == 0, err
+    steps = read_metrics(run / "metrics.h5")["eval"]["step"]
+    assert list(steps) == [100, 200, 300, 400]  # no duplicated or out-of-order rows
+
+
+def test_kill_9_of_the_lock_holder_leaves_the_folder_free(tmp_path, data_root):
+    run = tmp_path / "run"
+    res = run_mpi(2, train_args(run, data_root, *SMALL), env={"MHD_INJECT_FAULT": "0:25:kill"},
+                  timeout=120)
+    assert res.returncode != 0
+    res = run_mpi(2, train_args(run, data_root, *SMALL), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "resuming every client from step 20" in res.stdout
+
+
+def test_flipped_bytes_in_a_checkpoint_resume_from_the_previous_one(tmp_path, data_root):
+    run = tmp_path / "run"
+    assert run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"),
+                   timeout=120).returncode == 0
+    path = run / "checkpoints" / "client_000" / "step_000000020.h5"
+    with h5py.File(path, "r") as f:  # the first conv weight of the model
+        offset = f["state/i0/i0"].id.get_offset()
+    flip_bytes(path, offset + 16)
+    res = run_mpi(2, train_args(run, data_root, *SMALL), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "step_000000020.h5: corrupt checkpoint" in res.stdout
+    assert "resuming every client from step 10" in res.stdout
+
+
+def test_flipped_bytes_in_metrics_are_named(tmp_path, data_root):
+    run = tmp_path / "run"
+    assert run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"),
+                   timeout=120).returncode == 0
+    path = run / "metrics.h5"
+    with h5py.File(path, "r") as f:
+        offset = f["eval/beta_sh"].id.get_chunk_info(0).byte_offset
+    flip_bytes(path, offset + 8)
+    with pytest.raises(MetricsError, match="metrics.h5"):
+        read_metrics(path)
+    assert report_main([str(run)]) == 1
+    res = run_mpi(2, train_args(run, data_root, *SMALL), timeout=120)
+    assert res.returncode == 2
+    assert "metrics.h5" in res.stderr and "corrupt" in res.stderr
+
+
+def test_flipped_pixels_in_a_shard_are_caught(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert run_mpi(2, train_args(run, data, *SMALL, "run.steps=1"), timeout=120).returncode == 0
+    (dataset,) = data.glob("digits-*")
+    tool = [sys.executable, str(ROOT / "tools" / "verify_shards.py"), str(dataset),
+            "--workers", "2"]
+    assert subprocess.run(tool, capture_output=True, timeout=60).returncode == 0
+    shard = dataset / "client_001" / "shard-000000.tar"
+    flip_bytes(shard, 512 + 128 + 20)  # inside the first sample's pixels (after its headers)
+    res = subprocess.run(tool, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "client_001/shard-000000.tar" in res.stdout
+    res = run_mpi(2, train_args(tmp_path / "run2", data, *SMALL, "run.steps=1",
+                                "data.verify_shards=true"), timeout=120)
+    assert res.returncode == 2
+    assert "data.verify_shards" in res.stderr and "client_001/shard-000000.tar" in res.stderr
+
+
+def test_a_refused_job_writes_nothing_into_the_folder(tmp_path, data_root):
+    run = tmp_path / "run"
+    assert run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"),
+                   timeout=120).returncode == 0
+    (run / "config.yaml").unlink()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    res = run_mpi(2, train_args(run, data_root, *SMALL, "distill.nu_aux=1"), timeout=120)
+    assert res.returncode == 2 and "was written by a different job" in res.stderr
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # no config.yaml, nothing else touched
+    res = run_mpi(2, train_args(run, data_root, *SMALL), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "resuming every client from step 20" in res.stdout
+
+
+def test_a_moved_dataset_resumes_and_a_longer_run_says_how_the_schedule_changes(
+        tmp_path, data_root):
+    run, moved = tmp_path / "run", tmp_path / "moved-data"
+    assert run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"),
+                   timeout=120).returncode == 0
+    shutil.copytree(data_root, moved)
+    res = run_mpi(2, train_args(run, moved, *SMALL), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "dataset moved from" in res.stdout and "resuming every client from step 20" in res.stdout
+    assert "run.steps changed from 20 to 30 on resume" in res.stdout
+
+
+def test_another_dataset_than_the_runs_is_refused_before_anything_is_written(tmp_path):
+    from mhd_hpc.config import load_config
+    from mhd_hpc.run_dir import claim_run_dir
+
+    cfg = load_config(str(ROOT / "jobs" / "digits.yaml"), [f"run.out_dir={tmp_path / 'run'}"])
+    folder, problem = claim_run_dir(cfg, "digest-a", {"p": 1})
+    assert problem is None
+    folder.lock.release()
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    folder, problem = claim_run_dir(cfg, "digest-b", {"p": 2})
+    assert folder is None and "data.root=data holds a different dataset" in problem
+    assert (tmp_path / "run" / "config.yaml").read_text() == config
+    assert '"p": 1' in (tmp_path / "run" / "partition.json").read_text()
+
+
+def test_report_of_a_file_with_a_torn_write_reads_complete_rows(tmp_path):
+    from mhd_hpc.metrics import MetricsWriter, summarize
+
+    path = tmp_path / "metrics.h5"
+    dist = np.full((2, 3), 1 / 3)
+    w = MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 0)
+    for step in (10, 20):
+        w.write_eval(step, summarize(np.full((2, 1, 3), step / 100), dist))
+    # A writer killed in the middle of a write leaves the sequence number odd.
+    (tmp_path / "metrics.h5.seq").write_text(str(w.seq + 1))
+    m = read_metrics(path, attempts=3, pause_s=0.01)
+    assert list(m["eval"]["step"]) == [10, 20]
+    w2 = MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 20)  # the rerun
+    assert w2.seq % 2 == 0
