@@ -124,7 +124,13 @@ class ModelConfig:
 
 @dataclass
 class DistillConfig:
-    nu_aux: float = doc("Weight of each auxiliary-head distillation loss.", 3.0)
+    nu_aux: float = doc("Weight of the auxiliary-head distillation losses (see "
+                        "distill.aux_weighting).", 3.0)
+    aux_weighting: str = doc("How nu_aux applies to the aux chain: 'chain' = nu_aux is the "
+                             "weight of the whole chain, nu_aux / m per aux head, so the "
+                             "chain's pull on the backbone does not grow with the number of "
+                             "heads m; 'per_head' = nu_aux on every aux head (the paper's "
+                             "eq. 4-5). Identical for one aux head.", "chain")
     nu_emb: float = doc("Weight of the normalised-embedding distillation loss (0 = off; the "
                         "embedding is then not exchanged).", 1.0)
     targets_per_step: int = doc("Delta: peers each client distills from per step, drawn from its "
@@ -133,6 +139,24 @@ class DistillConfig:
                          "or 'random'.", "confidence")
     skip_less_confident: bool = doc("Skip a sample's distillation term when the student head is "
                                     "already more confident than its target.", False)
+    warmup_steps: int = doc("Distillation warm-up: nu_aux and nu_emb ramp linearly from 0 to "
+                            "their values over the first N steps, so that the main heads learn "
+                            "something before the aux chain and the embedding term act on the "
+                            "backbone (0 = off, as in the paper's formulation).", 100)
+
+
+@dataclass
+class EvalConfig:
+    health_check: bool = doc("At evaluation steps, check that every client's main head learns: "
+                             "private accuracy well above chance for its label distribution "
+                             "and training CE below that of always predicting its label prior; "
+                             "a failing client gets a WARNING in the log, eval/health in "
+                             "metrics.h5 and the report.", True)
+    health_after: int = doc("First step the health check judges (0 = a quarter of run.steps, "
+                            "at least the distillation and lr warm-ups).", 0)
+    grad_norms: bool = doc("Diagnostics: at log steps record the gradient norm that each loss "
+                           "term (ce, emb, auxK) puts on the backbone (train/gradnorm_<term>); "
+                           "costs one extra backward pass per term at those steps.", False)
 
 
 @dataclass
@@ -190,6 +214,7 @@ class JobConfig:
     exchange: ExchangeConfig = doc("Prediction exchange between clients.", factory=ExchangeConfig)
     fedavg: FedAvgConfig = doc("FedAvg baseline.", factory=FedAvgConfig)
     optim: OptimConfig = doc("Optimiser.", factory=OptimConfig)
+    eval: EvalConfig = doc("Evaluation checks and diagnostics.", factory=EvalConfig)
     backend: BackendConfig = doc("Parallelism and devices.", factory=BackendConfig)
 
     # Derived helpers (not config keys).
@@ -332,6 +357,11 @@ def config_from_dict(data: dict) -> JobConfig:
 #: was written before it existed: it gets this value, not today's default.
 ADDED_KEYS: dict[str, Any] = {
     "data.verify_shards": False,
+    "distill.warmup_steps": 0,
+    "distill.aux_weighting": "per_head",
+    "eval.health_check": False,
+    "eval.health_after": 0,
+    "eval.grad_norms": False,
 }
 
 
@@ -470,7 +500,7 @@ def _check_data(cfg: JobConfig) -> None:
 
 
 def _check_model_and_distill(cfg: JobConfig) -> None:
-    from mhd_hpc.losses import SELECTION_MODES
+    from mhd_hpc.losses import AUX_WEIGHTINGS, SELECTION_MODES
     from mhd_hpc.models import native_embedding_dim
 
     m, dist = cfg.model, cfg.distill
@@ -479,7 +509,9 @@ def _check_model_and_distill(cfg: JobConfig) -> None:
     _positive("distill.nu_aux", dist.nu_aux, allow_zero=True)
     _positive("distill.nu_emb", dist.nu_emb, allow_zero=True)
     _positive("distill.targets_per_step", dist.targets_per_step)
+    _positive("distill.warmup_steps", dist.warmup_steps, allow_zero=True)
     _choice("distill.selection", dist.selection, SELECTION_MODES)
+    _choice("distill.aux_weighting", dist.aux_weighting, AUX_WEIGHTINGS)
     if cfg.method == "mhd" and dist.nu_emb > 0 and m.embedding_dim == 0:
         dims = {a: native_embedding_dim(a) for a in cfg.client_archs()}
         if len(set(dims.values())) > 1:
@@ -527,6 +559,7 @@ def _check_optim_and_backend(cfg: JobConfig) -> None:
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive("eval.health_after", cfg.eval.health_after, allow_zero=True)
     _choice("backend.intra", cfg.backend.intra, INTRA_BACKENDS)
     _choice("backend.device", cfg.backend.device, DEVICES)
 

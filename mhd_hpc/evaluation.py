@@ -8,7 +8,8 @@ import torch
 
 from mhd_hpc.metrics import per_class_accuracy
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "check_health", "health_after", "chance_accuracy", "prior_entropy",
+           "HEALTH_HINT"]
 
 
 @torch.no_grad()
@@ -23,3 +24,52 @@ def evaluate(model: torch.nn.Module, test, num_classes: int, device: torch.devic
     model.train()
     p, y = np.concatenate(preds, axis=1), np.concatenate(labels)
     return np.stack([per_class_accuracy(p[h], y, num_classes) for h in range(p.shape[0])])
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def chance_accuracy(distribution: np.ndarray) -> np.ndarray:
+    """(K,) private accuracy of always predicting the client's most common label."""
+    return distribution.max(axis=1)
+
+
+def prior_entropy(distribution: np.ndarray) -> np.ndarray:
+    """(K,) cross-entropy of always predicting the client's label prior: what CE stays at when
+    the main head learns nothing from the images."""
+    p = np.clip(distribution, 1e-12, 1.0)
+    return -(distribution * np.log(p)).sum(axis=1)
+
+
+def health_after(run_steps: int, explicit: int, *warmups: int) -> int:
+    """First step the health check judges: ``explicit``, or a quarter of the run but no earlier
+    than the end of the warm-ups."""
+    return explicit if explicit > 0 else max(run_steps // 4, *warmups)
+
+
+def check_health(beta_priv_main: np.ndarray, distribution: np.ndarray,
+                 train_ce: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+    """Is every client's main head learning its private task? A client fails when its main-head
+    private accuracy is below halfway from chance to perfect *and* its training CE (when known)
+    is above half the prior's cross-entropy: both say it learned little from its own labels.
+    Returns (ok per client, one reason per failing client)."""
+    chance = chance_accuracy(distribution)
+    needed = chance + 0.5 * (1.0 - chance)
+    low_acc = beta_priv_main < needed
+    prior = prior_entropy(distribution)
+    high_ce = np.ones_like(low_acc) if train_ce is None else train_ce > 0.5 * prior
+    ok = ~(low_acc & high_ce)
+    reasons = []
+    for i in np.flatnonzero(~ok):
+        ce = "" if train_ce is None else (f" and training CE {train_ce[i]:.2f} (always "
+                                          f"predicting its label prior gives {prior[i]:.2f})")
+        reasons.append(f"client {i} is not learning its private task: main-head beta_priv "
+                       f"{beta_priv_main[i]:.3f} (chance for its labels {chance[i]:.2f}, "
+                       f"expected > {needed[i]:.2f}){ce}")
+    return ok, reasons
+
+
+HEALTH_HINT = ("likely causes: the distillation terms overpowering the main head before it "
+               "learned anything (raise distill.warmup_steps, lower distill.nu_aux or "
+               "model.aux_heads), or optim.lr too high; record eval.grad_norms=true to see "
+               "which loss term drives the backbone")

@@ -20,6 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SELECTION_MODES = ("confidence", "random")
+AUX_WEIGHTINGS = ("chain", "per_head")
+
+
+def aux_head_weight(nu_aux: float, aux_heads: int, weighting: str) -> float:
+    """Weight of each aux head's loss: ``nu_aux / m`` for ``chain`` (the chain as a whole
+    weighs nu_aux, whatever its length), ``nu_aux`` for ``per_head`` (the paper's eq. 4-5)."""
+    if weighting not in AUX_WEIGHTINGS:
+        raise ValueError(f"unknown aux weighting {weighting!r}; expected one of {AUX_WEIGHTINGS}")
+    return nu_aux / max(aux_heads, 1) if weighting == "chain" else nu_aux
 
 
 @dataclass
@@ -204,7 +213,7 @@ def mhd_loss(
     selection: str = "confidence",
     skip_less_confident: bool = False,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, dict[str, Tensor | float]]:
+) -> tuple[Tensor, dict[str, Tensor | float], dict[str, Tensor]]:
     """Eq. 1 for one client and step: ``supervised + nu_emb * embedding loss
     + nu_aux * sum_k aux_k loss``, where ``supervised`` is the main head's CE on the private
     batch (:func:`main_ce_loss`, computed first so that the caller can check it before the
@@ -212,15 +221,18 @@ def mhd_loss(
 
     ``pub_logits`` (B, C) per head and ``pub_emb`` (B, D) on the public batch; ``peers`` what this
     step's peers sent (dense probabilities per head, normalised embedding). With no peers the aux heads distill from the client itself (the
-    baselines' self-distillation) and there is no embedding term. Returns (loss, terms): the loss
-    terms (``loss_ce``, ``loss_emb``, ``loss_auxK``, ``loss_total``) detached, and per aux head
-    the fraction of targets that were the client itself and of samples skipped.
+    baselines' self-distillation) and there is no embedding term. Returns (loss, terms, parts):
+    the unweighted loss terms (``loss_ce``, ``loss_emb``, ``loss_auxK``, ``loss_total``) detached,
+    per aux head the fraction of targets that were the client itself and of samples skipped; and
+    the weighted parts of the loss with their graphs (``ce``, ``emb``, ``auxK``), for diagnostics.
     """
     loss = supervised
     terms: dict[str, Tensor | float] = {"loss_ce": supervised.detach()}
+    parts = {"ce": supervised}
     if nu_emb > 0 and peers:
         loss_emb = embedding_loss(pub_emb, [p.embedding for p in peers])
-        loss = loss + nu_emb * loss_emb
+        parts["emb"] = nu_emb * loss_emb
+        loss = loss + parts["emb"]
         terms["loss_emb"] = loss_emb.detach()
     if len(pub_logits) > 1:
         stacked = [torch.stack([p.head_probs[h] for p in peers]) if peers
@@ -228,9 +240,10 @@ def mhd_loss(
                    for h in range(len(pub_logits))]
         stats = aux_chain_losses(pub_logits, stacked, selection, skip_less_confident, generator)
         for k, s in enumerate(stats, start=1):
-            loss = loss + nu_aux * s.loss
+            parts[f"aux{k}"] = nu_aux * s.loss
+            loss = loss + parts[f"aux{k}"]
             terms[f"loss_aux{k}"] = s.loss.detach()
             terms[f"self_target_aux{k}"] = s.chosen_self_fraction
             terms[f"skipped_aux{k}"] = s.skipped_fraction
     terms["loss_total"] = loss.detach()
-    return loss, terms
+    return loss, terms, parts

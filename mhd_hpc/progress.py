@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-__all__ = ["Log", "Interval", "merge_client_rows", "train_line", "eval_lines"]
+__all__ = ["Log", "Interval", "Reporter", "merge_client_rows", "train_line", "eval_lines"]
 
 
 class Log:
@@ -34,18 +34,21 @@ class Interval:
 
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.steps = 0
         self.start = time.perf_counter()
 
     def add(self, terms: dict[str, float]) -> None:
         for name, value in terms.items():
             self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
         self.steps += 1
 
     def row(self, sent: int, received: int, waited: float, lr: float) -> dict[str, float]:
-        """Means over the interval plus traffic and timing; starts the next interval."""
+        """Means over the interval (each term over the steps that reported it, e.g. the
+        diagnostics of log steps only) plus traffic and timing; starts the next interval."""
         n = max(self.steps, 1)
-        row = {name: total / n for name, total in self.sums.items()}
+        row = {name: total / self.counts[name] for name, total in self.sums.items()}
         row.update(step_time_s=(time.perf_counter() - self.start) / n, exchange_wait_s=waited / n,
                    bytes_sent=sent, bytes_received=received, lr=lr)
         self.reset()
@@ -84,3 +87,51 @@ def eval_lines(step: int, summary: dict, heads: list[str]) -> list[str]:
                                          for i, h in enumerate(heads)),
             f"  per client beta_sh {heads[0]}/{heads[-1]}: " + "  ".join(
                 f"c{i} {sh[i, 0]:.2f}/{sh[i, -1]:.2f}" for i in range(sh.shape[0]))]
+
+
+class Reporter:
+    """The root rank's side of a run's output: metric rows into ``metrics.h5``, progress and
+    evaluation lines, and the health check of every client at evaluation steps."""
+
+    def __init__(self, metrics, log: Log, total_steps: int, heads: list[str],
+                 distribution: np.ndarray, health_from: int | None):
+        """``health_from``: the first step the health check judges (None: no check)."""
+        self.metrics, self.log, self.total_steps = metrics, log, total_steps
+        self.heads, self.distribution, self.health_from = heads, distribution, health_from
+        self.train_ce: np.ndarray | None = None  # per client, from the latest log interval
+        self.failures: dict[int, list[int]] = {}  # client -> steps at which it failed
+
+    def train_rows(self, step: int, rows: list[tuple[int, dict]]) -> None:
+        per_client = merge_client_rows(rows, len(self.distribution))
+        names = sorted(set().union(*per_client))
+        self.metrics.write_train(step, {n: [r.get(n, np.nan) for r in per_client]
+                                        for n in names})
+        self.train_ce = np.array([r.get("loss_ce", np.nan) for r in per_client])
+        self.log(train_line(step, self.total_steps, per_client))
+
+    def evaluation(self, step: int, accs: list[np.ndarray]) -> None:
+        from mhd_hpc.evaluation import HEALTH_HINT, check_health
+        from mhd_hpc.metrics import summarize
+
+        summary = summarize(np.stack(accs), self.distribution)
+        health = np.full(len(self.distribution), -1, dtype=np.int8)  # -1: not judged yet
+        if self.health_from is not None and step >= self.health_from:
+            ok, reasons = check_health(summary["beta_priv"][:, 0], self.distribution,
+                                       self.train_ce)
+            health = ok.astype(np.int8)
+            for i in np.flatnonzero(~ok):
+                self.failures.setdefault(int(i), []).append(step)
+            for reason in reasons:
+                self.log(f"WARNING health at step {step}: {reason}; {HEALTH_HINT}")
+        summary["health"] = health
+        self.metrics.write_eval(step, summary)
+        for line in eval_lines(step, summary, self.heads):
+            self.log(line)
+
+    def closing_lines(self) -> list[str]:
+        if not self.failures:
+            return []
+        who = ", ".join(f"client {c} (steps {', '.join(map(str, s))})"
+                        for c, s in sorted(self.failures.items()))
+        return [f"WARNING: {len(self.failures)} client(s) failed the health check: {who}. This "
+                "run did not train as intended; do not read its numbers as a result."]

@@ -43,7 +43,20 @@ def summary_at(metrics: dict, step: int | None = None) -> dict:
                                           for j, h in enumerate(heads)}}
     for j, h in enumerate(heads):
         out["mean"][h] = {"beta_priv": float(priv[:, j].mean()), "beta_sh": float(sh[:, j].mean())}
+    out["health_failures"] = health_failures(metrics, row)
     return out
+
+
+def health_failures(metrics: dict, upto_row: int | None = None) -> dict[str, list[int]]:
+    """Client name -> the evaluated steps (up to ``upto_row``) at which it failed the health
+    check (``eval/health`` == 0); empty when every judged client learned."""
+    ev = metrics["eval"]
+    if "health" not in ev:
+        return {}
+    rows = slice(None, None if upto_row is None else upto_row + 1)
+    health, steps = ev["health"][rows], ev["step"][rows]
+    return {name: [int(s) for s in steps[health[:, i] == 0]]
+            for i, name in enumerate(metrics["clients"]) if (health[:, i] == 0).any()}
 
 
 def format_table(summary: dict, metrics: dict) -> str:
@@ -61,6 +74,13 @@ def format_table(summary: dict, metrics: dict) -> str:
             f"{entry['heads'][h]['beta_priv']:>10.3f} {entry['heads'][h]['beta_sh']:>8.3f}"
             for h in heads))
     lines += cross_client_lines(summary, metrics)
+    failures = summary.get("health_failures") or {}
+    if failures:
+        lines += ["", "HEALTH WARNING: " + "; ".join(
+            f"{name} failed the health check at steps {', '.join(map(str, steps))}"
+            for name, steps in failures.items())
+            + ". Its main head did not learn its private task: this run is not a result "
+            "(see the log for the likely causes)."]
     train = metrics["train"]
     if train and len(train.get("step", [])):
         step_time = np.nanmean(train["step_time_s"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["SCHEDULES", "lr_at"]
+__all__ = ["SCHEDULES", "lr_at", "distill_ramp"]
 
 SCHEDULES = ("cosine", "constant")
 
@@ -23,3 +23,11 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0,
         return base_lr
     span = max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+
+
+def distill_ramp(step: int, warmup_steps: int) -> float:
+    """Factor on the distillation weights at 1-based ``step``: ``step / warmup_steps`` during the
+    warm-up, then 1 (always 1 without a warm-up)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)

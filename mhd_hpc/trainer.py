@@ -24,10 +24,11 @@ from mhd_hpc.devices import pick_device, to_device
 from mhd_hpc.distributed.exchange import ClientExchange
 from mhd_hpc.distributed.intra import SingleRank, make_intra
 from mhd_hpc.distributed.world import ClientLayout, World
-from mhd_hpc.evaluation import evaluate
-from mhd_hpc.metrics import MetricsWriter, summarize
+from mhd_hpc.evaluation import evaluate, health_after
+from mhd_hpc.losses import aux_head_weight
+from mhd_hpc.metrics import MetricsWriter
 from mhd_hpc.models import build_model
-from mhd_hpc.progress import Interval, Log, eval_lines, merge_client_rows, train_line
+from mhd_hpc.progress import Interval, Log, Reporter
 from mhd_hpc.run_dir import (RunFolder, claim_run_dir, fingerprint, legacy_fingerprint,
                              schedule_change_note)
 from mhd_hpc.schedules import lr_at
@@ -209,37 +210,59 @@ def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
     nu_emb = cfg.distill.nu_emb if cfg.method == "mhd" else 0.0
     source = make_targets(cfg, world, graph, build, model, data.public, data.num_classes,
                           send_embedding=nu_emb > 0)
-    distill = DistillSettings(cfg.distill.nu_aux, nu_emb, cfg.distill.selection,
-                              cfg.distill.skip_less_confident)
+    nu_aux = aux_head_weight(cfg.distill.nu_aux, cfg.model.aux_heads, cfg.distill.aux_weighting)
+    distill = DistillSettings(nu_aux, nu_emb, cfg.distill.selection,
+                              cfg.distill.skip_less_confident, cfg.distill.warmup_steps)
     step = TrainStep(model, opt, strategy, source, distill, cfg.run.seed, world.client, device)
     return Client(model, opt, source, intra, strategy, step, graph)
 
 
 def evaluate_all(client: Client, data: Data, world: World, device: torch.device,
-                 metrics: MetricsWriter | None, step: int, log: Log) -> None:
-    """Collective: every leader evaluates its client; the root records and prints."""
+                 reporter: Reporter | None, step: int) -> None:
+    """Collective: every leader evaluates its client; the root records, checks and prints."""
     acc = evaluate(client.model, data.test, data.num_classes, device) if world.is_leader else None
     accs = [a for a in world.gather(acc) or [] if a is not None]
-    if world.is_root:
-        summary = summarize(np.stack(accs), data.label_distribution())
-        metrics.write_eval(step, summary)
-        for line in eval_lines(step, summary, client.model.head_names):
-            log(line)
+    if reporter is not None:
+        reporter.evaluation(step, accs)
 
 
 def log_interval(cfg: JobConfig, world: World, client: Client, interval: Interval,
-                 metrics: MetricsWriter | None, step: int, log: Log) -> None:
-    """Collective: gather every rank's interval row, record per client, print one line."""
+                 reporter: Reporter | None, step: int) -> None:
+    """Collective: gather every rank's interval row; the root records and prints."""
     sent, received, waited = client.source.take_counters()
     row = interval.row(sent + client.strategy.take_bytes(), received, waited,
                        lr_at(step - 1, cfg.optim.lr, cfg.run.steps, cfg.optim.warmup_steps,
                              cfg.optim.schedule))
     rows = world.gather((world.client, row))
-    if world.is_root:
-        per_client = merge_client_rows(rows, cfg.clients.count)
-        names = sorted(set().union(*per_client))
-        metrics.write_train(step, {n: [r.get(n, np.nan) for r in per_client] for n in names})
-        log(train_line(step, cfg.run.steps, per_client))
+    if reporter is not None:
+        reporter.train_rows(step, rows)
+
+
+def resume(cfg: JobConfig, world: World, setup: RunSetup, client: Client, data: Data,
+           log: Log) -> tuple[int, Checkpointer, Reporter | None]:
+    """Collective: restart every client from the newest step all have intact (or start fresh
+    from the leaders' weights), and open the root's metrics from that step on."""
+    ckpt = Checkpointer(cfg.run.out_dir, world, cfg.run.keep_checkpoints, setup.fingerprints,
+                        cfg.client_archs()[world.client], isinstance(client.source, PoolTargets))
+    start, notes = ckpt.resume(client.model, client.opt, client.source)
+    notes.append(schedule_change_note(setup.old_config, cfg, start))
+    for note in filter(None, notes):
+        log(note)
+    if start:
+        log(f"resuming every client from step {start} ({ckpt.folder})")
+    else:  # replicas of a client start from its leader's weights
+        client.intra.broadcast_(list(client.model.state_dict().values()))
+    if not world.is_root:
+        return start, ckpt, None
+    heads = client.model.head_names
+    metrics = MetricsWriter(Path(cfg.run.out_dir) / "metrics.h5",
+                            [f"client{i}" for i in range(cfg.clients.count)], heads,
+                            data.label_distribution(), setup.fingerprints[0], start,
+                            topology.hop_distances(client.graph), setup.fingerprints[1:])
+    health_from = (health_after(cfg.run.steps, cfg.eval.health_after, cfg.distill.warmup_steps,
+                                cfg.optim.warmup_steps) if cfg.eval.health_check else None)
+    return start, ckpt, Reporter(metrics, log, cfg.run.steps, heads, data.label_distribution(),
+                                 health_from)
 
 
 def run(cfg: JobConfig, world: World) -> int:
@@ -250,33 +273,18 @@ def run(cfg: JobConfig, world: World) -> int:
         torch.set_num_threads(cfg.run.threads)
     stop, fault = StopSignal(), Fault.for_rank(world.rank)
 
-    # -- dataset, run folder (the root checks and claims it), data, client ----------------------
+    # -- dataset, run folder (the root checks and claims it), data, client, resume ---------------
     setup, folder = prepare_run(cfg, world, log)  # the root holds the folder's lock till exit
     if cfg.data.verify_shards:
         verify_dataset(cfg, world, setup, log)
-    run_dir = Path(cfg.run.out_dir)
     device = pick_device(cfg.backend.device, world.node_local_rank())  # DALI decodes there
     data = open_data(cfg, world, setup)
     client = build_client(cfg, world, data, device, log)
     model, opt = client.model, client.opt
-
-    # -- resume (run.out_dir is shared by all ranks: each reads its client's leader's files) ---
-    ckpt = Checkpointer(run_dir, world, cfg.run.keep_checkpoints, setup.fingerprints,
-                        cfg.client_archs()[world.client], isinstance(client.source, PoolTargets))
-    start, notes = ckpt.resume(model, opt, client.source)
-    notes.append(schedule_change_note(setup.old_config, cfg, start))
-    for note in filter(None, notes):
-        log(note)
-    if start:
-        log(f"resuming every client from step {start} ({ckpt.folder})")
-    else:  # replicas of a client start from its leader's weights
-        client.intra.broadcast_(list(model.state_dict().values()))
-    metrics = (MetricsWriter(run_dir / "metrics.h5", [f"client{i}" for i in range(cfg.clients.count)],
-                             model.head_names, data.label_distribution(), setup.fingerprints[0],
-                             start, topology.hop_distances(client.graph), setup.fingerprints[1:])
-               if world.is_root else None)
+    start, ckpt, reporter = resume(cfg, world, setup, client, data, log)
     if start >= cfg.run.steps:
-        log(f"run already complete at step {start}; see python -m mhd_hpc.report {run_dir}")
+        log(f"run already complete at step {start}; see python -m mhd_hpc.report "
+            f"{cfg.run.out_dir}")
         client.intra.shutdown()
         return 0
     client.strategy.start(model, resumed=start > 0)
@@ -293,11 +301,14 @@ def run(cfg: JobConfig, world: World) -> int:
         batch, pub = data.private.batch(step), data.public.batch(step)
         images, labels = to_device(batch, device)
         pub.images, _ = to_device(pub, device)  # the pool's peer models run on the device copy
-        interval.add(client.train_step(step, images, labels, pub))
+        last = step == cfg.run.steps
+        logging = step % cfg.run.log_every == 0 or last
+        interval.add(client.train_step(step, images, labels, pub,
+                                       grad_norms=logging and cfg.eval.grad_norms))
 
-        last, stopping = step == cfg.run.steps, False
-        if step % cfg.run.log_every == 0 or last:
-            log_interval(cfg, world, client, interval, metrics, step, log)
+        stopping = False
+        if logging:
+            log_interval(cfg, world, client, interval, reporter, step)
             # A signal reaches ranks at different steps: agree on one step to stop at.
             stopping = world.max_over_ranks(1.0 if stop.received else 0.0) > 0 and not last
         evaluating = step % cfg.run.eval_every == 0 or last
@@ -305,7 +316,7 @@ def run(cfg: JobConfig, world: World) -> int:
         if evaluating or saving:
             client.intra.average_(floats)  # replicas' BatchNorm statistics -> their mean
         if evaluating:
-            evaluate_all(client, data, world, device, metrics, step, log)
+            evaluate_all(client, data, world, device, reporter, step)
         if saving:
             client.source.flush(step)  # nothing in flight: the saved pool is this step's pool
             client.intra.check_in_sync(model, step)
@@ -320,5 +331,7 @@ def run(cfg: JobConfig, world: World) -> int:
     world.barrier()
     data.close()
     client.intra.shutdown()
-    log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {run_dir}")
+    for line in reporter.closing_lines() if reporter else []:
+        log(line)
+    log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {cfg.run.out_dir}")
     return 0

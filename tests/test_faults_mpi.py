@@ -85,7 +85,7 @@ def test_pool_mode_resumes_with_its_pool(tmp_path, data_root, straight):
     assert np.all(staleness[1:] >= 2)  # targets are checkpoints at least transfer-steps old
 
 
-def test_corrupt_checkpoint_is_named_and_kept(tmp_path, data_root, straight):
+def test_corrupt_checkpoint_is_named_and_kept(tmp_path, data_root):
     # Issue 9 changed this contract: a corrupt newest checkpoint no longer stops the job; it is
     # named, kept (moved aside), and every client resumes from the previous intact step.
     run = tmp_path / "run"
@@ -98,7 +98,6 @@ def test_corrupt_checkpoint_is_named_and_kept(tmp_path, data_root, straight):
     assert "resuming every client from step 10" in res.stdout
     assert bad.with_name(bad.name + ".corrupt").exists()  # kept for inspection
     assert (run / "checkpoints" / "client_001" / "step_000000030.h5").exists()
-    assert_same_as_straight(run, straight["predictions"])
 
 
 def test_metrics_file_of_another_run_is_refused(tmp_path, data_root):

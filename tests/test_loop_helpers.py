@@ -3,7 +3,6 @@ flat buffers, the MHD objective, and a pool-mode target source."""
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -97,7 +96,8 @@ def test_mhd_loss_assembles_the_paper_objective():
     ce = torch.tensor(1.5)
     peer = losses.PeerOutputs(1, [torch.softmax(torch.randn(b, c), 1) for _ in range(3)],
                               losses.normalize_embedding(torch.randn(b, 6)))
-    loss, terms = losses.mhd_loss(ce, pub_logits, pub_emb, [peer], nu_aux=3.0, nu_emb=0.5)
+    loss, terms, parts = losses.mhd_loss(ce, pub_logits, pub_emb, [peer], nu_aux=3.0,
+                                         nu_emb=0.5)
     stacked = [peer.head_probs[h][None] for h in range(3)]
     aux = losses.aux_chain_losses(pub_logits, stacked, "confidence", False)
     want = ce + 0.5 * losses.embedding_loss(pub_emb, [peer.embedding]) \
@@ -105,8 +105,10 @@ def test_mhd_loss_assembles_the_paper_objective():
     assert loss.item() == pytest.approx(want.item())
     assert set(terms) >= {"loss_ce", "loss_emb", "loss_aux1", "loss_aux2", "loss_total",
                           "self_target_aux1", "skipped_aux2"}
+    assert set(parts) == {"ce", "emb", "aux1", "aux2"}
+    assert sum(parts.values()).item() == pytest.approx(loss.item())
     # Without peers: no embedding term, the aux heads distill from the client itself.
-    loss0, terms0 = losses.mhd_loss(ce, pub_logits, pub_emb, [], nu_aux=3.0, nu_emb=0.5)
+    loss0, terms0, _ = losses.mhd_loss(ce, pub_logits, pub_emb, [], nu_aux=3.0, nu_emb=0.5)
     assert "loss_emb" not in terms0 and terms0["self_target_aux1"] == 1.0
 
 
