@@ -58,11 +58,11 @@ class Checkpointer:
             intact.append(step)
         return sorted(intact), notes
 
-    def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
-               source) -> tuple[int, list[str]]:
+    def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer, source,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[str]]:
         """Collective: load the newest step every client has intact into ``model``, ``opt``, the
-        RNG and the target ``source``. Returns (that step or 0 for a fresh start, the notes about
-        corrupt files of all clients, for the root to print)."""
+        RNG, the fp16 gradient ``scaler`` and the target ``source``. Returns (that step or 0 for
+        a fresh start, the notes about corrupt files of all clients, for the root to print)."""
         mine = self._intact_steps() if self.world.is_leader else None
         reports = [r for r in self.world.allgather(mine) if r is not None]
         start = newest_common_step([steps for steps, _ in reports])
@@ -76,11 +76,17 @@ class Checkpointer:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if scaler is not None:
+            if "scaler" not in state:
+                raise ConfigError("backend.precision", f"{self.ckpts.path(start)} has no "
+                                  "gradient-scaler state: it was not written by an fp16 run")
+            scaler.load_state_dict(state["scaler"])
         if self.pools is not None:
             source.load_state(self.pools.load(start)[0])
         return start, notes
 
     def save(self, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, source,
+             scaler: torch.amp.GradScaler | None = None,
              before_commit: Callable[[], None] | None = None) -> None:
         """Leader only writes; ``before_commit`` runs between the temp file and the rename."""
         if not self.world.is_leader:
@@ -89,9 +95,11 @@ class Checkpointer:
                 "client": self.world.client, "step": step}
         if self.pools is not None:
             self.pools.save(step, source.state(), meta)
-        self.ckpts.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "torch_rng": torch.get_rng_state(), "step": step}, meta,
-                        before_commit=before_commit)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "step": step}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        self.ckpts.save(step, state, meta, before_commit=before_commit)
 
     @property
     def folder(self) -> Path:

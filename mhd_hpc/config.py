@@ -81,6 +81,12 @@ class BackendConfig:
                      "(horovod when importable, else torch).", "auto")
     device: str = doc("auto (the node-local rank's GPU when CUDA is present, else CPU) | cpu | "
                       "cuda.", "auto")
+    precision: str = doc("Number format of the forward pass: auto (bf16 autocast on CUDA "
+                         "devices that support it, fp32 elsewhere) | fp32 | bf16 | fp16 "
+                         "(autocast + a gradient scaler, saved in checkpoints). Losses, "
+                         "softmax targets and the confidence selection stay in fp32.", "auto")
+    channels_last: Union[bool, str] = doc("NHWC memory layout for convolutions: auto (on for "
+                                          "CUDA) | true | false.", "auto")
 
 
 @dataclass
@@ -362,6 +368,8 @@ ADDED_KEYS: dict[str, Any] = {
     "eval.health_check": False,
     "eval.health_after": 0,
     "eval.grad_norms": False,
+    "backend.precision": "fp32",
+    "backend.channels_last": False,
 }
 
 
@@ -549,7 +557,7 @@ def _check_exchange(cfg: JobConfig) -> None:
 
 
 def _check_optim_and_backend(cfg: JobConfig) -> None:
-    from mhd_hpc.devices import DEVICES
+    from mhd_hpc.devices import DEVICES, PRECISIONS
     from mhd_hpc.distributed.intra import INTRA_BACKENDS
     from mhd_hpc.schedules import SCHEDULES
 
@@ -562,6 +570,10 @@ def _check_optim_and_backend(cfg: JobConfig) -> None:
     _positive("eval.health_after", cfg.eval.health_after, allow_zero=True)
     _choice("backend.intra", cfg.backend.intra, INTRA_BACKENDS)
     _choice("backend.device", cfg.backend.device, DEVICES)
+    _choice("backend.precision", cfg.backend.precision, PRECISIONS)
+    if not isinstance(cfg.backend.channels_last, bool) and cfg.backend.channels_last != "auto":
+        raise ConfigError("backend.channels_last", f"auto | true | false, got "
+                          f"{cfg.backend.channels_last!r}")
 
 
 def check_world_size(cfg: JobConfig, world_size: int) -> None:

@@ -1,12 +1,32 @@
-"""Where a rank computes: its device, and getting batches there."""
+"""Where and how a rank computes: its device, its number formats, its memory layout, and
+getting batches there.
+
+* ``backend.precision``: ``auto`` is bf16 autocast on CUDA devices that support it and fp32
+  elsewhere; ``bf16`` and ``fp16`` autocast the forward pass (fp16 with a gradient scaler);
+  losses, softmax targets and the confidence selection always run in fp32.
+* ``backend.channels_last``: ``auto`` is on for CUDA (tensor cores want NHWC convolutions).
+* Ranks of one client on one GPU cannot use NCCL between them (it refuses duplicate GPUs): the
+  pure rule :func:`clients_sharing_a_gpu` finds them, and ``intra`` falls back to gloo.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["DEVICES", "pick_device", "to_device"]
+__all__ = ["DEVICES", "PRECISIONS", "Precision", "pick_device", "to_device",
+           "resolve_precision", "resolve_channels_last", "gpu_of", "clients_sharing_a_gpu"]
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def gpu_of(node_local_rank: int, device_count: int) -> int:
+    """The GPU a rank uses: its rank among the ranks of its node, modulo the node's GPUs."""
+    return node_local_rank % device_count
 
 
 def pick_device(kind: str, node_local_rank: int) -> torch.device:
@@ -14,14 +34,73 @@ def pick_device(kind: str, node_local_rank: int) -> torch.device:
     else the CPU."""
     if kind == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device("cuda", node_local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", gpu_of(node_local_rank, torch.cuda.device_count()))
     torch.cuda.set_device(device)
+    # Batches have fixed shapes: let cuDNN pick the fastest convolution algorithms once. (A
+    # resumed GPU run is then not bit-identical to an uninterrupted one; CPU runs are.)
+    torch.backends.cudnn.benchmark = True
     return device
 
 
-def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and labels onto the device; pinned memory makes the copy asynchronous."""
-    if device.type == "cpu" or batch.images.is_cuda:  # DALI's GPU pipeline is already there
-        return batch.images.to(device), batch.labels.to(device)
-    return (batch.images.pin_memory().to(device, non_blocking=True),
-            batch.labels.pin_memory().to(device, non_blocking=True))
+@dataclass(frozen=True)
+class Precision:
+    """The number format of the forward pass: ``fp32`` (none), ``bf16`` or ``fp16`` autocast."""
+
+    name: str
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return _DTYPES.get(self.name)
+
+    @property
+    def scaled(self) -> bool:
+        """fp16 needs a gradient scaler (its range is too small for raw gradients)."""
+        return self.name == "fp16"
+
+    def autocast(self, device: torch.device):
+        """The forward pass's context: autocast to ``dtype``, or nothing for fp32."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+def resolve_precision(setting: str, device: torch.device) -> tuple[Precision, str]:
+    """``backend.precision`` for this device, and a line for the log saying what and why."""
+    if setting not in PRECISIONS:
+        raise ValueError(f"unknown precision {setting!r}; expected one of {PRECISIONS}")
+    if setting != "auto":
+        return Precision(setting), f"backend.precision={setting}"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return Precision("bf16"), "backend.precision=auto -> bf16 autocast (CUDA with bf16)"
+    return Precision("fp32"), f"backend.precision=auto -> fp32 ({device.type})"
+
+
+def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """``backend.channels_last``: ``auto`` is on for CUDA, off elsewhere."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def clients_sharing_a_gpu(ranks_of_client: list[list[int]], hosts: list[str],
+                          node_local_ranks: list[int], device_count: int) -> list[int]:
+    """Clients with two or more ranks on the same GPU of the same node (pure: from the rank
+    layout, every rank's host name and node-local rank, and the GPUs per node)."""
+    if device_count < 1:
+        return []
+    out = []
+    for client, ranks in enumerate(ranks_of_client):
+        gpus = [(hosts[r], gpu_of(node_local_ranks[r], device_count)) for r in ranks]
+        if len(set(gpus)) < len(gpus):
+            out.append(client)
+    return out
+
+
+def to_device(batch, device: torch.device,
+              memory_format: torch.memory_format = torch.contiguous_format
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (in ``memory_format``) and labels onto the device; pinned memory makes the copy
+    asynchronous."""
+    images, labels = batch.images, batch.labels
+    if device.type != "cpu" and not images.is_cuda:  # DALI's GPU pipeline is already there
+        images, labels = images.pin_memory(), labels.pin_memory()
+    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    return images, labels.to(device, non_blocking=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mhd_hpc.devices import Precision
 from mhd_hpc.metrics import per_class_accuracy
 
 __all__ = ["evaluate", "check_health", "health_after", "chance_accuracy", "prior_entropy",
@@ -13,12 +14,16 @@ __all__ = ["evaluate", "check_health", "health_after", "chance_accuracy", "prior
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, test, num_classes: int, device: torch.device) -> np.ndarray:
-    """(H, C) per-class test accuracy of every head (model in eval mode while it runs)."""
+def evaluate(model: torch.nn.Module, test, num_classes: int, device: torch.device,
+             precision: Precision = Precision("fp32"),
+             memory_format: torch.memory_format = torch.contiguous_format) -> np.ndarray:
+    """(H, C) per-class test accuracy of every head (model in eval mode while it runs), with the
+    training's precision and memory layout."""
     model.eval()
     preds, labels = [], []
     for batch in test.eval_batches():
-        _, logits = model(batch.images.to(device))
+        with precision.autocast(device):
+            _, logits = model(batch.images.to(device).contiguous(memory_format=memory_format))
         preds.append(torch.stack([l.argmax(1) for l in logits]).cpu().numpy())
         labels.append(batch.labels.numpy())
     model.train()

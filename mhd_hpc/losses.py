@@ -158,8 +158,8 @@ class HeadDistillStats:
     """Loss of one aux head plus diagnostics for the metrics log."""
 
     loss: Tensor
-    chosen_self_fraction: float
-    skipped_fraction: float
+    chosen_self_fraction: Tensor  # 0-dim, on the device: reading it would wait for the device
+    skipped_fraction: Tensor
 
 
 def aux_chain_losses(
@@ -197,8 +197,8 @@ def aux_chain_losses(
         n = max(chosen.numel(), 1)
         stats.append(HeadDistillStats(
             loss=loss,
-            chosen_self_fraction=float((chosen == 0).sum().item()) / n,
-            skipped_fraction=float((~kept).sum().item()) / n,
+            chosen_self_fraction=(chosen == 0).sum() / n,
+            skipped_fraction=(~kept).sum() / n,
         ))
     return stats
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 __all__ = ["Log", "Interval", "Reporter", "merge_client_rows", "train_line", "eval_lines"]
 
@@ -38,8 +39,12 @@ class Interval:
         self.steps = 0
         self.start = time.perf_counter()
 
-    def add(self, terms: dict[str, float]) -> None:
+    def add(self, terms: dict) -> None:
+        """Accumulate one step's terms: 0-dim tensors stay on their device (no wait), floats
+        on the host."""
         for name, value in terms.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
             self.sums[name] = self.sums.get(name, 0.0) + value
             self.counts[name] = self.counts.get(name, 0) + 1
         self.steps += 1
@@ -48,7 +53,13 @@ class Interval:
         """Means over the interval (each term over the steps that reported it, e.g. the
         diagnostics of log steps only) plus traffic and timing; starts the next interval."""
         n = max(self.steps, 1)
-        row = {name: total / self.counts[name] for name, total in self.sums.items()}
+        names = list(self.sums)
+        tensors = [self.sums[k] for k in names if isinstance(self.sums[k], torch.Tensor)]
+        values = iter(torch.stack([t.float() for t in tensors]).tolist()
+                      if tensors else [])  # the interval's one read of the device
+        sums = {k: next(values) if isinstance(self.sums[k], torch.Tensor) else self.sums[k]
+                for k in names}
+        row = {name: total / self.counts[name] for name, total in sums.items()}
         row.update(step_time_s=(time.perf_counter() - self.start) / n, exchange_wait_s=waited / n,
                    bytes_sent=sent, bytes_received=received, lr=lr)
         self.reset()

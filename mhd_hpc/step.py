@@ -1,9 +1,16 @@
 """One training step of one client: the code path the trainer runs and the step benchmark times.
 
-Forward over [private batch; public batch] in one pass (half the kernel launches, and BatchNorm
-sees the public distribution the distillation losses are computed on), the supervised loss, the
-distillation targets of this step (``targets``), the MHD objective (``losses.mhd_loss``),
-backward, the method's gradient reduction (``strategies``) and the optimizer step.
+Receives for this step's peers are posted first (``targets.prepare``), then the forward pass
+over [private batch; public batch] in one pass (half the kernel launches, and BatchNorm sees the
+public distribution the distillation losses are computed on), under the job's autocast
+(``backend.precision``). The public outputs go to the peers and their targets come back
+(``targets``), the MHD objective is assembled in fp32 (``losses.mhd_loss``), then backward (with
+the gradient scaler for fp16), the method's gradient reduction (``strategies``) and the optimizer
+step.
+
+Nothing here waits for the device: the loss terms stay on it and are read at log steps, and the
+check for a non-finite loss accumulates in a device flag that ``check_finite`` reads at log,
+evaluation and checkpoint steps (the exchange checks the outputs it sends itself).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mhd_hpc import losses
+from mhd_hpc.devices import Precision
 from mhd_hpc.schedules import distill_ramp
 from mhd_hpc.seeds import SELECTION, seed_of
 
@@ -31,24 +39,30 @@ class DistillSettings:
 
 
 class TrainStep:
-    """Callable ``(step, images, labels, pub) -> terms`` for one client."""
+    """Callable ``(step, images, labels, pub) -> terms`` for one client (terms are 0-dim
+    tensors on the device, or floats)."""
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, strategy, source,
-                 distill: DistillSettings, seed: int, client: int, device: torch.device):
+                 distill: DistillSettings, seed: int, client: int, device: torch.device,
+                 precision: Precision = Precision("fp32")):
         self.model, self.opt, self.strategy, self.source = model, opt, strategy, source
         self.distill, self.seed, self.client = distill, seed, client
+        self.device, self.precision = device, precision
+        self.scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
         self.select_gen = torch.Generator(device=device)
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self._checked_upto = 0  # steps up to here had finite losses
 
     def __call__(self, step: int, images: torch.Tensor, labels: torch.Tensor, pub,
                  grad_norms: bool = False) -> dict:
         """One step; ``grad_norms`` also records each loss part's gradient norm on the
         backbone (``gradnorm_<part>``, diagnostics: one extra backward pass per part)."""
+        self.source.prepare(step)
         b = images.shape[0]
-        emb, logits = self.model(torch.cat([images, pub.images]))
+        with self.precision.autocast(self.device):
+            emb, logits = self.model(torch.cat([images, pub.images]))
+        emb, logits = emb.float(), [l.float() for l in logits]  # losses and targets in fp32
         loss_ce = losses.main_ce_loss(logits[0][:b], labels)
-        if not torch.isfinite(loss_ce):
-            raise FloatingPointError(f"client {self.client}: non-finite loss at step {step} "
-                                     "(training diverged: lower optim.lr or check the data)")
         pub_emb, pub_logits = emb[b:], [l[b:] for l in logits]
         self.source.begin_step(step, self.model)
         peers = self.source.targets(step, pub, pub_logits, pub_emb)
@@ -58,17 +72,31 @@ class TrainStep:
         loss, terms, parts = losses.mhd_loss(
             loss_ce, pub_logits, pub_emb, peers, ramp * d.nu_aux, ramp * d.nu_emb, d.selection,
             d.skip_less_confident, self.select_gen)
+        self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
         if grad_norms:
             terms.update(self._grad_norms(parts))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
         self.strategy.reduce_gradients([p.grad for p in self.model.parameters()
                                         if p.grad is not None])
-        self.opt.step()
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.strategy.after_step(step, self.model)
-        out = {n: float(v) for n, v in terms.items()}
-        out.update(self.source.stats())
-        return out
+        terms.update(self.source.stats())
+        return terms
+
+    def check_finite(self, step: int) -> None:
+        """Raise if any loss since the last check was NaN or infinite (reads the device flag:
+        call it where the job is about to log, evaluate, checkpoint or send weights)."""
+        if bool(self._nonfinite):
+            raise FloatingPointError(
+                f"client {self.client}: non-finite loss between steps {self._checked_upto + 1} "
+                f"and {step} (training diverged: lower optim.lr, check the data, or use "
+                "backend.precision=fp32)")
+        self._checked_upto = step
 
     def _grad_norms(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """L2 norm of the gradient each weighted loss part alone puts on the backbone: which

@@ -16,6 +16,7 @@ import torch
 
 from mhd_hpc import losses, topology
 from mhd_hpc.data.batches import Batch, key_hash
+from mhd_hpc.devices import Precision
 from mhd_hpc.losses import PeerOutputs
 from mhd_hpc.pool import CheckpointPool, flatten_state, refresh_sources, state_size
 
@@ -30,8 +31,11 @@ EXCHANGE_MODES = ("predictions", "pool")
 class NoTargets:
     """Baselines without peers (``separate``, ``fedavg``, ``supervised``, topology ``none``)."""
 
+    def prepare(self, step: int) -> None:
+        """Before the forward pass (post this step's receives)."""
+
     def begin_step(self, step: int, model: torch.nn.Module) -> None:
-        """Work due at the start of a step, before the forward pass."""
+        """Work due once the forward pass of ``step`` has run, before the targets."""
 
     def stats(self) -> dict[str, float]:
         """Per-step diagnostics for the metrics log (after ``targets``)."""
@@ -62,22 +66,25 @@ class LiveTargets(NoTargets):
         self.world, self.graph, self.exchange = world, graph, exchange
         self.public, self.send_embedding = public, send_embedding
         self.delta, self.seed = delta, seed
+        self._plan: tuple[list[int], list[int]] = ([], [])
 
-    def targets(self, step, pub, pub_logits, pub_emb):
+    def prepare(self, step):
         me = self.world.client
         chosen = topology.peers_at_step(self.graph, step, self.delta, self.seed)
-        send_to, receive_from = topology.out_peers(chosen)[me], chosen[me]
-        if not (send_to or receive_from):
+        self._plan = (topology.out_peers(chosen)[me], chosen[me])
+        if any(self._plan):
+            self.exchange.post_receives(step, *self._plan)
+
+    def targets(self, step, pub, pub_logits, pub_emb):
+        if not any(self._plan):
             return []
-        # Messages travel through the CPU (MPI buffers); targets come back on our device.
-        probs = [torch.softmax(l.detach(), dim=1).cpu() for l in pub_logits]
-        emb = losses.normalize_embedding(pub_emb.detach()).cpu() if self.send_embedding else None
-        peers = self.exchange.exchange(step, key_hash(pub.keys), self.public.global_key_hash(step),
-                                       probs, emb, send_to, receive_from)
-        device = pub_emb.device
-        return [PeerOutputs(p.client, [h.to(device, non_blocking=True) for h in p.head_probs],
-                            None if p.embedding is None else p.embedding.to(device))
-                for p in peers]
+        # Softmax (fp32) here; top-k and fp16 in the codec, on the device; targets come back
+        # decoded on the same device.
+        probs = [torch.softmax(l.detach().float(), dim=1) for l in pub_logits]
+        emb = (losses.normalize_embedding(pub_emb.detach().float()) if self.send_embedding
+               else None)
+        return self.exchange.complete(key_hash(pub.keys), self.public.global_key_hash(step),
+                                      probs, emb)
 
     def take_counters(self):
         return self.exchange.take_counters()
@@ -90,10 +97,11 @@ class PoolTargets(NoTargets):
     def __init__(self, world: World, graph: list[list[int]], archs: list[str],
                  build: Callable[[str], torch.nn.Module], capacity: int, pool_every: int,
                  transfer_steps: int, delta: int, seed: int, timeout_s: float,
-                 send_embedding: bool):
+                 send_embedding: bool, precision: Precision = Precision("fp32")):
         self.world, self.graph, self.archs = world, graph, archs
         self.send_embedding = send_embedding
         self.pool_every, self.transfer_steps = pool_every, transfer_steps
+        self.precision = precision
         self.delta, self.seed = delta, seed
         from mhd_hpc.distributed.transfer import WeightTransfer
 
@@ -120,7 +128,12 @@ class PoolTargets(NoTargets):
                                            due=step + self.transfer_steps)
             receivers = [i for i, src in enumerate(sources) if src == me]
             if receivers:
-                self.transfer.post_send(step, flatten_state(model), receivers)
+                flat = flatten_state(model)
+                if not np.isfinite(flat).all():
+                    raise FloatingPointError(f"client {me}: non-finite weights at step {step} "
+                                             "(training diverged): not sent to the pool of "
+                                             f"clients {receivers}")
+                self.transfer.post_send(step, flat, receivers)
         lag = self.transfer_steps % self.pool_every
         if step % self.pool_every == lag:  # the only steps at which transfers fall due
             self._insert(step, self._share(self.transfer.complete(step)))
@@ -154,10 +167,11 @@ class PoolTargets(NoTargets):
     def targets(self, step, pub, pub_logits, pub_emb):
         out = []
         for entry in self.pool.draw(step, self.delta):
-            emb, logits = entry.model(pub.images)
-            out.append(PeerOutputs(
-                entry.source_client, [torch.softmax(l, dim=1) for l in logits],
-                losses.normalize_embedding(emb) if self.send_embedding else None))
+            with self.precision.autocast(pub.images.device):
+                emb, logits = entry.model(pub.images)
+            out.append(PeerOutputs(  # targets in fp32 whatever the forward's precision
+                entry.source_client, [torch.softmax(l.float(), dim=1) for l in logits],
+                losses.normalize_embedding(emb.float()) if self.send_embedding else None))
             self._staleness.append(step - entry.source_step)
         return out
 

@@ -20,7 +20,8 @@ from mhd_hpc.config import ConfigError, JobConfig
 from mhd_hpc.data.embedded import build_digits_shards
 from mhd_hpc.data.manifest import client_split, content_digest, load_manifest, verify_shards
 from mhd_hpc.data.stream_factory import open_stream
-from mhd_hpc.devices import pick_device, to_device
+from mhd_hpc.devices import (Precision, pick_device, resolve_channels_last,
+                             resolve_precision, to_device)
 from mhd_hpc.distributed.exchange import ClientExchange
 from mhd_hpc.distributed.intra import SingleRank, make_intra
 from mhd_hpc.distributed.world import ClientLayout, World
@@ -155,7 +156,8 @@ def open_data(cfg: JobConfig, world: World, setup: RunSetup) -> Data:
 
 
 def make_targets(cfg: JobConfig, world: World, graph: list[list[int]], build, model,
-                 public, num_classes: int, send_embedding: bool) -> NoTargets:
+                 public, num_classes: int, send_embedding: bool, device: torch.device,
+                 precision: Precision) -> NoTargets:
     """Where this client's distillation targets come from (``exchange.mode``)."""
     if cfg.method != "mhd" or cfg.topology.kind == "none":
         return NoTargets()
@@ -163,10 +165,11 @@ def make_targets(cfg: JobConfig, world: World, graph: list[list[int]], build, mo
     if ex.mode == "pool":
         return PoolTargets(world, graph, cfg.client_archs(), build,
                            ex.pool_size or cfg.clients.count, ex.pool_every,
-                           ex.pool_transfer_steps, delta, seed, ex.timeout_s, send_embedding)
+                           ex.pool_transfer_steps, delta, seed, ex.timeout_s, send_embedding,
+                           precision)
     exchange = ClientExchange(world, model.num_heads, num_classes, cfg.data.public_batch_size,
                               ex.top_k, model.embedding_dim if send_embedding else 0,
-                              ex.timeout_s)
+                              ex.timeout_s, device)
     return LiveTargets(world, graph, exchange, public, delta, seed, send_embedding)
 
 
@@ -181,15 +184,20 @@ class Client:
     strategy: object
     train_step: TrainStep
     graph: list[list[int]]
+    memory_format: torch.memory_format  # of the images (channels_last or not)
 
 
 def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
                  log: Log) -> Client:
     """Collective (intra-client backends start here): model, optimizer and communication."""
     intra, why = make_intra(cfg.backend.intra, world, device)
+    precision, why_precision = resolve_precision(cfg.backend.precision, device)
+    layout = (torch.channels_last if resolve_channels_last(cfg.backend.channels_last, device)
+              else torch.contiguous_format)
     log(f"{cfg.clients.count} clients on {world.size} ranks (ranks per client "
         f"{cfg.client_ranks()}), method={cfg.method}, device {device.type}, loader "
-        f"{data.backend}; {why}")
+        f"{data.backend}; {why}; {why_precision}, channels_last "
+        f"{layout == torch.channels_last}")
     log(f"{data.private.num_samples} private samples on client 0, {data.public.num_samples} "
         f"public, {data.manifest['counts']['test']} test, {data.num_classes} classes; run "
         f"folder {cfg.run.out_dir}")
@@ -199,7 +207,7 @@ def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
 
     def build(arch: str) -> torch.nn.Module:
         return build_model(arch, data.num_classes, cfg.model.aux_heads, shape[0], shape[-1],
-                           cfg.model.embedding_dim).to(device)
+                           cfg.model.embedding_dim).to(device, memory_format=layout)
 
     model = build(cfg.client_archs()[world.client])
     o = cfg.optim
@@ -209,18 +217,21 @@ def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
                                     cfg.topology.edges)
     nu_emb = cfg.distill.nu_emb if cfg.method == "mhd" else 0.0
     source = make_targets(cfg, world, graph, build, model, data.public, data.num_classes,
-                          send_embedding=nu_emb > 0)
+                          nu_emb > 0, device, precision)
     nu_aux = aux_head_weight(cfg.distill.nu_aux, cfg.model.aux_heads, cfg.distill.aux_weighting)
     distill = DistillSettings(nu_aux, nu_emb, cfg.distill.selection,
                               cfg.distill.skip_less_confident, cfg.distill.warmup_steps)
-    step = TrainStep(model, opt, strategy, source, distill, cfg.run.seed, world.client, device)
-    return Client(model, opt, source, intra, strategy, step, graph)
+    step = TrainStep(model, opt, strategy, source, distill, cfg.run.seed, world.client, device,
+                     precision)
+    return Client(model, opt, source, intra, strategy, step, graph, layout)
 
 
 def evaluate_all(client: Client, data: Data, world: World, device: torch.device,
                  reporter: Reporter | None, step: int) -> None:
     """Collective: every leader evaluates its client; the root records, checks and prints."""
-    acc = evaluate(client.model, data.test, data.num_classes, device) if world.is_leader else None
+    acc = (evaluate(client.model, data.test, data.num_classes, device,
+                    client.train_step.precision, client.memory_format)
+           if world.is_leader else None)
     accs = [a for a in world.gather(acc) or [] if a is not None]
     if reporter is not None:
         reporter.evaluation(step, accs)
@@ -229,6 +240,7 @@ def evaluate_all(client: Client, data: Data, world: World, device: torch.device,
 def log_interval(cfg: JobConfig, world: World, client: Client, interval: Interval,
                  reporter: Reporter | None, step: int) -> None:
     """Collective: gather every rank's interval row; the root records and prints."""
+    client.train_step.check_finite(step)
     sent, received, waited = client.source.take_counters()
     row = interval.row(sent + client.strategy.take_bytes(), received, waited,
                        lr_at(step - 1, cfg.optim.lr, cfg.run.steps, cfg.optim.warmup_steps,
@@ -244,7 +256,8 @@ def resume(cfg: JobConfig, world: World, setup: RunSetup, client: Client, data: 
     from the leaders' weights), and open the root's metrics from that step on."""
     ckpt = Checkpointer(cfg.run.out_dir, world, cfg.run.keep_checkpoints, setup.fingerprints,
                         cfg.client_archs()[world.client], isinstance(client.source, PoolTargets))
-    start, notes = ckpt.resume(client.model, client.opt, client.source)
+    start, notes = ckpt.resume(client.model, client.opt, client.source,
+                               client.train_step.scaler)
     notes.append(schedule_change_note(setup.old_config, cfg, start))
     for note in filter(None, notes):
         log(note)
@@ -299,8 +312,8 @@ def run(cfg: JobConfig, world: World) -> int:
             group["lr"] = lr_at(step - 1, cfg.optim.lr, cfg.run.steps, cfg.optim.warmup_steps,
                                 cfg.optim.schedule)
         batch, pub = data.private.batch(step), data.public.batch(step)
-        images, labels = to_device(batch, device)
-        pub.images, _ = to_device(pub, device)  # the pool's peer models run on the device copy
+        images, labels = to_device(batch, device, client.memory_format)
+        pub.images, _ = to_device(pub, device, client.memory_format)  # pool peers use it too
         last = step == cfg.run.steps
         logging = step % cfg.run.log_every == 0 or last
         interval.add(client.train_step(step, images, labels, pub,
@@ -314,13 +327,14 @@ def run(cfg: JobConfig, world: World) -> int:
         evaluating = step % cfg.run.eval_every == 0 or last
         saving = step % cfg.run.checkpoint_every == 0 or last or stopping
         if evaluating or saving:
+            client.train_step.check_finite(step)  # never evaluate or save a diverged model
             client.intra.average_(floats)  # replicas' BatchNorm statistics -> their mean
         if evaluating:
             evaluate_all(client, data, world, device, reporter, step)
         if saving:
             client.source.flush(step)  # nothing in flight: the saved pool is this step's pool
             client.intra.check_in_sync(model, step)
-            ckpt.save(step, model, opt, client.source,
+            ckpt.save(step, model, opt, client.source, client.train_step.scaler,
                       before_commit=die if fault and fault.in_checkpoint(step) else None)
         if stopping:
             world.barrier()

@@ -2,15 +2,16 @@
 
 At step t client j sends to every client that chose it as a distillation target, and receives
 from the peers it chose; all clients derive the same schedule from the shared seed, so no
-negotiation is needed. A message is one contiguous byte buffer (``Isend``/``Irecv``, no pickle):
+negotiation is needed. A message is one contiguous byte buffer in the layout of
+:mod:`mhd_hpc.codec` (``Isend``/``Irecv``, no pickle).
 
-    header  : int64 step, uint64 hash of the public-batch sample keys, int64 sender client
-    per head: fp16 probabilities (B, k) + int16 class indices (B, k)   when top_k > 0
-              fp16 probabilities (B, C)                                when top_k == 0
-    emb     : fp16 L2-normalised embedding (B, D)                       when the embedding is sent
-
-Every receiver checks step and key hash; a mismatch means the clients are not looking at the same
-public samples and is an error, never silently wrong targets.
+A step in three phases, so that nothing waits that need not: ``post_receives`` before the
+forward pass (the peers' messages can land while this client computes), ``send`` as soon as the
+public outputs exist (encoded on the device, one copy into a pinned host buffer that MPI sends
+from; outputs that are not finite stop this client before anything is sent), ``wait`` for what
+was posted (each receive copied to the device once and decoded there). Every receiver checks the
+step and the key hash: clients that disagree on the public batch stop with an error, never train
+on silently wrong targets.
 """
 
 from __future__ import annotations
@@ -23,65 +24,60 @@ import torch
 
 from mpi4py import MPI
 
+from mhd_hpc.codec import MessageCodec
 from mhd_hpc.distributed.p2p import ExchangeError, TrafficCounters, wait_until
 from mhd_hpc.distributed.world import World
-from mhd_hpc.losses import PeerOutputs, densify_topk
+from mhd_hpc.losses import PeerOutputs
 
 _TAG = 17
-_HEADER = np.dtype([("step", "<i8"), ("hash", "<u8"), ("sender", "<i8")])
+
+
+def _host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 host buffer MPI can use; page-locked when the data comes from or goes to a GPU,
+    so that the device copies are asynchronous."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
 
 class PredictionExchange(TrafficCounters):
-    """Fixed-size message layout for a job, plus the send/receive of one step."""
+    """The messages of one job between pairs of ranks: post receives, send, wait."""
 
     def __init__(self, world: World, num_heads: int, num_classes: int, batch_size: int,
-                 top_k: int, embedding_dim: int, timeout_s: float):
+                 top_k: int, embedding_dim: int, timeout_s: float,
+                 device: torch.device | str = "cpu"):
         super().__init__()
-        self.world = world
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.batch_size = batch_size
-        if not 0 <= top_k <= num_classes:
-            raise ValueError(f"top_k={top_k} must be in [0, num_classes={num_classes}]")
-        self.top_k = top_k if top_k < num_classes else 0  # the top C of C is the whole
-        self.embedding_dim = embedding_dim
-        self.timeout_s = timeout_s
-        k = self.top_k or num_classes
-        self._probs_bytes = batch_size * k * 2
-        self._index_bytes = batch_size * k * 2 if self.top_k else 0
-        self._emb_bytes = batch_size * embedding_dim * 2
-        self.message_bytes = (_HEADER.itemsize + num_heads * (self._probs_bytes + self._index_bytes)
-                              + self._emb_bytes)
+        self.world, self.timeout_s, self.device = world, timeout_s, torch.device(device)
+        self.codec = MessageCodec(num_heads, num_classes, batch_size, top_k, embedding_dim)
+        self.message_bytes = self.codec.message_bytes
+        self._send_buf = _host_buffer(self.message_bytes, self.device)
+        self._finite = torch.empty((), dtype=torch.bool, pin_memory=self.device.type == "cuda")
+        self._recv_bufs: dict[int, torch.Tensor] = {}
+        self._pending: list = []  # (request, owner client, is_receive)
+        self._decoded: torch.cuda.Event | None = None  # last copies out of the receive buffers
+        self._step = -1
+        self._rank_of: Callable[[int], int] = world.rank_of_client
+        self._t0 = 0.0
 
-    # -- encoding ---------------------------------------------------------------------------
+    # -- host messages (whole buffers; the leaders' relay and the tests use these) ------------
     def pack(self, step: int, key_hash: int, client: int, head_probs: list[torch.Tensor],
              embedding: torch.Tensor | None) -> np.ndarray:
-        """Encode this client's outputs into one contiguous uint8 buffer."""
-        if len(head_probs) != self.num_heads:
-            raise ValueError(f"expected {self.num_heads} heads, got {len(head_probs)}")
-        parts = [np.array([(step, key_hash, client)], dtype=_HEADER).view(np.uint8)]
-        for probs in head_probs:
-            probs = probs.detach().float()
-            if self.top_k:
-                values, indices = probs.topk(self.top_k, dim=1)
-                parts.append(values.numpy().astype(np.float16).view(np.uint8).ravel())
-                parts.append(indices.numpy().astype(np.int16).view(np.uint8).ravel())
-            else:
-                parts.append(probs.numpy().astype(np.float16).view(np.uint8).ravel())
-        if self.embedding_dim:
-            if embedding is None:
-                raise ValueError("this exchange carries embeddings but none was given")
-            parts.append(embedding.detach().float().numpy().astype(np.float16)
-                         .view(np.uint8).ravel())
-        buf = np.concatenate(parts)
-        assert buf.nbytes == self.message_bytes, (buf.nbytes, self.message_bytes)
-        return buf
+        """This client's outputs as one host message (a copy)."""
+        payload, _ = self.codec.encode_payload(head_probs, embedding)
+        out = np.empty(self.message_bytes, dtype=np.uint8)
+        out[self.codec.message_bytes - self.codec.payload_bytes:] = payload.cpu().numpy()
+        self.codec.write_header(out, step, key_hash, client)
+        return out
 
     def unpack(self, buf: np.ndarray, expect_step: int, expect_hash: int,
                expect_client: int) -> PeerOutputs:
-        """Decode a peer's buffer, checking it is about the same step and public samples."""
-        header = buf[:_HEADER.itemsize].view(_HEADER)[0]
-        step, key_hash, sender = int(header["step"]), int(header["hash"]), int(header["sender"])
+        """Decode a host message (checking step, sender and key hash) onto ``self.device``."""
+        self._check_header(buf, expect_step, expect_hash, expect_client)
+        payload = torch.from_numpy(buf[self.message_bytes - self.codec.payload_bytes:])
+        heads, emb = self.codec.decode_payload(payload.to(self.device, non_blocking=True))
+        return PeerOutputs(expect_client, heads, emb)
+
+    def _check_header(self, buf: np.ndarray, expect_step: int, expect_hash: int,
+                      expect_client: int) -> None:
+        step, key_hash, sender = self.codec.read_header(buf)
         where = f"client {expect_client}"
         if sender != expect_client or step != expect_step:
             raise ExchangeError(f"{self.world.where()} expected step {expect_step} from {where} "
@@ -90,62 +86,86 @@ class PredictionExchange(TrafficCounters):
             raise ExchangeError(f"{self.world.where()}: public batch of step {step} from {where} "
                                 f"covers different samples (key hash {key_hash:016x} != ours "
                                 f"{expect_hash:016x}); clients disagree on the public stream")
-        b, c = self.batch_size, self.num_classes
-        k = self.top_k or c
-        offset = _HEADER.itemsize
-        heads = []
-        for _ in range(self.num_heads):
-            probs = torch.from_numpy(buf[offset:offset + self._probs_bytes].view(np.float16)
-                                     .reshape(b, k).astype(np.float32))
-            offset += self._probs_bytes
-            if self.top_k:
-                idx = torch.from_numpy(buf[offset:offset + self._index_bytes].view(np.int16)
-                                       .reshape(b, k).astype(np.int64))
-                offset += self._index_bytes
-                probs = densify_topk(probs, idx, c)
-            heads.append(probs)
-        emb = None
-        if self.embedding_dim:
-            emb = torch.from_numpy(buf[offset:offset + self._emb_bytes].view(np.float16)
-                                   .reshape(b, self.embedding_dim).astype(np.float32))
-        return PeerOutputs(expect_client, heads, emb)
 
-    # -- one step ---------------------------------------------------------------------------
+    # -- one step in three phases --------------------------------------------------------------
+    def post_receives(self, step: int, receive_from: list[int],
+                      rank_of: Callable[[int], int] | None = None) -> None:
+        """Post this step's receives (before the forward pass); ``rank_of(client)`` is the rank
+        to talk to (default: the client's leader)."""
+        self._step, self._rank_of = step, rank_of or self.world.rank_of_client
+        self._t0 = time.perf_counter()
+        if self._decoded is not None:  # MPI must not overwrite a buffer the GPU still copies
+            self._decoded.synchronize()
+            self._decoded = None
+        for j in receive_from:
+            if j not in self._recv_bufs:
+                self._recv_bufs[j] = _host_buffer(self.message_bytes, self.device)
+            request = self.world.comm.Irecv([self._recv_bufs[j].numpy(), MPI.BYTE],
+                                            source=self._rank_of(j), tag=_TAG)
+            self._pending.append((request, j, True))
+
+    def send(self, key_hash: int, head_probs: list[torch.Tensor],
+             embedding: torch.Tensor | None, send_to: list[int]) -> None:
+        """Encode on the device, one copy to the host buffer, and ``Isend`` to ``send_to``."""
+        if not send_to:
+            return
+        t0 = time.perf_counter()
+        payload, finite = self.codec.encode_payload(head_probs, embedding)
+        host = self._send_buf
+        host[self.message_bytes - self.codec.payload_bytes:].copy_(payload, non_blocking=True)
+        self._finite.copy_(finite, non_blocking=True)
+        if payload.is_cuda:  # MPI reads host memory: the copies must have landed
+            copied = torch.cuda.Event()
+            copied.record()
+            copied.synchronize()
+        if not bool(self._finite):
+            raise FloatingPointError(f"client {self.world.client}: non-finite outputs at step "
+                                     f"{self._step} (training diverged: lower optim.lr or check "
+                                     "the data); nothing was sent to its peers")
+        message = host.numpy()
+        self.codec.write_header(message, self._step, key_hash, self.world.client)
+        for i in send_to:
+            request = self.world.comm.Isend([message, MPI.BYTE], dest=self._rank_of(i), tag=_TAG)
+            self._pending.append((request, i, False))
+        self.bytes_sent += self.message_bytes * len(send_to)
+        self._t0 -= time.perf_counter() - t0  # encoding is not waiting
+
+    def wait(self, key_hash: int) -> list[PeerOutputs]:
+        """Wait for everything posted this step (with a deadline that names the missing peers)
+        and decode the receives, in the order they were posted, onto ``self.device``."""
+        pending, self._pending = self._pending, []
+        requests = [r for r, _, _ in pending]
+        if requests:
+            self._wait_all(pending)
+        received = [j for _, j, is_recv in pending if is_recv]
+        out = [self.unpack(self._recv_bufs[j].numpy(), self._step, key_hash, j)
+               for j in received]
+        if received and self.device.type == "cuda":
+            self._decoded = torch.cuda.Event()
+            self._decoded.record()
+        self.bytes_received += self.message_bytes * len(received)
+        self.wait_seconds += time.perf_counter() - self._t0
+        return out
+
     def exchange(self, step: int, key_hash: int, head_probs: list[torch.Tensor],
                  embedding: torch.Tensor | None, send_to: list[int], receive_from: list[int],
                  rank_of: Callable[[int], int] | None = None) -> list[PeerOutputs]:
-        """Send our outputs to ``send_to`` clients and receive those of ``receive_from``;
-        ``rank_of(client)`` is the rank to talk to (default: the client's leader)."""
-        rank_of = rank_of or self.world.rank_of_client
-        comm = self.world.comm
-        me = self.world.client
-        t0 = time.perf_counter()
-        recv_bufs = {j: np.empty(self.message_bytes, dtype=np.uint8) for j in receive_from}
-        requests = [comm.Irecv([recv_bufs[j], MPI.BYTE], source=rank_of(j), tag=_TAG)
-                    for j in receive_from]
-        owners = list(receive_from)
-        if send_to:
-            out = self.pack(step, key_hash, me, head_probs, embedding)
-            for i in send_to:
-                requests.append(comm.Isend([out, MPI.BYTE], dest=rank_of(i), tag=_TAG))
-                owners.append(i)
-            self.bytes_sent += out.nbytes * len(send_to)
-        self._wait_all(requests, owners, step, len(receive_from), rank_of)
-        self.wait_seconds += time.perf_counter() - t0
-        self.bytes_received += self.message_bytes * len(receive_from)
-        return [self.unpack(recv_bufs[j], step, key_hash, j) for j in receive_from]
+        """All three phases at once: send our outputs to ``send_to`` and receive those of
+        ``receive_from``."""
+        self.post_receives(step, receive_from, rank_of)
+        self.send(key_hash, head_probs, embedding, send_to)
+        return self.wait(key_hash)
 
-    def _wait_all(self, requests: list, owners: list[int], step: int, num_recv: int,
-                  rank_of: Callable[[int], int]) -> None:
-        """Wait with a deadline; on timeout name the peers that never answered."""
-        def pending() -> str:
-            return ", ".join(
-                f"{'receive from' if n < num_recv else 'send to'} client {owners[n]} "
-                f"(rank {rank_of(owners[n])})"
-                for n, r in enumerate(requests) if not r.Test())
+    def _wait_all(self, pending: list) -> None:
+        requests = [r for r, _, _ in pending]
+
+        def missing() -> str:
+            return ", ".join(f"{'receive from' if is_recv else 'send to'} client {j} "
+                             f"(rank {self._rank_of(j)})"
+                             for r, j, is_recv in pending if not r.Test())
         wait_until(lambda: MPI.Request.Testall(requests), self.timeout_s,
-                    lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
-                            f"step {step} waiting to {pending()} (exchange.timeout_s)")
+                   lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
+                           f"step {self._step} waiting to {missing()} (exchange.timeout_s)")
 
 
 class ClientExchange:
@@ -160,30 +180,46 @@ class ClientExchange:
     """
 
     def __init__(self, world: World, num_heads: int, num_classes: int, batch_size: int,
-                 top_k: int, embedding_dim: int, timeout_s: float):
+                 top_k: int, embedding_dim: int, timeout_s: float,
+                 device: torch.device | str = "cpu"):
         self.world = world
         self.slice_size = batch_size // world.local_size
         self.slice = PredictionExchange(world, num_heads, num_classes, self.slice_size, top_k,
-                                        embedding_dim, timeout_s)
+                                        embedding_dim, timeout_s, device)
         self.whole = PredictionExchange(world, num_heads, num_classes, batch_size, top_k,
-                                        embedding_dim, timeout_s)
+                                        embedding_dim, timeout_s, device)
+        self._direct: tuple[list[int], list[int]] = ([], [])
+        self._relayed: tuple[list[int], list[int]] = ([], [])
+
+    def post_receives(self, step: int, send_to: list[int], receive_from: list[int]) -> None:
+        """Before the forward pass: post the direct (same rank count) receives."""
+        w = self.world
+        assert w.layout is not None
+        same = {c for c in set(send_to) | set(receive_from)
+                if w.layout.size_of(c) == w.local_size}
+        self._direct = ([i for i in send_to if i in same], [j for j in receive_from if j in same])
+        self._relayed = ([i for i in send_to if i not in same],
+                         [j for j in receive_from if j not in same])
+        self._receive_from = list(receive_from)
+        self.slice.post_receives(step, self._direct[1],
+                                 rank_of=lambda c: w.peer_rank(c, w.local_rank))
+        self._step = step
+
+    def complete(self, slice_hash: int, batch_hash: int, head_probs: list[torch.Tensor],
+                 embedding: torch.Tensor | None) -> list[PeerOutputs]:
+        """After the forward pass: send, relay through the leaders where needed, and wait."""
+        self.slice.send(slice_hash, head_probs, embedding, self._direct[0])
+        got = {p.client: p for p in self.slice.wait(slice_hash)}
+        if self._relayed[0] or self._relayed[1]:  # the same decision on every rank of the client
+            got.update(self._through_leaders(self._step, batch_hash, head_probs, embedding,
+                                             *self._relayed))
+        return [got[j] for j in self._receive_from]
 
     def exchange(self, step: int, slice_hash: int, batch_hash: int,
                  head_probs: list[torch.Tensor], embedding: torch.Tensor | None,
                  send_to: list[int], receive_from: list[int]) -> list[PeerOutputs]:
-        w = self.world
-        assert w.layout is not None
-        n = w.local_size
-        same = [c for c in set(send_to) | set(receive_from) if w.layout.size_of(c) == n]
-        got = {p.client: p for p in self.slice.exchange(
-            step, slice_hash, head_probs, embedding, [i for i in send_to if i in same],
-            [j for j in receive_from if j in same], rank_of=lambda c: w.peer_rank(c, w.local_rank))}
-        lead_send = [i for i in send_to if i not in same]
-        lead_recv = [j for j in receive_from if j not in same]
-        if lead_send or lead_recv:  # the same decision on every rank of the client
-            got.update(self._through_leaders(step, batch_hash, head_probs, embedding,
-                                             lead_send, lead_recv))
-        return [got[j] for j in receive_from]
+        self.post_receives(step, send_to, receive_from)
+        return self.complete(slice_hash, batch_hash, head_probs, embedding)
 
     def _through_leaders(self, step, batch_hash, head_probs, embedding, send_to, receive_from):
         w, b = self.world, self.slice_size

@@ -112,7 +112,9 @@ class HorovodIntra(SingleRank):
 class TorchIntra(SingleRank):
     name = "torch"
 
-    def __init__(self, world: World, device: torch.device):
+    def __init__(self, world: World, device: torch.device, backend: str):
+        """``backend``: ``nccl`` (GPUs, one per rank) or ``gloo`` (CPU, or ranks of a client
+        sharing a GPU: tensors are staged through host memory)."""
         super().__init__(world)
         import torch.distributed as dist
 
@@ -126,7 +128,6 @@ class TorchIntra(SingleRank):
                 s.bind(("", 0))
                 port = s.getsockname()[1]
         addr, port = world.bcast((addr, port))
-        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=world.rank,
                                 world_size=world.size)
         mine = None
@@ -134,7 +135,8 @@ class TorchIntra(SingleRank):
             group = dist.new_group(list(ranks))  # collective: all ranks create every group
             if client == world.client:
                 mine = group
-        self.dist, self.group, self.device = dist, mine, device
+        self.dist, self.group = dist, mine
+        self.device = device if backend == "nccl" else torch.device("cpu")  # where buffers go
         self.root = world.peer_rank(world.client, 0)  # torch's src is a global rank too
 
     def average_(self, tensors):
@@ -167,10 +169,21 @@ def horovod_import_error() -> str | None:
 
 
 def make_intra(kind: str, world: World, device: torch.device) -> tuple[SingleRank, str]:
-    """The data-parallel backend for this job, and a line saying what was chosen and why."""
+    """The data-parallel backend for this job, and a line saying what was chosen and why.
+    Collective: every rank learns where the others' GPUs are (NCCL refuses two ranks of one
+    group on one GPU, so such clients average with gloo instead)."""
+    from mhd_hpc.config import ConfigError
+    from mhd_hpc.devices import clients_sharing_a_gpu
+
     assert world.layout is not None
     if max(len(r) for r in world.layout.ranks_of_client) == 1:
         return SingleRank(world), "one rank per client: no intra-client data parallelism"
+    shared: list[int] = []
+    if device.type == "cuda":
+        places = world.allgather((socket.gethostname(), world.node_local_rank()))
+        shared = clients_sharing_a_gpu([list(r) for r in world.layout.ranks_of_client],
+                                       [h for h, _ in places], [n for _, n in places],
+                                       torch.cuda.device_count())
     if kind == "auto":
         problem = horovod_import_error()
         kind = "torch" if problem else "horovod"
@@ -179,6 +192,17 @@ def make_intra(kind: str, world: World, device: torch.device) -> tuple[SingleRan
     else:
         why = f"backend.intra={kind}"
     if kind == "horovod":
+        if shared:
+            raise ConfigError("backend.intra", f"clients {shared} have several ranks on one GPU "
+                              "(clients.ranks_per_client > GPUs per node), which Horovod's NCCL "
+                              "allreduce cannot serve: use backend.intra=torch (it falls back "
+                              "to gloo), or give each rank its own GPU")
         return HorovodIntra(world), f"{why} -> Horovod process sets"
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    return TorchIntra(world, device), f"{why} -> torch.distributed ({backend}) subgroups"
+    if device.type != "cuda":
+        return TorchIntra(world, device, "gloo"), f"{why} -> torch.distributed (gloo) subgroups"
+    if shared:
+        return TorchIntra(world, device, "gloo"), (
+            f"{why} -> torch.distributed with gloo, not NCCL: the ranks of clients {shared} "
+            "share a GPU (NCCL refuses duplicate GPUs); gradients are averaged through host "
+            "memory, slower: give each rank its own GPU for NCCL")
+    return TorchIntra(world, device, "nccl"), f"{why} -> torch.distributed (nccl) subgroups"
