@@ -42,6 +42,9 @@ class MessageCodec:
         self.message_bytes = HEADER.itemsize + self.payload_bytes
 
     # -- payload, on the tensors' device ----------------------------------------------------
+    # All heads are encoded and decoded together (a handful of kernels per message, whatever
+    # the number of heads): a head's bytes are [values; indices], heads follow each other.
+
     @torch.no_grad()
     def encode_payload(self, head_probs: list[torch.Tensor], embedding: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,45 +52,42 @@ class MessageCodec:
         here waits for the device."""
         if len(head_probs) != self.num_heads:
             raise ValueError(f"expected {self.num_heads} heads, got {len(head_probs)}")
-        parts, finite = [], []
-        for probs in head_probs:
-            probs = probs.detach().float()
-            finite.append(torch.isfinite(probs).all())
-            if self.top_k:
-                values, indices = probs.topk(self.top_k, dim=1)
-                parts += [values.half(), indices.to(torch.int16)]
-            else:
-                parts.append(probs.half())
+        probs = torch.stack([p.detach() for p in head_probs]).float()  # (H, B, C)
+        finite = torch.isfinite(probs).all()
+        if self.top_k:
+            values, indices = probs.topk(self.top_k, dim=2)
+            heads = torch.stack([values.half().view(torch.uint8).flatten(1),
+                                 indices.to(torch.int16).view(torch.uint8).flatten(1)], dim=1)
+        else:
+            heads = probs.half().view(torch.uint8)
+        parts = [heads.reshape(-1)]
         if self.embedding_dim:
             if embedding is None:
                 raise ValueError("this exchange carries embeddings but none was given")
-            finite.append(torch.isfinite(embedding).all())
-            parts.append(embedding.detach().half())
-        payload = torch.cat([p.contiguous().view(torch.uint8).reshape(-1) for p in parts])
+            finite = finite & torch.isfinite(embedding).all()
+            parts.append(embedding.detach().half().view(torch.uint8).reshape(-1))
+        payload = torch.cat(parts) if len(parts) > 1 else parts[0]
         assert payload.numel() == self.payload_bytes, (payload.numel(), self.payload_bytes)
-        return payload, torch.stack(finite).all()
+        return payload, finite
 
     def decode_payload(self, payload: torch.Tensor) -> tuple[list[torch.Tensor],
                                                              torch.Tensor | None]:
         """Dense float32 (B, C) probabilities per head and the float32 embedding (or None),
         on the payload's device."""
-        b, c = self.batch_size, self.num_classes
+        b, c, h = self.batch_size, self.num_classes, self.num_heads
         k = self.top_k or c
-        offset, heads = 0, []
-        for _ in range(self.num_heads):
-            probs = payload[offset:offset + self._probs_bytes].view(torch.float16).view(b, k)
-            offset += self._probs_bytes
-            if self.top_k:
-                idx = payload[offset:offset + self._index_bytes].view(torch.int16).view(b, k)
-                offset += self._index_bytes
-                heads.append(densify_topk(probs, idx, c))
-            else:
-                heads.append(probs.float())
+        per_head = self._probs_bytes + self._index_bytes
+        rows = payload[:h * per_head].view(h, per_head)
+        values = rows[:, :self._probs_bytes].view(torch.float16).view(h, b, k)
+        if self.top_k:
+            indices = rows[:, self._probs_bytes:].view(torch.int16).view(h, b, k)
+            dense = densify_topk(values, indices, c)
+        else:
+            dense = values.float()
         emb = None
         if self.embedding_dim:
-            emb = payload[offset:offset + self._emb_bytes].view(torch.float16) \
-                .view(b, self.embedding_dim).float()
-        return heads, emb
+            emb = payload[h * per_head:].view(torch.float16).view(b, self.embedding_dim).float()
+        return list(dense.unbind(0)), emb
 
     # -- header, on the host ----------------------------------------------------------------
     @staticmethod

@@ -73,28 +73,30 @@ def embedding_loss(student_emb: Tensor, peer_embs: Sequence[Tensor]) -> Tensor:
 
 
 def densify_topk(probs: Tensor, indices: Tensor, num_classes: int) -> Tensor:
-    """Rebuild a (B, C) distribution from top-k probabilities and class indices.
+    """Rebuild (..., B, C) distributions from top-k probabilities and class indices (..., B, k).
 
     Unlisted classes share the leftover mass 1 - sum(probs) (clamped at 0) uniformly; for a true
     top-k each unlisted class had at most the k-th probability, so the maximum (the confidence
     used for selection) is unchanged. Half precision inputs are upcast to float32 because the
-    per-class leftover can be below fp16's normal range.
+    per-class leftover can be below fp16's normal range. Leading dimensions (e.g. heads) are
+    handled in the same few kernels.
     """
-    if probs.dim() != 2 or probs.shape != indices.shape:
+    if probs.dim() < 2 or probs.shape != indices.shape:
         raise ValueError(f"probs {tuple(probs.shape)} and indices {tuple(indices.shape)} "
-                         "must both be (B, k)")
-    b, k = probs.shape
+                         "must both be (B, k) (or (..., B, k))")
+    k = probs.shape[-1]
     if not 1 <= k <= num_classes:
         raise ValueError(f"k={k} must be in [1, num_classes={num_classes}]")
     if probs.dtype in (torch.float16, torch.bfloat16):
         probs = probs.float()
     indices = indices.long()
+    shape = (*probs.shape[:-1], num_classes)
     if k == num_classes:
-        return torch.zeros(b, num_classes, dtype=probs.dtype, device=probs.device).scatter_(
-            1, indices, probs)
-    rest = (1.0 - probs.sum(dim=1)).clamp_min(0.0) / (num_classes - k)
-    out = rest[:, None].expand(b, num_classes).clone()
-    return out.scatter_(1, indices, probs)
+        return torch.zeros(shape, dtype=probs.dtype, device=probs.device).scatter_(
+            -1, indices, probs)
+    rest = (1.0 - probs.sum(dim=-1)).clamp_min(0.0) / (num_classes - k)
+    out = rest[..., None].expand(shape).clone()
+    return out.scatter_(-1, indices, probs)
 
 
 def select_targets(
@@ -164,7 +166,7 @@ class HeadDistillStats:
 
 def aux_chain_losses(
     student_logits: Sequence[Tensor],
-    peer_probs: Sequence[Tensor],
+    peer_probs: Sequence[Tensor] | Tensor,
     selection: str,
     skip_less_confident: bool,
     generator: torch.Generator | None = None,
@@ -172,35 +174,56 @@ def aux_chain_losses(
     """Eq. 5: aux_1 distills from main heads, aux_k from aux_{k-1} heads (self + peers).
 
     ``student_logits``: (B, C) per head (main, aux_1..aux_m), with grad. ``peer_probs``: per head
-    a dense (P, B, C) probability tensor from the P peers of this step (P may be 0). The peers'
-    last head (aux_m) is never a target, so ``peer_probs`` may hold m or m + 1 entries.
-    Returns m unweighted entries (the caller multiplies by nu_aux).
+    a dense (P, B, C) probability tensor from the P peers of this step (P may be 0), or one
+    (>= m, P, B, C) tensor. The peers' last head (aux_m) is never a target, so ``peer_probs`` may
+    hold m or m + 1 entries. Returns m unweighted entries (the caller multiplies by nu_aux).
+
+    All m heads go through selection and loss together (a few kernels for the whole chain,
+    not a few per head): what a GPU step spends on launches, not on math.
     """
     m = len(student_logits) - 1
     if m < 0:
         raise ValueError("student_logits must contain at least the main head")
     if len(peer_probs) < m:
         raise ValueError(f"need peer probabilities for {m} source heads, got {len(peer_probs)}")
-    stats: list[HeadDistillStats] = []
-    for k in range(1, m + 1):
-        source = student_logits[k - 1]
-        # Self candidate in float32: selection compares confidences across candidates and
-        # fp16 rounding could flip near-ties between self and a peer.
-        own = F.softmax(source.detach().float(), dim=1)
-        peers = peer_probs[k - 1]
-        if peers.dim() != 3 or peers.shape[1:] != own.shape:
-            raise ValueError(f"peer_probs[{k - 1}] must be (P, {own.shape[0]}, {own.shape[1]}), "
-                             f"got {tuple(peers.shape)}")
-        candidates = torch.cat([own[None], peers.detach().to(own.device, own.dtype)], dim=0)
-        targets, chosen = select_targets(candidates, selection, generator)
-        loss, kept = distill_loss(student_logits[k], targets, skip_less_confident)
-        n = max(chosen.numel(), 1)
-        stats.append(HeadDistillStats(
-            loss=loss,
-            chosen_self_fraction=(chosen == 0).sum() / n,
-            skipped_fraction=(~kept).sum() / n,
-        ))
-    return stats
+    if m == 0:
+        return []
+    b, c = student_logits[0].shape
+    peers = peer_probs[:m] if isinstance(peer_probs, Tensor) else torch.stack(list(peer_probs[:m]))
+    if peers.dim() != 4 or peers.shape[2:] != (b, c):
+        raise ValueError(f"peer probabilities must be (P, {b}, {c}) per head, got "
+                         f"{tuple(peers.shape[1:])}")
+    # Self candidates in float32: selection compares confidences across candidates, and fp16
+    # rounding could flip near-ties between self and a peer.
+    own = F.softmax(torch.stack([l.detach().float() for l in student_logits[:m]]), dim=2)
+    cand = torch.cat([own[:, None], peers.detach().to(own.device, own.dtype)], dim=1)
+    p = cand.shape[1]  # candidates per head: self + P peers
+    if selection == "confidence":
+        conf = cand.amax(dim=3)  # (m, p, B)
+        best = conf.amax(dim=1, keepdim=True)
+        order = torch.arange(p, device=cand.device)[None, :, None].expand_as(conf)
+        # Explicit lowest-index tie break (index 0 is the client itself).
+        chosen = torch.where(conf == best, order, torch.full_like(order, p)).amin(dim=1)
+    elif selection == "random":
+        gen_device = generator.device if generator is not None else cand.device
+        chosen = torch.stack([torch.randint(0, p, (b,), generator=generator, device=gen_device)
+                              for _ in range(m)]).to(cand.device)
+    else:
+        raise ValueError(f"unknown selection mode {selection!r}; expected one of "
+                         f"{SELECTION_MODES}")
+    heads = torch.arange(m, device=cand.device)[:, None]
+    targets = cand[heads, chosen, torch.arange(b, device=cand.device)[None, :]]  # (m, B, C)
+    logp = F.log_softmax(torch.stack(list(student_logits[1:m + 1])), dim=2)
+    per_sample = -(targets * logp.to(targets.dtype)).sum(dim=2)  # (m, B)
+    if skip_less_confident:
+        kept = ~(logp.detach().exp().amax(dim=2) > targets.amax(dim=2))
+        per_sample = torch.where(kept, per_sample, torch.zeros_like(per_sample))
+    else:
+        kept = torch.ones_like(per_sample, dtype=torch.bool)
+    loss = per_sample.sum(dim=1) / max(b, 1)
+    self_fraction = (chosen == 0).float().mean(dim=1)
+    skipped_fraction = (~kept).float().mean(dim=1)
+    return [HeadDistillStats(loss[k], self_fraction[k], skipped_fraction[k]) for k in range(m)]
 
 
 def mhd_loss(
@@ -234,10 +257,11 @@ def mhd_loss(
         parts["emb"] = nu_emb * loss_emb
         loss = loss + parts["emb"]
         terms["loss_emb"] = loss_emb.detach()
-    if len(pub_logits) > 1:
-        stacked = [torch.stack([p.head_probs[h] for p in peers]) if peers
-                   else pub_logits[h].new_zeros((0,) + pub_logits[h].shape)
-                   for h in range(len(pub_logits))]
+    m = len(pub_logits) - 1
+    if m:
+        b, c = pub_logits[0].shape
+        stacked = (torch.stack([torch.stack(p.head_probs[:m]) for p in peers], dim=1) if peers
+                   else pub_logits[0].new_zeros((m, 0, b, c)))  # (m, P, B, C)
         stats = aux_chain_losses(pub_logits, stacked, selection, skip_less_confident, generator)
         for k, s in enumerate(stats, start=1):
             parts[f"aux{k}"] = nu_aux * s.loss

@@ -36,18 +36,26 @@ def main() -> None:
     parser.add_argument("--emb", type=int, default=512, help="embedding width (0 = not sent)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--json", default=None, help="also write results to this file")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the outputs live (cuda: every rank on its node-local GPU)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     world = init_world()
     world.assign_clients(ClientLayout.one_rank_per_client(world.size))
     graph = topology.complete(world.size)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.node_local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     g = torch.Generator().manual_seed(world.rank)
-    probs = [torch.softmax(torch.randn(args.batch, args.classes, generator=g), 1)
+    probs = [torch.softmax(torch.randn(args.batch, args.classes, generator=g), 1).to(device)
              for _ in range(args.heads)]
-    emb = torch.nn.functional.normalize(torch.randn(args.batch, max(args.emb, 1), generator=g))
+    emb = torch.nn.functional.normalize(torch.randn(args.batch, max(args.emb, 1),
+                                                    generator=g)).to(device)
     results = []
     for top_k in (0, 10, 1):
-        ex = PredictionExchange(world, args.heads, args.classes, args.batch, top_k, args.emb, 600)
+        ex = PredictionExchange(world, args.heads, args.classes, args.batch, top_k, args.emb, 600,
+                                device)
         t_pack = statistics.median(_time(lambda: ex.pack(0, 1, 0, probs, emb)) for _ in range(5))
         buf = ex.pack(0, 1, world.client, probs, emb)
         t_unpack = statistics.median(_time(lambda: ex.unpack(buf, 0, 1, world.client))
@@ -66,7 +74,7 @@ def main() -> None:
                         "unpack_ms": 1000 * t_unpack})
     if world.is_root:
         print(f"{world.size} ranks, batch {args.batch}, {args.classes} classes, {args.heads} "
-              f"heads, embedding {args.emb}, Delta = 1\n")
+              f"heads, embedding {args.emb}, Delta = 1, outputs on {args.device}\n")
         print("| sent per head | message | exchange (median, slowest rank) | pack | unpack |")
         print("|---|---|---|---|---|")
         for r in results:
@@ -79,6 +87,8 @@ def main() -> None:
 def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # decoding on a GPU returns before the device is done
     return time.perf_counter() - t0
 
 

@@ -185,6 +185,21 @@ def codec_ms(args, device) -> float:
     return timed(once, device, 5, 20, 3)
 
 
+def profile(run, device) -> None:
+    """Where the framework step's time goes (top operators by device, then host time)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    run(2)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with torch_profile(activities=activities) as prof:
+        run(3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--codec", action="store_true", help="also time pack + unpack")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's top operators of 3 framework steps")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -231,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     result["ratio"] = result["framework_ms"] / result["bare_ms"]
     if args.codec:
         result["codec_ms"] = codec_ms(args, device)
+    if args.profile:
+        profile(framework_step(args, device, layout, precision), device)
     print(f"{args.arch}, batch {args.batch}+{result['public_batch']}, {args.image_size} px, "
           f"{args.classes} classes, {args.aux_heads} aux heads, {precision.name}, "
           f"{'channels_last, ' if result['channels_last'] else ''}{args.device}"
