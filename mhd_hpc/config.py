@@ -99,6 +99,10 @@ class DataConfig:
                     "(with manifest.json).", "data")
     public_fraction: float = doc("Fraction gamma_pub of the training pool that becomes the "
                                  "unlabeled public set.", 0.1)
+    public_source: str = doc("The public set: 'split' = the public_fraction held out of the "
+                             "training pool (default), or 'all' = the whole training pool, the "
+                             "clients' private samples included (the paper's MHD+: plentiful "
+                             "public data; the private split is unchanged).", "split")
     label_assignment: str = doc("Primary labels per client: 'random' subsets of fixed size, or "
                                 "'even' (every label has the same number of primary clients).",
                                 "random")
@@ -160,6 +164,11 @@ class EvalConfig:
                              "metrics.h5 and the report.", True)
     health_after: int = doc("First step the health check judges (0 = a quarter of run.steps, "
                             "at least the distillation and lr warm-ups).", 0)
+    probe: bool = doc("Linear probe (the paper's Fig. 6 upper bound): at evaluation steps fit a "
+                      "linear classifier on each client's frozen embedding with the labels of "
+                      "the public set (all classes; an evaluation-only oracle, never used in "
+                      "training) and record its test accuracy (eval/probe_acc, mean over "
+                      "classes).", False)
     grad_norms: bool = doc("Diagnostics: at log steps record the gradient norm that each loss "
                            "term (ce, emb, auxK) puts on the backbone (train/gradnorm_<term>); "
                            "costs one extra backward pass per term at those steps.", False)
@@ -167,12 +176,17 @@ class EvalConfig:
 
 @dataclass
 class TopologyConfig:
-    kind: str = doc("Communication graph: complete | cycle | islands | none | edges. Edge j->i "
-                    "means i distills from j.", "complete")
+    kind: str = doc("Communication graph: complete | cycle | islands | none | edges | "
+                    "exponential (i hears from i-1, i-2, i-4, ...) | random (topology.degree "
+                    "in-neighbours per client, redrawn every topology.resample_every steps). "
+                    "Edge j->i means i distills from j.", "complete")
     islands: Union[int, list[list[int]]] = doc("For kind=islands: number of equal groups, or "
                                                "explicit groups of client ids.", 2)
     edges: list[list[int]] = doc("For kind=edges: list of [src, dst] pairs (dst distills from "
                                  "src).", factory=list)
+    degree: int = doc("For kind=random: in-neighbours per client.", 2)
+    resample_every: int = doc("For kind=random: draw a new graph every N steps from the shared "
+                              "seed (0 = drawn once for the whole run).", 0)
 
 
 @dataclass
@@ -199,6 +213,14 @@ class FedAvgConfig:
 
 
 @dataclass
+class FedMDConfig:
+    revisit_steps: int = doc("For method=fedmd: private-data steps after each consensus (digest) "
+                             "step; 1 alternates them.", 1)
+    weight: float = doc("For method=fedmd: weight of the main head's distillation toward the "
+                        "consensus on digest steps.", 1.0)
+
+
+@dataclass
 class OptimConfig:
     lr: float = doc("Initial SGD learning rate.", 0.05)
     momentum: float = doc("SGD momentum.", 0.9)
@@ -210,7 +232,8 @@ class OptimConfig:
 @dataclass
 class JobConfig:
     method: str = doc("mhd (multi-headed distillation) | separate (no exchange) | fedavg "
-                      "(weight averaging) | supervised (one model on all private data).", "mhd")
+                      "(weight averaging) | supervised (one model on all private data) | fedmd "
+                      "(consensus distillation, Li & Wang 2019).", "mhd")
     run: RunConfig = doc("Run control.", factory=RunConfig)
     clients: ClientsConfig = doc("Clients and their models.", factory=ClientsConfig)
     data: DataConfig = doc("Dataset, partition and batches.", factory=DataConfig)
@@ -219,6 +242,7 @@ class JobConfig:
     topology: TopologyConfig = doc("Who distills from whom.", factory=TopologyConfig)
     exchange: ExchangeConfig = doc("Prediction exchange between clients.", factory=ExchangeConfig)
     fedavg: FedAvgConfig = doc("FedAvg baseline.", factory=FedAvgConfig)
+    fedmd: FedMDConfig = doc("FedMD baseline.", factory=FedMDConfig)
     optim: OptimConfig = doc("Optimiser.", factory=OptimConfig)
     eval: EvalConfig = doc("Evaluation checks and diagnostics.", factory=EvalConfig)
     backend: BackendConfig = doc("Parallelism and devices.", factory=BackendConfig)
@@ -370,6 +394,12 @@ ADDED_KEYS: dict[str, Any] = {
     "eval.grad_norms": False,
     "backend.precision": "fp32",
     "backend.channels_last": False,
+    "topology.degree": 2,
+    "topology.resample_every": 0,
+    "fedmd.revisit_steps": 1,
+    "fedmd.weight": 1.0,
+    "data.public_source": "split",
+    "eval.probe": False,
 }
 
 
@@ -471,22 +501,24 @@ def _num_classes(cfg: JobConfig) -> int:
 
 
 def _check_data(cfg: JobConfig) -> None:
-    from mhd_hpc.data.partition import LABEL_ASSIGNMENTS
+    from mhd_hpc.data.partition import LABEL_ASSIGNMENTS, PUBLIC_SOURCES
     from mhd_hpc.data.stream_factory import STREAM_BACKENDS
 
     d, k = cfg.data, cfg.clients.count
     _choice("data.dataset", d.dataset, DATASETS)
     _choice("data.loader", d.loader, STREAM_BACKENDS)
     _choice("data.label_assignment", d.label_assignment, LABEL_ASSIGNMENTS)
+    _choice("data.public_source", d.public_source, PUBLIC_SOURCES)
     _positive("data.loader_threads", d.loader_threads)
     num_classes = _num_classes(cfg)
     if d.dataset in DATASET_CLASSES:  # built here: the partition keys must make sense
         if not 0.0 <= d.public_fraction < 1.0:
             raise ConfigError("data.public_fraction", f"must be in [0, 1), got "
                               f"{d.public_fraction}")
-        if cfg.method == "mhd" and d.public_fraction == 0.0:
-            raise ConfigError("data.public_fraction", "method=mhd distills on public data: "
-                              "must be > 0")
+        if cfg.method in ("mhd", "fedmd") and d.public_fraction == 0.0 \
+                and d.public_source == "split":
+            raise ConfigError("data.public_fraction", f"method={cfg.method} distills on public "
+                              "data: must be > 0 (or data.public_source=all)")
         if not 0 <= d.labels_per_client <= num_classes:
             raise ConfigError("data.labels_per_client", f"must be in [0, {num_classes}] "
                               f"({d.dataset} has {num_classes} classes), got "
@@ -533,8 +565,9 @@ def _check_topology(cfg: JobConfig) -> None:
 
     t, k = cfg.topology, cfg.clients.count
     _choice("topology.kind", t.kind, topology.TOPOLOGY_KINDS)
+    _positive("topology.resample_every", t.resample_every, allow_zero=True)
     try:  # the graph builders are the one definition of a valid graph
-        topology.build_topology(t.kind, k, t.islands, t.edges)
+        topology.graph_schedule(t.kind, k, t.islands, t.edges, t.degree, t.resample_every)
     except topology.TopologyError as exc:
         raise ConfigError(f"topology.{exc.where}", f"{exc} (clients.count={k})") from None
 
@@ -554,6 +587,12 @@ def _check_exchange(cfg: JobConfig) -> None:
     _positive("exchange.pool_every", ex.pool_every)
     _positive("exchange.pool_transfer_steps", ex.pool_transfer_steps, allow_zero=True)
     _positive("fedavg.every", cfg.fedavg.every)
+    _positive("fedmd.revisit_steps", cfg.fedmd.revisit_steps, allow_zero=True)
+    _positive("fedmd.weight", cfg.fedmd.weight, allow_zero=True)
+    if cfg.method == "fedmd" and len(set(cfg.client_ranks())) > 1:
+        raise ConfigError("clients.per_client", "method=fedmd averages every client's slice of "
+                          "the public batch rank by rank: give every client the same number of "
+                          f"ranks (got {cfg.client_ranks()})")
 
 
 def _check_optim_and_backend(cfg: JobConfig) -> None:

@@ -227,7 +227,7 @@ def aux_chain_losses(
 
 
 def mhd_loss(
-    supervised: Tensor,
+    supervised: Tensor | None,
     pub_logits: Sequence[Tensor],
     pub_emb: Tensor,
     peers: Sequence[PeerOutputs],
@@ -239,8 +239,7 @@ def mhd_loss(
 ) -> tuple[Tensor, dict[str, Tensor | float], dict[str, Tensor]]:
     """Eq. 1 for one client and step: ``supervised + nu_emb * embedding loss
     + nu_aux * sum_k aux_k loss``, where ``supervised`` is the main head's CE on the private
-    batch (:func:`main_ce_loss`, computed first so that the caller can check it before the
-    exchange).
+    batch (:func:`main_ce_loss`; None on a step that does not train on private data).
 
     ``pub_logits`` (B, C) per head and ``pub_emb`` (B, D) on the public batch; ``peers`` what this
     step's peers sent (dense probabilities per head, normalised embedding). With no peers the aux heads distill from the client itself (the
@@ -249,9 +248,11 @@ def mhd_loss(
     per aux head the fraction of targets that were the client itself and of samples skipped; and
     the weighted parts of the loss with their graphs (``ce``, ``emb``, ``auxK``), for diagnostics.
     """
-    loss = supervised
-    terms: dict[str, Tensor | float] = {"loss_ce": supervised.detach()}
-    parts = {"ce": supervised}
+    loss = supervised if supervised is not None else pub_emb.new_zeros(())
+    terms: dict[str, Tensor | float] = {}
+    parts: dict[str, Tensor] = {}
+    if supervised is not None:
+        terms["loss_ce"], parts["ce"] = supervised.detach(), supervised
     if nu_emb > 0 and peers:
         loss_emb = embedding_loss(pub_emb, [p.embedding for p in peers])
         parts["emb"] = nu_emb * loss_emb

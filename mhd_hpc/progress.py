@@ -90,12 +90,15 @@ def train_line(step: int, total: int, per_client: list[dict]) -> str:
 
 
 def eval_lines(step: int, summary: dict, heads: list[str]) -> list[str]:
-    """Mean beta_sh / beta_priv per head, and main/last-head beta_sh per client."""
+    """Mean beta_sh / beta_priv per head (and the linear probe), and main/last-head beta_sh per
+    client."""
     sh, priv = summary["beta_sh"], summary["beta_priv"]
+    probe = (f" | linear probe {np.nanmean(summary['probe_acc']):.3f}"
+             if "probe_acc" in summary else "")
     return [f"eval @ {step}: mean over clients  beta_sh " + " ".join(
                 f"{h} {sh[:, i].mean():.3f}" for i, h in enumerate(heads))
             + " | beta_priv " + " ".join(f"{h} {priv[:, i].mean():.3f}"
-                                         for i, h in enumerate(heads)),
+                                         for i, h in enumerate(heads)) + probe,
             f"  per client beta_sh {heads[0]}/{heads[-1]}: " + "  ".join(
                 f"c{i} {sh[i, 0]:.2f}/{sh[i, -1]:.2f}" for i in range(sh.shape[0]))]
 
@@ -120,11 +123,17 @@ class Reporter:
         self.train_ce = np.array([r.get("loss_ce", np.nan) for r in per_client])
         self.log(train_line(step, self.total_steps, per_client))
 
-    def evaluation(self, step: int, accs: list[np.ndarray]) -> None:
+    def evaluation(self, step: int, accs: list[np.ndarray], probes: list[float | None],
+                   hop_distances: np.ndarray) -> None:
+        """Record one evaluation of every client: per-class accuracies (K of (H, C)), linear
+        probe accuracies (None without the probe), and the graph distances at this step."""
         from mhd_hpc.evaluation import HEALTH_HINT, check_health
         from mhd_hpc.metrics import summarize
 
         summary = summarize(np.stack(accs), self.distribution)
+        summary["hop_distances"] = np.asarray(hop_distances, dtype=np.int64)
+        if any(p is not None for p in probes):
+            summary["probe_acc"] = np.array([np.nan if p is None else p for p in probes])
         health = np.full(len(self.distribution), -1, dtype=np.int8)  # -1: not judged yet
         if self.health_from is not None and step >= self.health_from:
             ok, reasons = check_health(summary["beta_priv"][:, 0], self.distribution,

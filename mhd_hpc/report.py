@@ -44,6 +44,11 @@ def summary_at(metrics: dict, step: int | None = None) -> dict:
     for j, h in enumerate(heads):
         out["mean"][h] = {"beta_priv": float(priv[:, j].mean()), "beta_sh": float(sh[:, j].mean())}
     out["health_failures"] = health_failures(metrics, row)
+    if "probe_acc" in ev:  # the linear probe on the frozen embedding (an oracle upper bound)
+        probe = ev["probe_acc"][row]
+        out["linear_probe"] = {"clients": {name: float(probe[i])
+                                           for i, name in enumerate(metrics["clients"])},
+                               "mean": float(np.nanmean(probe))}
     return out
 
 
@@ -73,6 +78,12 @@ def format_table(summary: dict, metrics: dict) -> str:
         lines.append(f"{name:<{width}} " + " ".join(
             f"{entry['heads'][h]['beta_priv']:>10.3f} {entry['heads'][h]['beta_sh']:>8.3f}"
             for h in heads))
+    if "linear_probe" in summary:
+        lp = summary["linear_probe"]
+        lines += ["", "linear probe on the frozen embedding (test accuracy, mean over classes; "
+                  "fitted on the labelled public set): " + "  ".join(
+                      f"{c} {v:.3f}" for c, v in lp["clients"].items())
+                  + f"  mean {lp['mean']:.3f}"]
     lines += cross_client_lines(summary, metrics)
     failures = summary.get("health_failures") or {}
     if failures:
@@ -94,11 +105,12 @@ def format_table(summary: dict, metrics: dict) -> str:
 def cross_client_lines(summary: dict, metrics: dict) -> list[str]:
     """Accuracy of client i's heads on client j's task, averaged by graph distance j -> i: how
     far knowledge travels along the topology (transitive distillation, paper §4.4)."""
-    hops = metrics.get("hop_distances")
     ev = metrics["eval"]
+    row = list(ev["step"]).index(summary["step"])
+    # The graph of the evaluated step (it may change during a run); older files: the run's.
+    hops = ev["hop_distances"][row] if "hop_distances" in ev else metrics.get("hop_distances")
     if hops is None or "cross_acc" not in ev:
         return []
-    row = list(ev["step"]).index(summary["step"])
     cross = ev["cross_acc"][row]  # (K, H, K)
     k = cross.shape[0]
     off = ~np.eye(k, dtype=bool)

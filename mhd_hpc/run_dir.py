@@ -39,7 +39,7 @@ __all__ = ["RESUMABLE_CHANGES", "LOCATION_KEYS", "identity", "fingerprint", "leg
 RESUMABLE_CHANGES = ("run.steps", "run.eval_every", "run.log_every", "run.checkpoint_every",
                      "run.keep_checkpoints", "run.threads", "exchange.timeout_s", "run.out_dir",
                      "data.verify_shards", "eval.health_check", "eval.health_after",
-                     "eval.grad_norms", "backend.channels_last")
+                     "eval.grad_norms", "eval.probe", "backend.channels_last")
 _V1_RESUMABLE = RESUMABLE_CHANGES[:8]  # before data.verify_shards existed
 #: Where things are, not what they are: the dataset is identified by its manifest's content.
 LOCATION_KEYS = ("data.root",)

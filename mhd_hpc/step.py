@@ -36,6 +36,7 @@ class DistillSettings:
     selection: str = "confidence"
     skip_less_confident: bool = False
     warmup_steps: int = 0  # nu_aux and nu_emb ramp from 0 over these steps
+    consensus_weight: float = 1.0  # FedMD: the main head toward the clients' consensus
 
 
 class TrainStep:
@@ -62,7 +63,8 @@ class TrainStep:
         with self.precision.autocast(self.device):
             emb, logits = self.model(torch.cat([images, pub.images]))
         emb, logits = emb.float(), [l.float() for l in logits]  # losses and targets in fp32
-        loss_ce = losses.main_ce_loss(logits[0][:b], labels)
+        private = self.strategy.trains_private(step)
+        loss_ce = losses.main_ce_loss(logits[0][:b], labels) if private else None
         pub_emb, pub_logits = emb[b:], [l[b:] for l in logits]
         self.source.begin_step(step, self.model)
         peers = self.source.targets(step, pub, pub_logits, pub_emb)
@@ -72,6 +74,14 @@ class TrainStep:
         loss, terms, parts = losses.mhd_loss(
             loss_ce, pub_logits, pub_emb, peers, ramp * d.nu_aux, ramp * d.nu_emb, d.selection,
             d.skip_less_confident, self.select_gen)
+        consensus = self.strategy.consensus(step, pub_logits[0])
+        if consensus is not None:  # FedMD's digest step
+            parts["consensus"] = d.consensus_weight * losses.distill_loss(pub_logits[0],
+                                                                          consensus)[0]
+            loss = loss + parts["consensus"]
+            terms["loss_consensus"] = parts["consensus"].detach() / max(d.consensus_weight,
+                                                                        1e-12)
+            terms["loss_total"] = loss.detach()
         self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
         if grad_norms:
             terms.update(self._grad_norms(parts))

@@ -6,6 +6,12 @@ collectives run between steps. Distillation targets come separately (``targets``
   over all ranks every step.
 * ``fedavg``: replicas average gradients; every ``fedavg.every`` steps all weights are averaged
   across clients (and once before the first step, so that every client starts identical).
+* ``fedmd`` (Li & Wang, 2019, the paper's Table 2 comparison): consensus distillation. On a
+  *digest* step, every client's main-head class probabilities on the public batch are averaged
+  over all clients (one allreduce: the only method with a global step) and the main head is
+  trained toward that consensus (soft cross-entropy, weight ``fedmd.weight``) without private
+  data; the next ``fedmd.revisit_steps`` steps train on private data only (*revisit*). That is
+  FedMD's digest/revisit alternation, with rounds of steps instead of epochs.
 
 Methods that share weights or gradients start every client from the same initialisation
 (``shared_init``).
@@ -23,7 +29,7 @@ if TYPE_CHECKING:  # MPI-bound; config imports METHODS from here without startin
 
 __all__ = ["METHODS", "Strategy", "make_strategy"]
 
-METHODS = ("mhd", "separate", "fedavg", "supervised")
+METHODS = ("mhd", "separate", "fedavg", "supervised", "fedmd")
 
 
 class Strategy:
@@ -43,6 +49,14 @@ class Strategy:
 
     def after_step(self, step: int, model: torch.nn.Module) -> None:
         """After the optimizer step of ``step``."""
+
+    def trains_private(self, step: int) -> bool:
+        """Whether ``step`` trains on the private batch (every method but FedMD's digest)."""
+        return True
+
+    def consensus(self, step: int, pub_main_logits: torch.Tensor) -> torch.Tensor | None:
+        """A target for the main head on the public batch at ``step`` (FedMD), else None."""
+        return None
 
     def take_bytes(self) -> int:
         out, self.bytes_sent = self.bytes_sent, 0
@@ -76,7 +90,33 @@ class FedAvg(Strategy):
             self.bytes_sent += self.world.allreduce_mean_(list(model.state_dict().values()))
 
 
-def make_strategy(method: str, world: World, intra: SingleRank, fedavg_every: int) -> Strategy:
+class FedMD(Strategy):
+    """Digest (train the main head toward the clients' consensus on the public batch) every
+    ``revisit_steps + 1`` steps, revisit (private data) in between."""
+
+    def __init__(self, world: World, intra: SingleRank, revisit_steps: int):
+        super().__init__(world, intra)
+        self.revisit_steps = revisit_steps
+
+    def _digest(self, step: int) -> bool:
+        return step % (self.revisit_steps + 1) == 0
+
+    def trains_private(self, step):
+        return not self._digest(step)
+
+    def consensus(self, step, pub_main_logits):
+        if not self._digest(step):
+            return None
+        probs = torch.softmax(pub_main_logits.detach().float(), dim=1)
+        # Rank r of every client holds the same slice of the public batch: average over them.
+        self.bytes_sent += self.world.across_clients_mean_([probs])
+        return probs
+
+
+def make_strategy(method: str, world: World, intra: SingleRank, fedavg_every: int,
+                  fedmd_revisit_steps: int = 1) -> Strategy:
+    if method == "fedmd":
+        return FedMD(world, intra, fedmd_revisit_steps)
     if method == "supervised":
         return Supervised(world, intra)
     if method == "fedavg":

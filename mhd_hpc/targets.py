@@ -61,16 +61,17 @@ class NoTargets:
 class LiveTargets(NoTargets):
     """The peers of this step (``delta`` in-neighbours drawn from ``seed``) send their outputs."""
 
-    def __init__(self, world: World, graph: list[list[int]], exchange: ClientExchange,
-                 public: BatchStream, delta: int, seed: int, send_embedding: bool):
-        self.world, self.graph, self.exchange = world, graph, exchange
+    def __init__(self, world: World, graph_at: Callable[[int], list[list[int]]],
+                 exchange: ClientExchange, public: BatchStream, delta: int, seed: int,
+                 send_embedding: bool):
+        self.world, self.graph_at, self.exchange = world, graph_at, exchange
         self.public, self.send_embedding = public, send_embedding
         self.delta, self.seed = delta, seed
         self._plan: tuple[list[int], list[int]] = ([], [])
 
     def prepare(self, step):
         me = self.world.client
-        chosen = topology.peers_at_step(self.graph, step, self.delta, self.seed)
+        chosen = topology.peers_at_step(self.graph_at(step), step, self.delta, self.seed)
         self._plan = (topology.out_peers(chosen)[me], chosen[me])
         if any(self._plan):
             self.exchange.post_receives(step, *self._plan)
@@ -94,11 +95,11 @@ class PoolTargets(NoTargets):
     """Peer checkpoints arrive every ``pool_every`` steps (``transfer_steps`` in the
     background) into a pool of ``capacity``; each step ``delta`` entries compute the targets."""
 
-    def __init__(self, world: World, graph: list[list[int]], archs: list[str],
+    def __init__(self, world: World, graph_at: Callable[[int], list[list[int]]], archs: list[str],
                  build: Callable[[str], torch.nn.Module], capacity: int, pool_every: int,
                  transfer_steps: int, delta: int, seed: int, timeout_s: float,
                  send_embedding: bool, precision: Precision = Precision("fp32")):
-        self.world, self.graph, self.archs = world, graph, archs
+        self.world, self.graph_at, self.archs = world, graph_at, archs
         self.send_embedding = send_embedding
         self.pool_every, self.transfer_steps = pool_every, transfer_steps
         self.precision = precision
@@ -122,7 +123,7 @@ class PoolTargets(NoTargets):
         their client's ranks at the same, fixed step."""
         me = self.world.client
         if step % self.pool_every == 0 and self.world.is_leader:
-            sources = refresh_sources(self.graph, step, self.seed)
+            sources = refresh_sources(self.graph_at(step), step, self.seed)
             if sources[me] >= 0:
                 self.transfer.post_receive(sources[me], self._size(self.archs[sources[me]]),
                                            due=step + self.transfer_steps)

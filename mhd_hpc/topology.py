@@ -5,19 +5,22 @@ with a directed edge ``j -> i``, meaning client ``i`` distills from client ``j``
 appear: a client is always its own candidate in the loss, so it does not need an edge for that.
 
 Like BlueFog's ``topology_util``, builders are plain functions returning neighbour lists. The
-per-step subgraph G_t (``peers_at_step``) is a pure function of (seed, step, client), so every rank
-of every client computes the same schedule with no communication and resumes it exactly after a
-restart.
+graph may change with the step (paper §3.1: G_t): ``graph_schedule`` returns ``step -> graph``,
+fixed for most kinds, redrawn from the shared seed every ``resample_every`` steps for ``random``.
+The per-step subgraph e_t (``peers_at_step``) is a pure function of (seed, step, client), so
+every rank of every client computes the same schedule with no communication and resumes it
+exactly after a restart.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
 
 import numpy as np
 
-TOPOLOGY_KINDS = ("complete", "cycle", "islands", "none", "edges")
+TOPOLOGY_KINDS = ("complete", "cycle", "islands", "none", "edges", "exponential", "random")
 
 
 class TopologyError(ValueError):
@@ -120,13 +123,76 @@ def from_edges(n: int, edges: list[list[int]]) -> list[list[int]]:
     return [sorted(s) for s in sets]
 
 
+def exponential(n: int) -> list[list[int]]:
+    """BlueFog's exponential graph: client i hears from clients i-1, i-2, i-4, ... (mod n), the
+    distances the powers of two below n; log2(n) in-neighbours, diameter log2(n)."""
+    _check_n(n)
+    out = []
+    for i in range(n):
+        dist, nbrs = 1, set()
+        while dist < n:
+            nbrs.add((i - dist) % n)
+            dist *= 2
+        out.append(sorted(nbrs))
+    return out
+
+
+def random_graph(n: int, degree: int, seed: int, draw: int = 0) -> list[list[int]]:
+    """Every client gets ``degree`` distinct in-neighbours drawn uniformly from the others, from
+    its own generator seeded by (seed, draw, client): draw ``d`` is the graph of the d-th
+    resampling period, the same on every rank."""
+    _check_n(n)
+    if not 1 <= degree <= max(n - 1, 1) or (n == 1 and degree):
+        raise TopologyError("degree", f"random: degree must be in [1, {n - 1}] (the other "
+                            f"clients), got {degree}")
+    out = []
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        rng = np.random.default_rng([int(seed), 0xD1CE, int(draw), i])
+        out.append(sorted(int(others[k]) for k in rng.choice(len(others), degree,
+                                                              replace=False)))
+    return out
+
+
+def graph_schedule(kind: str, n: int, islands: int | list[list[int]] = 1,
+                   edges: list[list[int]] | None = None, degree: int = 2,
+                   resample_every: int = 0, seed: int = 0) -> Callable[[int], list[list[int]]]:
+    """``step -> in_neighbours`` for the config's topology: the fixed graph of a static kind,
+    or for ``random`` a graph redrawn every ``resample_every`` steps (0: drawn once)."""
+    if kind == "random":
+        def at(step: int) -> list[list[int]]:
+            draw = step // resample_every if resample_every else 0
+            return _random_cached(n, degree, seed, draw)
+        at(0)  # validate now, not at the first step
+        return at
+    graph = build_topology(kind, n, islands, edges)
+    return lambda step: graph
+
+
+@lru_cache(maxsize=4)
+def _random_cached(n: int, degree: int, seed: int, draw: int) -> list[list[int]]:
+    return random_graph(n, degree, seed, draw)
+
+
+def is_dynamic(kind: str, resample_every: int) -> bool:
+    """Whether the graph changes during the run."""
+    return kind == "random" and resample_every > 0
+
+
 def build_topology(
     kind: str,
     n: int,
     islands: int | list[list[int]] = 1,
     edges: list[list[int]] | None = None,
+    degree: int = 2,
+    seed: int = 0,
 ) -> list[list[int]]:
-    """Dispatch on the config's topology kind: complete | cycle | islands | none | edges."""
+    """Dispatch on the config's topology kind: complete | cycle | islands | none | edges |
+    exponential | random (its first draw)."""
+    if kind == "exponential":
+        return exponential(n)
+    if kind == "random":
+        return random_graph(n, degree, seed, 0)
     if kind == "complete":
         return complete(n)
     if kind == "cycle":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ class Data:
     public: object
     test: object | None  # leaders only evaluate
     backend: str
+    probe: object | None = None  # leaders, eval.probe: the labelled public set, whole
 
     @property
     def num_classes(self) -> int:
@@ -61,7 +63,7 @@ class Data:
         return counts / counts.sum(axis=1, keepdims=True)
 
     def close(self) -> None:
-        for stream in (self.private, self.public, self.test):
+        for stream in (self.private, self.public, self.test, self.probe):
             if stream is not None:
                 stream.close()
 
@@ -73,7 +75,7 @@ def prepare_dataset(cfg: JobConfig, log: Log) -> tuple[str, dict | None, tuple[s
     if d.dataset == "digits":
         log(f"dataset digits: preparing shards under {d.root} (built once, then reused)")
         folder = build_digits_shards(d.root, k, d.public_fraction, d.label_assignment,
-                                     d.labels_per_client, d.skew, cfg.run.seed)
+                                     d.labels_per_client, d.skew, cfg.run.seed, d.public_source)
         return folder, load_manifest(folder), None
     try:
         manifest = load_manifest(d.root)
@@ -85,6 +87,12 @@ def prepare_dataset(cfg: JobConfig, log: Log) -> tuple[str, dict | None, tuple[s
         return d.root, None, ("clients.count", f"{d.root} was partitioned for {n} clients, "
                               f"the job has {k}: rebuild the shards with --clients {k} or set "
                               f"clients.count={n}")
+    built = manifest.get("public_source", "split")
+    if built != d.public_source:
+        return d.root, None, ("data.public_source", f"{d.root} was built with public source "
+                              f"{built!r}, the job asks for {d.public_source!r}: rebuild with "
+                              f"tools/make_shards.py --public-source {d.public_source} or set "
+                              f"data.public_source={built}")
     if cfg.exchange.top_k > c:
         return d.root, None, ("exchange.top_k", f"{cfg.exchange.top_k} > the {c} classes of "
                               f"{d.root}")
@@ -149,13 +157,15 @@ def open_data(cfg: JobConfig, world: World, setup: RunSetup) -> Data:
                                    **opts)
     public, _ = open_stream(folder, "public", d.public_batch_size,  # one seed: aligned
                             seed_of(cfg.run.seed, PUBLIC_ORDER), "public", **opts)
-    test = (open_stream(folder, "test", 256, 0, "eval", backend=d.loader,
-                        threads=d.loader_threads, manifest=manifest)[0]
-            if world.is_leader else None)
-    return Data(folder, manifest, private, public, test, backend)
+    def whole(split: str):  # leaders evaluate on whole splits, in order
+        return open_stream(folder, split, 256, 0, "eval", backend=d.loader,
+                           threads=d.loader_threads, manifest=manifest)[0]
+    test = whole("test") if world.is_leader else None
+    probe = whole("public") if world.is_leader and cfg.eval.probe else None
+    return Data(folder, manifest, private, public, test, backend, probe)
 
 
-def make_targets(cfg: JobConfig, world: World, graph: list[list[int]], build, model,
+def make_targets(cfg: JobConfig, world: World, graph_at, build, model,
                  public, num_classes: int, send_embedding: bool, device: torch.device,
                  precision: Precision) -> NoTargets:
     """Where this client's distillation targets come from (``exchange.mode``)."""
@@ -163,14 +173,14 @@ def make_targets(cfg: JobConfig, world: World, graph: list[list[int]], build, mo
         return NoTargets()
     ex, delta, seed = cfg.exchange, cfg.distill.targets_per_step, cfg.run.seed
     if ex.mode == "pool":
-        return PoolTargets(world, graph, cfg.client_archs(), build,
+        return PoolTargets(world, graph_at, cfg.client_archs(), build,
                            ex.pool_size or cfg.clients.count, ex.pool_every,
                            ex.pool_transfer_steps, delta, seed, ex.timeout_s, send_embedding,
                            precision)
     exchange = ClientExchange(world, model.num_heads, num_classes, cfg.data.public_batch_size,
                               ex.top_k, model.embedding_dim if send_embedding else 0,
                               ex.timeout_s, device)
-    return LiveTargets(world, graph, exchange, public, delta, seed, send_embedding)
+    return LiveTargets(world, graph_at, exchange, public, delta, seed, send_embedding)
 
 
 @dataclass
@@ -183,7 +193,7 @@ class Client:
     intra: SingleRank
     strategy: object
     train_step: TrainStep
-    graph: list[list[int]]
+    graph_at: Callable[[int], list[list[int]]]  # the communication graph of a step
     memory_format: torch.memory_format  # of the images (channels_last or not)
 
 
@@ -201,7 +211,7 @@ def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
     log(f"{data.private.num_samples} private samples on client 0, {data.public.num_samples} "
         f"public, {data.manifest['counts']['test']} test, {data.num_classes} classes; run "
         f"folder {cfg.run.out_dir}")
-    strategy = make_strategy(cfg.method, world, intra, cfg.fedavg.every)
+    strategy = make_strategy(cfg.method, world, intra, cfg.fedavg.every, cfg.fedmd.revisit_steps)
     torch.manual_seed(seed_of(cfg.run.seed, INIT, 0 if strategy.shared_init else world.client))
     shape = data.manifest["image_shape"]
 
@@ -213,28 +223,31 @@ def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
     o = cfg.optim
     opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
                           weight_decay=o.weight_decay)
-    graph = topology.build_topology(cfg.topology.kind, cfg.clients.count, cfg.topology.islands,
-                                    cfg.topology.edges)
+    t = cfg.topology
+    graph_at = topology.graph_schedule(t.kind, cfg.clients.count, t.islands, t.edges, t.degree,
+                                       t.resample_every, cfg.run.seed)
     nu_emb = cfg.distill.nu_emb if cfg.method == "mhd" else 0.0
-    source = make_targets(cfg, world, graph, build, model, data.public, data.num_classes,
+    source = make_targets(cfg, world, graph_at, build, model, data.public, data.num_classes,
                           nu_emb > 0, device, precision)
     nu_aux = aux_head_weight(cfg.distill.nu_aux, cfg.model.aux_heads, cfg.distill.aux_weighting)
     distill = DistillSettings(nu_aux, nu_emb, cfg.distill.selection,
-                              cfg.distill.skip_less_confident, cfg.distill.warmup_steps)
+                              cfg.distill.skip_less_confident, cfg.distill.warmup_steps,
+                              cfg.fedmd.weight)
     step = TrainStep(model, opt, strategy, source, distill, cfg.run.seed, world.client, device,
                      precision)
-    return Client(model, opt, source, intra, strategy, step, graph, layout)
+    return Client(model, opt, source, intra, strategy, step, graph_at, layout)
 
 
 def evaluate_all(client: Client, data: Data, world: World, device: torch.device,
                  reporter: Reporter | None, step: int) -> None:
     """Collective: every leader evaluates its client; the root records, checks and prints."""
-    acc = (evaluate(client.model, data.test, data.num_classes, device,
-                    client.train_step.precision, client.memory_format)
-           if world.is_leader else None)
-    accs = [a for a in world.gather(acc) or [] if a is not None]
+    result = (evaluate(client.model, data.test, data.num_classes, device,
+                       client.train_step.precision, client.memory_format, data.probe)
+              if world.is_leader else None)
+    results = [r for r in world.gather(result) or [] if r is not None]  # one per client
     if reporter is not None:
-        reporter.evaluation(step, accs)
+        reporter.evaluation(step, [a for a, _ in results], [p for _, p in results],
+                            topology.hop_distances(client.graph_at(step)))
 
 
 def log_interval(cfg: JobConfig, world: World, client: Client, interval: Interval,
@@ -271,7 +284,8 @@ def resume(cfg: JobConfig, world: World, setup: RunSetup, client: Client, data: 
     metrics = MetricsWriter(Path(cfg.run.out_dir) / "metrics.h5",
                             [f"client{i}" for i in range(cfg.clients.count)], heads,
                             data.label_distribution(), setup.fingerprints[0], start,
-                            topology.hop_distances(client.graph), setup.fingerprints[1:])
+                            topology.hop_distances(client.graph_at(start)),
+                            setup.fingerprints[1:])
     health_from = (health_after(cfg.run.steps, cfg.eval.health_after, cfg.distill.warmup_steps,
                                 cfg.optim.warmup_steps) if cfg.eval.health_check else None)
     return start, ckpt, Reporter(metrics, log, cfg.run.steps, heads, data.label_distribution(),

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labels-per-client", type=int, default=3, help="primary labels per client")
     p.add_argument("--skew", type=float, default=100.0, help="s: 0 = iid, 100 = strongly non-iid")
     p.add_argument("--seed", type=int, default=0, help="partition seed")
+    p.add_argument("--public-source", choices=("split", "all"), default="split",
+                   help="all: the public split is the whole training pool (MHD+)")
     return p.parse_args(argv)
 
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset_dir = build_digits_shards(
         root=args.root, num_clients=args.clients, public_fraction=args.public_fraction,
         label_assignment=args.label_assignment, labels_per_client=args.labels_per_client,
-        skew=args.skew, seed=args.seed,
+        skew=args.skew, seed=args.seed, public_source=args.public_source,
     )
     print(format_summary(load_manifest(dataset_dir), dataset_dir))
     print(dataset_dir)

@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-side", type=int, default=None,
                    help="re-encode images whose longer side exceeds N pixels (default: keep bytes)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--public-source", choices=("split", "all"), default="split",
+                   help="all: the public split is the whole training pool (the paper's MHD+); "
+                        "recorded in the manifest (data.public_source must match)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="writer processes per rank")
     return p.parse_args(argv)
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         clients=args.clients, public_fraction=args.public_fraction,
         label_assignment=args.label_assignment, labels_per_client=args.labels_per_client,
         skew=args.skew, seed=args.seed, image_size=args.image_size, max_side=args.max_side,
-        samples_per_shard=args.samples_per_shard)
+        samples_per_shard=args.samples_per_shard, public_source=args.public_source)
     rank, size, barrier = mpi_world()
     os.makedirs(args.out_dir, exist_ok=True)
     manifest = build_imagefolder_shards(settings, args.out_dir, workers=args.workers, rank=rank,

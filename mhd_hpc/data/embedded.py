@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mhd_hpc.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_manifest,
-                                   write_manifest, write_order)
+                                   use_whole_pool_as_public, write_manifest, write_order)
 from mhd_hpc.data.partition import make_partition
 from mhd_hpc.data.shards import write_shards
 
@@ -66,9 +66,11 @@ def digits_test_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_settings(num_clients: int, public_fraction: float, label_assignment: str,
-                    labels_per_client: int, skew: float, seed: int) -> dict[str, Any]:
+                    labels_per_client: int, skew: float, seed: int,
+                    public_source: str = "split") -> dict[str, Any]:
     """The settings that determine a built dataset, with normalised types (10 == 10.0)."""
-    return {
+    extra = {} if public_source == "split" else {"public_source": public_source}
+    return extra | {
         "dataset": "digits",
         "format_version": FORMAT_VERSION,
         "test_fraction": DIGITS_TEST_FRACTION,
@@ -102,10 +104,11 @@ def _is_complete(dataset_dir: str, settings: dict) -> bool:
 
 def build_digits_shards(root: str, num_clients: int, public_fraction: float,
                         label_assignment: str, labels_per_client: int, skew: float,
-                        seed: int) -> str:
-    """Build (or find) the digits dataset for these settings under ``root``; return its folder."""
+                        seed: int, public_source: str = "split") -> str:
+    """Build (or find) the digits dataset for these settings under ``root``; return its folder.
+    ``public_source='all'``: the public split lists the whole training pool (MHD+)."""
     settings = digits_settings(num_clients, public_fraction, label_assignment,
-                               labels_per_client, skew, seed)
+                               labels_per_client, skew, seed, public_source)
     final = os.path.join(root, dataset_dir_name(settings))
     if os.path.exists(final):
         if _is_complete(final, settings):
@@ -151,6 +154,8 @@ def build_digits_shards(root: str, num_clients: int, public_fraction: float,
             manifest["counts"][name] = int(idx.size)
             manifest["class_counts"][name] = np.bincount(
                 labels[idx], minlength=DIGITS_NUM_CLASSES).tolist()
+        if public_source == "all":
+            use_whole_pool_as_public(manifest)
         write_manifest(tmp, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the dataset is meant to be shared
         try:

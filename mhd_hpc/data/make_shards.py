@@ -40,7 +40,8 @@ from typing import Callable
 
 import numpy as np
 
-from mhd_hpc.data.manifest import FORMAT_VERSION, file_sha256, write_manifest, write_order
+from mhd_hpc.data.manifest import (FORMAT_VERSION, file_sha256, use_whole_pool_as_public,
+                                   write_manifest, write_order)
 from mhd_hpc.data.partition import make_partition
 from mhd_hpc.data.shards import add_member, shard_name
 from mhd_hpc.data.tarindex import index_path, write_index
@@ -72,6 +73,7 @@ class ShardSettings:
     image_size: int = 224
     max_side: int | None = None
     samples_per_shard: int = 1000
+    public_source: str = "split"  # "all": the public split lists the whole training pool (MHD+)
 
 
 @dataclass
@@ -360,5 +362,7 @@ def _write_manifest(s: ShardSettings, out_dir: str, classes: list[str], part_man
     if missing:
         raise RuntimeError(f"{len(missing)} shards were not written (a rank or worker failed): "
                            f"{missing[:5]}; rerun to complete them")
+    if s.public_source == "all":
+        use_whole_pool_as_public(manifest)
     write_manifest(out_dir, manifest)
     return manifest

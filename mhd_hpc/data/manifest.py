@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "client_split", "load_manifest", "write_manifest",
-           "write_order", "format_summary", "file_sha256", "content_digest", "verify_shards"]
+           "write_order", "format_summary", "file_sha256", "content_digest", "verify_shards",
+           "use_whole_pool_as_public"]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -82,6 +83,20 @@ def write_order(seed: int, public: np.ndarray, clients: list[np.ndarray]) -> dic
     return order
 
 
+def use_whole_pool_as_public(manifest: dict) -> None:
+    """MHD+ (``public_source: all``): the public split becomes the whole training pool, i.e. the
+    held-out public shards plus every client's shards, listed again (nothing is copied)."""
+    pool = ["public"] + sorted(s for s in manifest["splits"] if s.startswith("client_"))
+    manifest["splits"]["public"] = [f for s in pool for f in manifest["splits"][s]]
+    manifest["counts"]["public"] = sum(manifest["counts"][s] for s in pool)
+    if "class_counts" in manifest:
+        manifest["class_counts"]["public"] = np.sum(
+            [manifest["class_counts"][s] for s in pool], axis=0).astype(int).tolist()
+    if "bytes" in manifest:
+        manifest["bytes"]["public"] = sum(manifest["bytes"][s] for s in pool)
+    manifest["public_source"] = "all"
+
+
 def file_sha256(path: str) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     sha = hashlib.sha256()
@@ -98,6 +113,8 @@ def content_digest(manifest: dict) -> str:
     shards themselves are checked against them by :func:`verify_shards`."""
     keep = {k: manifest.get(k) for k in ("num_classes", "image_shape", "normalize", "partition",
                                          "splits", "counts", "class_counts")}
+    if manifest.get("public_source", "split") != "split":
+        keep["public_source"] = manifest["public_source"]
     canonical = json.dumps(keep, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 

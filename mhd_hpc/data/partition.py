@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 LABEL_ASSIGNMENTS = ("random", "even")
+#: Where the public set comes from: the held-out public fraction, or the whole training pool
+#: (the paper's MHD+; the clients' private samples then appear unlabeled in the public set too).
+PUBLIC_SOURCES = ("split", "all")
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class World:
         self.client = -1
         self.client_comm: Any = None  # the ranks of this rank's client
         self.local_rank, self.local_size = 0, 1
+        self._slice_comm: Any = None  # ranks with the same client-local rank (FedMD)
 
     # -- mapping -----------------------------------------------------------------------------
     def assign_clients(self, layout: ClientLayout) -> None:
@@ -161,6 +162,18 @@ class World:
         flat = flatten(tensors, "cpu")
         self.comm.Allreduce(MPI.IN_PLACE, [flat.numpy(), MPI.FLOAT], op=MPI.SUM)
         flat /= self.size
+        unflatten_into(flat, tensors)
+        return flat.numel() * flat.element_size()
+
+    def across_clients_mean_(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Average ``tensors`` in place over the ranks with this rank's client-local rank, one
+        per client (every client must have the same number of ranks): the mean over clients of
+        each rank's slice of a common batch. Returns bytes sent."""
+        if self._slice_comm is None:  # collective: every rank creates it at the same call
+            self._slice_comm = self.comm.Split(color=self.local_rank, key=self.rank)
+        flat = flatten(tensors, "cpu")
+        self._slice_comm.Allreduce(MPI.IN_PLACE, [flat.numpy(), MPI.FLOAT], op=MPI.SUM)
+        flat /= self._slice_comm.Get_size()
         unflatten_into(flat, tensors)
         return flat.numel() * flat.element_size()
 
