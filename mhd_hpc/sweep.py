@@ -12,6 +12,7 @@ A sweep file (YAML; ``jobs/paper/*.yaml``)::
       model.aux_heads: [1, 2, 3, 4]
     seeds: [0, 1, 2]
     ranks: 4                        # mpirun -np (optional; default: the job's total ranks)
+    columns: [main/beta_priv, last/beta_sh]   # the table's numbers (optional; see COLUMNS)
 
 :func:`plan` turns it into runs (pure, tested without MPI); :func:`run_pending` starts each run
 that has not finished under ``mpirun`` (a finished run is skipped, an interrupted one resumes,
@@ -39,7 +40,14 @@ from mhd_hpc.config import ConfigError, load_config
 from mhd_hpc.metrics import MetricsError, read_metrics
 
 __all__ = ["Run", "SweepSpec", "load_sweep", "plan", "is_finished", "run_pending",
-           "slurm_array", "collect", "summarise", "markdown_table"]
+           "slurm_array", "collect", "summarise", "markdown_table", "COLUMNS"]
+
+#: Table columns: key -> header (HEAD/beta_sh and HEAD/beta_priv are accepted for any head).
+COLUMNS = {"main/beta_priv": "main priv", "main/beta_sh": "main sh",
+           "last/beta_priv": "last aux priv", "last/beta_sh": "last aux sh",
+           "main_priv_worst": "worst main priv", "main_sh_client_std": "main sh spread over clients",
+           "health_failed": "runs failing health", "mb_sent": "MB sent",
+           "ms_per_step": "ms/step", "probe_acc": "linear probe"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class SweepSpec:
     grid: dict[str, list] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     ranks: int = 0
+    columns: list[str] | None = None
 
 
 def _fmt(value) -> str:
@@ -78,7 +87,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError("<sweep file>", f"{path}: {exc}") from None
-    known = {"base", "out_dir", "overrides", "settings", "grid", "seeds", "ranks", "description"}
+    known = {"base", "out_dir", "overrides", "settings", "grid", "seeds", "ranks", "description",
+             "columns"}
     for key in data:
         if key not in known:
             raise ConfigError(f"sweep.{key}", f"unknown key in {path} (valid: "
@@ -97,9 +107,15 @@ def load_sweep(path: str | Path) -> SweepSpec:
     grid = data.get("grid") or {}
     if not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError("sweep.grid", f"{path}: every grid key needs a non-empty list of values")
+    columns = data.get("columns")
+    unknown = [c for c in columns or [] if c not in COLUMNS and not c.startswith(
+        ("main/", "last/", "aux"))]
+    if unknown:
+        raise ConfigError("sweep.columns", f"{path}: unknown columns {unknown} (known: "
+                          f"{', '.join(COLUMNS)}, or HEAD/beta_sh, HEAD/beta_priv)")
     return SweepSpec(path, (path.parent / data["base"]).resolve(), str(data["out_dir"]),
                      list(data.get("overrides") or []), settings, grid, seeds,
-                     int(data.get("ranks") or 0))
+                     int(data.get("ranks") or 0), columns)
 
 
 def plan(spec: SweepSpec) -> list[Run]:
@@ -204,6 +220,8 @@ def collect(runs: list[Run]) -> list[dict]:
             row[f"{h}/beta_sh"] = float(ev["beta_sh"][-1][:, j].mean())
             row[f"{h}/beta_priv"] = float(ev["beta_priv"][-1][:, j].mean())
         row["last/beta_sh"] = row[f"{heads[-1]}/beta_sh"]
+        row["last/beta_priv"] = row[f"{heads[-1]}/beta_priv"]
+        row["main_sh_client_std"] = float(ev["beta_sh"][-1][:, 0].std())
         failing = int((ev["health"] == 0).any(axis=0).sum()) if "health" in ev else 0
         row["health_failed"] = int(failing > 0)  # the run had a client failing the check
         row["mb_sent"] = float(np.nansum(train.get("bytes_sent", [0.0]))) / 1e6
@@ -231,12 +249,13 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown_table(summary: list[dict], columns: list[tuple[str, str]] | None = None) -> str:
-    """``columns``: (header, key) pairs; default: main/last head beta_priv and beta_sh, the worst
-    main beta_priv, health failures and MB sent. Numbers are mean ± std over seeds."""
-    columns = columns or [("main priv", "main/beta_priv"), ("main sh", "main/beta_sh"),
-                          ("last aux sh", "last/beta_sh"), ("worst main priv", "main_priv_worst"),
-                          ("runs failing health", "health_failed"), ("MB sent", "mb_sent")]
+def markdown_table(summary: list[dict], columns: list[str] | None = None) -> str:
+    """``columns``: keys of :data:`COLUMNS` (or HEAD/beta_sh); default: main/last head
+    beta_priv and beta_sh, the worst main beta_priv, health failures and MB sent. Numbers are
+    mean ± std over seeds (worst: the minimum; health: runs; MB: mean)."""
+    keys = columns or ["main/beta_priv", "main/beta_sh", "last/beta_sh", "main_priv_worst",
+                       "health_failed", "mb_sent"]
+    columns = [(COLUMNS.get(k, k.replace("/", " ")), k) for k in keys]
     head = "| setting | seeds | " + " | ".join(h for h, _ in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 2)]
     for entry in summary:
@@ -249,7 +268,7 @@ def markdown_table(summary: list[dict], columns: list[tuple[str, str]] | None = 
                 cells.append(f"{v['mean'] * len(entry['seeds']):.0f}")
             elif key == "main_priv_worst":
                 cells.append(f"{v['min']:.3f}")
-            elif key == "mb_sent":
+            elif key in ("mb_sent", "ms_per_step"):
                 cells.append(f"{v['mean']:.1f}")
             else:
                 cells.append(f"{v['mean']:.3f} ± {v['std']:.3f}")

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if failed else 0
     rows = sweep.collect(runs)
     summary = sweep.summarise(rows)
-    table = sweep.markdown_table(summary)
+    table = sweep.markdown_table(summary, spec.columns)
     out = sweep.write_results(spec, summary, rows, table)
     print(table)
     print(f"\n{len(rows)}/{len(runs)} runs finished; results in {out}/results.md and "
