@@ -53,6 +53,10 @@ class RunConfig:
     keep_checkpoints: int = doc("How many checkpoints each client keeps (older ones are deleted).", 2)
     threads: int = doc("torch intra-op threads per rank (0 = leave torch's default). One thread "
                        "per rank avoids oversubscribing cores when several ranks share a node.", 1)
+    tensorboard: bool = doc("The root rank also writes TensorBoard event files under "
+                            "RUN_DIR/tensorboard/ (every train row and evaluation, per client and "
+                            "mean; a resumed run purges what came after its checkpoint). Needs "
+                            "the tensorboard extra: pip install -e '.[tensorboard]'.", False)
 
 
 @dataclass
@@ -400,6 +404,7 @@ ADDED_KEYS: dict[str, Any] = {
     "fedmd.weight": 1.0,
     "data.public_source": "split",
     "eval.probe": False,
+    "run.tensorboard": False,
 }
 
 
@@ -639,6 +644,13 @@ def check_environment(cfg: JobConfig) -> None:
             raise ConfigError("backend.intra", f"horovod was asked for but cannot be imported "
                               f"({problem}): run tools/install_horovod.sh, load the site "
                               "Horovod, or set backend.intra=torch")
+    if cfg.run.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("run.tensorboard", f"TensorBoard output was asked for but cannot "
+                              f"be written ({exc}): pip install -e '.[tensorboard]' or set "
+                              "run.tensorboard=false") from None
     if cfg.backend.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("backend.device", "cuda was asked for but torch sees no CUDA device "
                           "(use backend.device=auto or cpu)")

@@ -9,6 +9,7 @@ rank prints (:class:`Log`): one terminal, not K copies.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,15 +79,28 @@ def merge_client_rows(rows: list[tuple[int, dict]], num_clients: int) -> list[di
     return merged
 
 
-def train_line(step: int, total: int, per_client: list[dict]) -> str:
-    """``step 100/600 | ce 0.3 aux1 ... | 28 ms/step (exchange wait 6 ms) | sent 4.3 MB``."""
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60} min"
+
+
+def train_line(step: int, total: int, per_client: list[dict], samples_per_step: int = 0,
+               eta_s: float | None = None) -> str:
+    """``step 100/600 | ce 0.3 aux1 ... | 28 ms/step, 3400 samples/s per client (exchange wait
+    6 ms) | sent 4.3 MB | ETA 14 s``."""
     names = sorted(set().union(*per_client))
     mean = {n: float(np.nanmean([r.get(n, np.nan) for r in per_client])) for n in names}
     loss_txt = " ".join(f"{n.removeprefix('loss_')} {mean[n]:.3f}" for n in names
                         if n.startswith("loss_"))
-    return (f"step {step:>6}/{total} | {loss_txt} | {1000 * mean['step_time_s']:.0f} ms/step "
-            f"(exchange wait {1000 * mean['exchange_wait_s']:.0f} ms) | "
-            f"sent {sum(r['bytes_sent'] for r in per_client) / 1e6:.2f} MB")
+    rate = (f", {samples_per_step / mean['step_time_s']:.0f} samples/s per client"
+            if samples_per_step and mean["step_time_s"] > 0 else "")
+    eta = f" | ETA {_duration(eta_s)}" if eta_s is not None and step < total else ""
+    return (f"step {step:>6}/{total} | {loss_txt} | {1000 * mean['step_time_s']:.0f} ms/step"
+            f"{rate} (exchange wait {1000 * mean['exchange_wait_s']:.0f} ms) | "
+            f"sent {sum(r['bytes_sent'] for r in per_client) / 1e6:.2f} MB{eta}")
 
 
 def eval_lines(step: int, summary: dict, heads: list[str]) -> list[str]:
@@ -103,25 +117,63 @@ def eval_lines(step: int, summary: dict, heads: list[str]) -> list[str]:
                 f"c{i} {sh[i, 0]:.2f}/{sh[i, -1]:.2f}" for i in range(sh.shape[0]))]
 
 
+class TensorBoard:
+    """The same rows and evaluations as TensorBoard scalars (``run.tensorboard``): tags
+    ``train/<name>/mean`` and ``train/<name>/client<i>``, ``eval/<metric>/<head>/...``."""
+
+    def __init__(self, log_dir: str | Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events at or after it: a resumed run has no duplicated steps.
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
+
+    def scalars(self, prefix: str, step: int, values: np.ndarray, clients: list[str]) -> None:
+        """One value per client, and their mean."""
+        self.writer.add_scalar(f"{prefix}/mean", float(np.nanmean(values)), step)
+        for name, v in zip(clients, values):
+            self.writer.add_scalar(f"{prefix}/{name}", float(v), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class Reporter:
-    """The root rank's side of a run's output: metric rows into ``metrics.h5``, progress and
-    evaluation lines, and the health check of every client at evaluation steps."""
+    """The root rank's side of a run's output: metric rows into ``metrics.h5`` (and TensorBoard),
+    progress and evaluation lines, and the health check of every client at evaluation steps."""
 
     def __init__(self, metrics, log: Log, total_steps: int, heads: list[str],
-                 distribution: np.ndarray, health_from: int | None):
-        """``health_from``: the first step the health check judges (None: no check)."""
+                 distribution: np.ndarray, health_from: int | None, start_step: int = 0,
+                 samples_per_step: int = 0, tensorboard: TensorBoard | None = None):
+        """``health_from``: the first step the health check judges (None: no check);
+        ``samples_per_step``: images one client processes per step (private + public)."""
         self.metrics, self.log, self.total_steps = metrics, log, total_steps
         self.heads, self.distribution, self.health_from = heads, distribution, health_from
+        self.clients = [f"client{i}" for i in range(len(distribution))]
         self.train_ce: np.ndarray | None = None  # per client, from the latest log interval
         self.failures: dict[int, list[int]] = {}  # client -> steps at which it failed
+        self.start_step, self.samples_per_step, self.tb = start_step, samples_per_step, tensorboard
+        self.started = time.perf_counter()
+
+    def eta_s(self, step: int) -> float:
+        """Seconds left at the pace since this process started (eval and checkpoints included)."""
+        done = step - self.start_step
+        return (time.perf_counter() - self.started) / max(done, 1) * (self.total_steps - step)
 
     def train_rows(self, step: int, rows: list[tuple[int, dict]]) -> None:
         per_client = merge_client_rows(rows, len(self.distribution))
         names = sorted(set().union(*per_client))
-        self.metrics.write_train(step, {n: [r.get(n, np.nan) for r in per_client]
-                                        for n in names})
+        columns = {n: [r.get(n, np.nan) for r in per_client] for n in names}
+        self.metrics.write_train(step, columns)
+        if self.tb:
+            for n, values in columns.items():
+                self.tb.scalars(f"train/{n}", step, np.asarray(values), self.clients)
+            self.tb.flush()
         self.train_ce = np.array([r.get("loss_ce", np.nan) for r in per_client])
-        self.log(train_line(step, self.total_steps, per_client))
+        self.log(train_line(step, self.total_steps, per_client, self.samples_per_step,
+                            self.eta_s(step)))
 
     def evaluation(self, step: int, accs: list[np.ndarray], probes: list[float | None],
                    hop_distances: np.ndarray) -> None:
@@ -145,8 +197,19 @@ class Reporter:
                 self.log(f"WARNING health at step {step}: {reason}; {HEALTH_HINT}")
         summary["health"] = health
         self.metrics.write_eval(step, summary)
+        if self.tb:
+            for key in ("beta_sh", "beta_priv"):
+                for h, head in enumerate(self.heads):
+                    self.tb.scalars(f"eval/{key}/{head}", step, summary[key][:, h], self.clients)
+            if "probe_acc" in summary:
+                self.tb.scalars("eval/linear_probe", step, summary["probe_acc"], self.clients)
+            self.tb.flush()
         for line in eval_lines(step, summary, self.heads):
             self.log(line)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
 
     def closing_lines(self) -> list[str]:
         if not self.failures:

@@ -1,13 +1,23 @@
-"""``python -m mhd_hpc.report RUN_DIR [--json] [--step N]``: what a run learned.
+"""``python -m mhd_hpc.report RUN_DIR [RUN_DIR ...] [--json] [--step N] [--plot [OUT_DIR]]``:
+what a run learned, or several runs side by side.
 
-The table shows, per client and head, beta_priv (accuracy on the client's own private label
-distribution) and beta_sh (mean per-class accuracy, i.e. on a uniform label distribution), at
-the last evaluated step unless ``--step`` picks another. ``--json`` prints the same numbers as
+One run: the table shows, per client and head, beta_priv (accuracy on the client's own private
+label distribution) and beta_sh (mean per-class accuracy, i.e. on a uniform label distribution),
+at the last evaluated step unless ``--step`` picks another; then the linear probe (when
+recorded), accuracy by graph distance, step time and traffic, and any health warning. ``--json``
+prints the same numbers as
 
     {"step": N, "clients": {NAME: {"heads": {HEAD: {"beta_priv": x, "beta_sh": y}}}},
-     "mean": {HEAD: {"beta_priv": x, "beta_sh": y}}}
+     "mean": {HEAD: {"beta_priv": x, "beta_sh": y}}, "health_failures": {NAME: [steps]},
+     "linear_probe": {"clients": {NAME: x}, "mean": x}}           (the last only with a probe)
 
-with accuracies as fractions in [0, 1].
+with accuracies as fractions in [0, 1]. ``--plot`` writes the figures (see report_plots) into
+OUT_DIR (default RUN_DIR/plots).
+
+Several runs: one row per run with the settings that differ between them, beta_priv and beta_sh
+per head (means over clients), MB sent and ms per step (``--json``: see compare.comparison);
+``--plot`` overlays their beta_sh curves in OUT_DIR/compare.png (default ./compare-plots). A run
+still training shows its latest complete evaluation.
 """
 
 from __future__ import annotations
@@ -131,17 +141,43 @@ def cross_client_lines(summary: dict, metrics: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mhd_hpc.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="run folder (run.out_dir of the job)")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run folder(s) (run.out_dir of the job); several: side by side")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--step", type=int, default=None, help="evaluated step (default: last)")
+    parser.add_argument("--plot", nargs="?", const="", default=None, metavar="OUT_DIR",
+                        help="write PNG figures (needs matplotlib: pip install -e '.[plot]')")
     args = parser.parse_args(argv)
     try:
-        metrics = read_metrics(Path(args.run_dir) / "metrics.h5")
+        if len(args.run_dirs) > 1:
+            return _several(args)
+        metrics = read_metrics(Path(args.run_dirs[0]) / "metrics.h5")
         summary = summary_at(metrics, args.step)
-    except MetricsError as exc:
+        if args.plot is not None:
+            from mhd_hpc.report_plots import plot_run
+
+            out = args.plot or str(Path(args.run_dirs[0]) / "plots")
+            made = plot_run(metrics, Path(args.run_dirs[0]).name, out, summary["step"])
+            print(f"wrote {len(made)} figures: " + ", ".join(str(p) for p in made),
+                  file=sys.stderr)
+    except (MetricsError, ImportError) as exc:
         print(f"mhd_hpc.report: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=1) if args.json else format_table(summary, metrics))
+    return 0
+
+
+def _several(args: argparse.Namespace) -> int:
+    from mhd_hpc.compare import comparison, format_comparison, load_runs
+
+    runs = load_runs(args.run_dirs)
+    comp = comparison(runs)
+    if args.plot is not None:
+        from mhd_hpc.report_plots import plot_comparison
+
+        path = plot_comparison([(n, m) for n, m, _ in runs], args.plot or "compare-plots")
+        print(f"wrote {path}", file=sys.stderr)
+    print(json.dumps(comp, indent=1) if args.json else format_comparison(comp))
     return 0
 
 

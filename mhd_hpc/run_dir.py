@@ -39,7 +39,8 @@ __all__ = ["RESUMABLE_CHANGES", "LOCATION_KEYS", "identity", "fingerprint", "leg
 RESUMABLE_CHANGES = ("run.steps", "run.eval_every", "run.log_every", "run.checkpoint_every",
                      "run.keep_checkpoints", "run.threads", "exchange.timeout_s", "run.out_dir",
                      "data.verify_shards", "eval.health_check", "eval.health_after",
-                     "eval.grad_norms", "eval.probe", "backend.channels_last")
+                     "eval.grad_norms", "eval.probe", "backend.channels_last",
+                     "run.tensorboard")
 _V1_RESUMABLE = RESUMABLE_CHANGES[:8]  # before data.verify_shards existed
 #: Where things are, not what they are: the dataset is identified by its manifest's content.
 LOCATION_KEYS = ("data.root",)
@@ -47,11 +48,12 @@ LOCK_NAME = ".lock"
 DATASET_RECORD = "dataset.json"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_keys(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys of a config."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_keys(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -60,7 +62,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def identity(cfg: JobConfig) -> dict:
     """The settings that define what a run learns; a resumed run must match them."""
     skip = RESUMABLE_CHANGES + LOCATION_KEYS
-    return {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in skip}
+    return {k: v for k, v in flatten_keys(cfg.to_dict()).items() if k not in skip}
 
 
 def fingerprint(cfg: JobConfig, dataset_digest: str = "") -> str:
@@ -75,7 +77,7 @@ def legacy_fingerprint(cfg: JobConfig) -> str:
     carry (identity over that version's keys, ``data.root`` included): accepted on resume, never
     written. A job that sets a later-added key to anything but its old behaviour cannot be such
     a run, and gets a fingerprint no file carries."""
-    flat = _flatten(cfg.to_dict())
+    flat = flatten_keys(cfg.to_dict())
     if any(flat[k] != v for k, v in ADDED_KEYS.items() if k not in RESUMABLE_CHANGES):
         return "-"
     ident = {k: v for k, v in flat.items() if k not in _V1_RESUMABLE and k not in ADDED_KEYS}

@@ -30,7 +30,7 @@ from mhd_hpc.evaluation import evaluate, health_after
 from mhd_hpc.losses import aux_head_weight
 from mhd_hpc.metrics import MetricsWriter
 from mhd_hpc.models import build_model
-from mhd_hpc.progress import Interval, Log, Reporter
+from mhd_hpc.progress import Interval, Log, Reporter, TensorBoard
 from mhd_hpc.run_dir import (RunFolder, claim_run_dir, fingerprint, legacy_fingerprint,
                              schedule_change_note)
 from mhd_hpc.schedules import lr_at
@@ -288,8 +288,11 @@ def resume(cfg: JobConfig, world: World, setup: RunSetup, client: Client, data: 
                             setup.fingerprints[1:])
     health_from = (health_after(cfg.run.steps, cfg.eval.health_after, cfg.distill.warmup_steps,
                                 cfg.optim.warmup_steps) if cfg.eval.health_check else None)
+    tb = (TensorBoard(Path(cfg.run.out_dir) / "tensorboard", start) if cfg.run.tensorboard
+          else None)
     return start, ckpt, Reporter(metrics, log, cfg.run.steps, heads, data.label_distribution(),
-                                 health_from)
+                                 health_from, start,
+                                 cfg.data.batch_size + cfg.data.public_batch_size, tb)
 
 
 def run(cfg: JobConfig, world: World) -> int:
@@ -354,12 +357,16 @@ def run(cfg: JobConfig, world: World) -> int:
             world.barrier()
             log(f"stopping at step {step} on signal {stop.received}: checkpoint saved; rerun the "
                 f"same command to continue (exit code {EXIT_RESUMABLE})")
+            if reporter:
+                reporter.close()
             client.intra.shutdown()
             return EXIT_RESUMABLE
     world.barrier()
     data.close()
     client.intra.shutdown()
-    for line in reporter.closing_lines() if reporter else []:
-        log(line)
+    if reporter:
+        reporter.close()
+        for line in reporter.closing_lines():
+            log(line)
     log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {cfg.run.out_dir}")
     return 0

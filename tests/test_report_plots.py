@@ -1,0 +1,86 @@
+"""Seeing the results (issue 13): every figure from short real runs, the side-by-side
+comparison, TensorBoard event files without duplicated steps after a resume, and the progress
+line's throughput and ETA."""
+
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib", reason="pip install -e '.[plot]'")
+
+from mhd_hpc.report import main as report_main  # noqa: E402
+
+from conftest import run_mpi, train_args  # noqa: E402
+
+SMALL = ["clients.count=2", "run.steps=20", "run.eval_every=10", "run.log_every=5",
+         "run.checkpoint_every=10", "data.labels_per_client=5", "data.public_batch_size=32"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_root):
+    """A prediction-mode run (cycle, probe, TensorBoard) and a pool-mode run."""
+    base = tmp_path_factory.mktemp("runs")
+    live, pool = base / "live", base / "pool"
+    res = run_mpi(2, train_args(live, data_root, *SMALL, "topology.kind=cycle",
+                                "eval.probe=true", "run.tensorboard=true"), timeout=240)
+    assert res.returncode == 0, res.stderr
+    res_pool = run_mpi(2, train_args(pool, data_root, *SMALL, "exchange.mode=pool",
+                                     "exchange.pool_every=5", "exchange.pool_transfer_steps=2"),
+                       timeout=240)
+    assert res_pool.returncode == 0, res_pool.stderr
+    return live, pool, res.stdout
+
+
+def test_every_figure_is_drawn(runs, tmp_path, capsys):
+    live, pool, _ = runs
+    assert report_main([str(live), "--plot", str(tmp_path / "live")]) == 0
+    names = sorted(p.name for p in (tmp_path / "live").iterdir())
+    assert names == ["accuracy.png", "by_distance.png", "cross_client.png", "losses.png",
+                     "timing.png"]
+    assert report_main([str(pool), "--plot"]) == 0  # default: RUN_DIR/plots
+    pool_names = sorted(p.name for p in (pool / "plots").iterdir())
+    assert pool_names == sorted(names + ["staleness.png"])
+    for path in [*(tmp_path / "live").iterdir(), *(pool / "plots").iterdir()]:
+        data = path.read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, path
+    out = capsys.readouterr().out
+    assert "linear probe on the frozen embedding" in out
+
+
+def test_runs_side_by_side(runs, tmp_path, capsys):
+    live, pool, _ = runs
+    assert report_main([str(live), str(pool), "--json"]) == 0
+    comp = json.loads(capsys.readouterr().out)
+    assert {"exchange.mode", "topology.kind", "eval.probe"} <= set(comp["differing"])
+    assert [r["run"] for r in comp["runs"]] == ["live", "pool"]
+    assert comp["runs"][1]["settings"]["exchange.mode"] == "pool"
+    assert all(r["step"] == 20 and r["mb_sent"] > 0 for r in comp["runs"])
+    assert report_main([str(live), str(pool), "--plot", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].startswith("| run | ") and "| live |" in table
+    assert (tmp_path / "compare.png").read_bytes().startswith(PNG)
+
+
+def test_progress_line_has_throughput_and_eta(runs):
+    _, _, stdout = runs
+    line = next(l for l in stdout.splitlines() if "step      5/20" in l)
+    assert "samples/s per client" in line and "| ETA " in line
+
+
+def test_tensorboard_resumes_without_duplicated_steps(tmp_path, data_root):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    job = [*SMALL, "run.steps=30", "run.tensorboard=true"]
+    res = run_mpi(2, train_args(run, data_root, *job), env={"MHD_INJECT_FAULT": "1:28"},
+                  timeout=240)
+    assert res.returncode != 0  # logged 5..25, checkpointed 10 and 20, died at 28
+    res = run_mpi(2, train_args(run, data_root, *job), timeout=240)
+    assert res.returncode == 0, res.stderr
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss_ce/mean")]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert [e.step for e in events.Scalars("eval/beta_sh/aux2/client1")] == [10, 20, 30]
