@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics = read_metrics(Path(args.run_dirs[0]) / "metrics.h5")
         summary = summary_at(metrics, args.step)
         if args.plot is not None:
-            from mhd_hpc.report_plots import plot_run
+            from mhd_hpc.report_plots import plot_run, run_label
 
             out = args.plot or str(Path(args.run_dirs[0]) / "plots")
-            made = plot_run(metrics, Path(args.run_dirs[0]).name, out, summary["step"])
+            made = plot_run(metrics, run_label(args.run_dirs[0]), out, summary["step"])
             print(f"wrote {len(made)} figures: " + ", ".join(str(p) for p in made),
                   file=sys.stderr)
     except (MetricsError, ImportError) as exc:

@@ -23,11 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HEAD_COLOURS", "plot_run", "plot_comparison"]
+__all__ = ["HEAD_COLOURS", "plot_run", "plot_comparison", "run_label"]
 
 HEAD_COLOURS = ["#222222", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 RUN_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
                "#17becf"]
+
+
+def run_label(run_dir: str | Path) -> str:
+    """A short name for a run folder in titles: its name, with its parent's when the name alone
+    says little (the sweep runner's ``.../SETTING/seed0``)."""
+    path = Path(run_dir).resolve()
+    return f"{path.parent.name}/{path.name}" if path.name.startswith("seed") else path.name
 
 
 def _plt():
@@ -139,7 +146,7 @@ def distance_figure(metrics: dict, name: str, out: Path, step: int | None) -> Pa
     ax.set(xlabel="graph distance from client j to client i", ylim=(0, 1.02),
            ylabel="accuracy of i's head on j's task",
            title=f"{name}, step {int(ev['step'][row])}: knowledge by graph distance")
-    ax.legend(title="head", fontsize=8)
+    ax.legend(title="head", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "by_distance.png")
 
