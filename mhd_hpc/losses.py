@@ -115,7 +115,7 @@ def select_targets(
     cand = candidates.detach()
     p, b, _ = cand.shape
     if mode == "confidence":
-        conf = cand.amax(dim=2)  # (P, B)
+        conf = torch.nan_to_num(cand.amax(dim=2), nan=-1.0)  # (P, B); NaN never wins
         best = conf.amax(dim=0, keepdim=True)
         order = torch.arange(p, device=cand.device)[:, None].expand(p, b)
         # Explicit lowest-index tie break instead of relying on argmax's tie behaviour.
@@ -199,7 +199,9 @@ def aux_chain_losses(
     cand = torch.cat([own[:, None], peers.detach().to(own.device, own.dtype)], dim=1)
     p = cand.shape[1]  # candidates per head: self + P peers
     if selection == "confidence":
-        conf = cand.amax(dim=3)  # (m, p, B)
+        # A diverged model's NaNs must not select an out-of-range candidate: they lose every
+        # comparison (the non-finite check reports the divergence itself).
+        conf = torch.nan_to_num(cand.amax(dim=3), nan=-1.0)  # (m, p, B)
         best = conf.amax(dim=1, keepdim=True)
         order = torch.arange(p, device=cand.device)[None, :, None].expand_as(conf)
         # Explicit lowest-index tie break (index 0 is the client itself).

@@ -169,3 +169,14 @@ def test_aux_chain_self_target_and_no_peers():
                             torch.Generator().manual_seed(0))
     assert none[0].chosen_self_fraction == 1.0
     assert torch.allclose(none[0].loss, _soft_ce(aux1.detach(), main.softmax(1)).mean())
+
+
+def test_selection_survives_nan_outputs():
+    """A diverged model's NaNs must not pick a candidate that does not exist (the job then
+    stops on the non-finite check with a clear message, not an IndexError)."""
+    own = torch.full((1, 2, 3), float("nan"))
+    targets, chosen = select_targets(own, "confidence")
+    assert chosen.tolist() == [0, 0]
+    student = [torch.full((2, 3), float("nan")), torch.zeros(2, 3, requires_grad=True)]
+    stats = aux_chain_losses(student, [torch.zeros(0, 2, 3)], "confidence", False)
+    assert stats[0].chosen_self_fraction == 1.0 and torch.isnan(stats[0].loss)
