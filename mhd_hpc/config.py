@@ -324,7 +324,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp in (int, float):
         number = _as_number(value)
-        if number is not None and not math.isfinite(number):
+        try:
+            finite = number is None or math.isfinite(number)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite:
             raise ConfigError(key, f"must be a finite number, got {value!r}")
         if tp is float and number is not None:
             return float(number)

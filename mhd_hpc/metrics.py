@@ -20,6 +20,7 @@ file while the run writes it is safe for both sides (see the writer section).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import time
@@ -99,17 +100,32 @@ def _write_seq(path: Path, value: int) -> None:
     os.replace(tmp, _seq_path(path))
 
 
-def _append(f: h5py.File, name: str, row: np.ndarray) -> None:
-    row = np.asarray(row)
-    if name not in f:
-        f.create_dataset(name, shape=(0,) + row.shape, maxshape=(None,) + row.shape,
-                         dtype=row.dtype, chunks=(64,) + row.shape, fletcher32=True)
-    ds = f[name]
-    if ds.shape[1:] != row.shape:
-        raise MetricsError(f"{f.filename}: {name} has rows of shape {ds.shape[1:]}, "
-                           f"this run writes {row.shape}")
-    ds.resize(ds.shape[0] + 1, axis=0)
-    ds[-1] = row
+def _missing(dtype: np.dtype):
+    """The value of a row a dataset did not get: NaN, or -1 for integers (health, distances)."""
+    return np.nan if np.issubdtype(dtype, np.floating) else -1
+
+
+def _append_row(f: h5py.File, group: str, step: int, row: dict[str, np.ndarray]) -> None:
+    """Append one row to every dataset of ``group``, keeping them aligned with ``step``: a
+    dataset this row lacks gets a missing value, and one that first appears now is created with
+    missing values for the earlier rows (a pool's staleness, FedMD's terms, a diagnostic turned
+    on at resume)."""
+    n = len(f[group]["step"]) if group in f and "step" in f[group] else 0
+    row = {"step": np.int64(step), **{k: np.asarray(v) for k, v in row.items()}}
+    for name, value in row.items():
+        if name not in f.get(group, {}):
+            f.create_dataset(f"{group}/{name}", shape=(n,) + value.shape,
+                             maxshape=(None,) + value.shape, dtype=value.dtype,
+                             chunks=(64,) + value.shape, fletcher32=True,
+                             fillvalue=_missing(value.dtype))
+    for name, ds in f[group].items():
+        value = row.get(name)
+        if value is not None and ds.shape[1:] != value.shape:
+            raise MetricsError(f"{f.filename}: {group}/{name} has rows of shape {ds.shape[1:]}, "
+                               f"this run writes {value.shape}")
+        ds.resize(n + 1, axis=0)
+        ds[n] = value if value is not None else np.full(ds.shape[1:], _missing(ds.dtype),
+                                                           dtype=ds.dtype)
 
 
 def _verify(f: h5py.File) -> None:
@@ -169,7 +185,7 @@ class MetricsWriter:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[h5py.File]:
-        self.seq += 1
+        self.seq += 2 if self.seq % 2 else 1  # odd, whatever a failed write left behind
         _write_seq(self.path, self.seq)  # odd: a write is under way
         with h5py.File(self.path, "a", locking=False) as f:
             yield f
@@ -184,23 +200,22 @@ class MetricsWriter:
             steps = f[group]["step"][()]
             keep = int(np.searchsorted(steps, resume_step, side="right"))
             for ds in f[group].values():
-                ds.resize(keep, axis=0)
+                ds.resize(min(keep, len(ds)), axis=0)  # never grows a dataset
 
     def write_eval(self, step: int, summary: dict[str, np.ndarray]) -> None:
         with self._writing() as f:
-            _append(f, "eval/step", np.int64(step))
-            for name, value in summary.items():
-                _append(f, f"eval/{name}", value)
+            _append_row(f, "eval", step, summary)
 
     def write_train(self, step: int, values: dict[str, np.ndarray]) -> None:
         with self._writing() as f:
-            _append(f, "train/step", np.int64(step))
-            for name, value in values.items():
-                _append(f, f"train/{name}", np.asarray(value, dtype=np.float64))
+            _append_row(f, "train", step, {k: np.asarray(v, dtype=np.float64)
+                                           for k, v in values.items()})
 
 
 def _read_once(path: Path) -> dict:
-    with h5py.File(path, "r", locking=False) as f:
+    # Parse an in-memory copy of the bytes: libhdf5 never sees the file change under it (the
+    # sequence number around the copy says whether the copy is of a complete file).
+    with h5py.File(io.BytesIO(path.read_bytes()), "r") as f:
         out = {"clients": json.loads(f.attrs["clients"]), "heads": json.loads(f.attrs["heads"]),
                "label_distribution": np.array(f.attrs["label_distribution"]),
                "hop_distances": (np.array(f.attrs["hop_distances"])
@@ -226,7 +241,7 @@ def read_metrics(path: str | Path, attempts: int = 50, pause_s: float = 0.1) -> 
         if before % 2 == 0:
             try:
                 out = _read_once(path)
-            except (OSError, KeyError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a torn copy can fail in any way; retried
                 last = exc
             else:
                 if _read_seq(path) == before:
@@ -237,7 +252,7 @@ def read_metrics(path: str | Path, attempts: int = 50, pause_s: float = 0.1) -> 
         # left is read as is; only complete rows are returned.
         try:
             return _read_once(path)
-        except (OSError, KeyError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001
             last = exc
     if last is not None:
         raise MetricsError(f"{path}: unreadable metrics file ({last})") from last

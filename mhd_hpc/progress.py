@@ -40,6 +40,10 @@ class Interval:
         self.steps = 0
         self.start = time.perf_counter()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time out of the interval's ms/step (evaluations and checkpoints)."""
+        self.start += seconds
+
     def add(self, terms: dict) -> None:
         """Accumulate one step's terms: 0-dim tensors stay on their device (no wait), floats
         on the host."""

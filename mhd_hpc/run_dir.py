@@ -67,8 +67,12 @@ def identity(cfg: JobConfig) -> dict:
 
 def fingerprint(cfg: JobConfig, dataset_digest: str = "") -> str:
     """16 hex digits of sha256 over the run's identity and its dataset's content digest: stored
-    in checkpoints and metrics, compared on resume."""
-    blob = json.dumps({"identity": identity(cfg), "dataset": dataset_digest}, sort_keys=True)
+    in checkpoints and metrics, compared on resume. Keys added to the config after a run folder
+    was written leave the hash alone while they hold the value that reproduces the old
+    behaviour (``ADDED_KEYS``): adding a key never makes existing run folders unresumable."""
+    stable = {k: v for k, v in identity(cfg).items()
+              if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+    blob = json.dumps({"identity": stable, "dataset": dataset_digest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -95,6 +99,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK_NAME
         self.fd: int | None = None
+        self.text_only = False  # no flock here: the holder's text is the lock
 
     @staticmethod
     def _holder(text: str) -> str:
@@ -123,6 +128,7 @@ class RunLock:
             if problem:
                 os.close(fd)
                 return problem
+            self.text_only = True
         me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, me.encode(), 0)
@@ -148,8 +154,12 @@ class RunLock:
                 f"job is gone, delete {self.path}")
 
     def release(self) -> None:
+        """Give the folder up (the job ended): close the descriptor, which drops the flock;
+        without flock, also clear the holder's text, which is the lock there."""
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the flock
+            if self.text_only:
+                os.ftruncate(self.fd, 0)
+            os.close(self.fd)
             self.fd = None
 
 
@@ -172,11 +182,16 @@ def _check_config(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig | None, str 
     except (ConfigError, yaml.YAMLError) as exc:
         return None, f"{saved} is not a config of this version ({exc}); use another run.out_dir"
     new_id, old_id = identity(cfg), identity(old)
-    for key in new_id:
-        if new_id[key] != old_id.get(key):
-            return None, (f"{run_dir} holds a run with {key}={old_id.get(key)!r}, this job has "
-                          f"{new_id[key]!r}: resume with the same settings or use another "
-                          f"run.out_dir")
+    differing = [k for k in new_id if new_id[k] != old_id.get(k)]
+    if differing:  # all of them at once, with the overrides that resume it
+        k = differing[0]
+        fix = " ".join(f"{key}={yaml.safe_dump(old_id.get(key), default_flow_style=True).strip()}"
+                       .removesuffix("\n...").removesuffix(" ...") for key in differing)
+        return None, (f"{run_dir} holds a run with {k}={old_id.get(k)!r}, this job has "
+                      f"{new_id[k]!r}" + (f" (and {len(differing) - 1} more: "
+                                          f"{', '.join(differing[1:])})" if len(differing) > 1
+                                          else "")
+                      + f": resume it with {fix}, or use another run.out_dir")
     return old, None
 
 

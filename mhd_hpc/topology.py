@@ -142,7 +142,9 @@ def random_graph(n: int, degree: int, seed: int, draw: int = 0) -> list[list[int
     its own generator seeded by (seed, draw, client): draw ``d`` is the graph of the d-th
     resampling period, the same on every rank."""
     _check_n(n)
-    if not 1 <= degree <= max(n - 1, 1) or (n == 1 and degree):
+    if n < 2:
+        raise TopologyError("kind", "random: a random graph needs at least 2 clients")
+    if not 1 <= degree <= n - 1:
         raise TopologyError("degree", f"random: degree must be in [1, {n - 1}] (the other "
                             f"clients), got {degree}")
     out = []
@@ -160,8 +162,8 @@ def graph_schedule(kind: str, n: int, islands: int | list[list[int]] = 1,
     """``step -> in_neighbours`` for the config's topology: the fixed graph of a static kind,
     or for ``random`` a graph redrawn every ``resample_every`` steps (0: drawn once)."""
     if kind == "random":
-        def at(step: int) -> list[list[int]]:
-            draw = step // resample_every if resample_every else 0
+        def at(step: int) -> list[list[int]]:  # steps 1..N: draw 0, N+1..2N: draw 1, ...
+            draw = max(step - 1, 0) // resample_every if resample_every else 0
             return _random_cached(n, degree, seed, draw)
         at(0)  # validate now, not at the first step
         return at

@@ -37,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load_config(args.job, args.overrides)
             check_world_size(cfg, world.size)
-            check_environment(cfg)
+            # The installation may differ between nodes: every rank checks its own, then all
+            # agree, so that a problem on one node stops every rank with the same message.
+            try:
+                check_environment(cfg)
+                problem = None
+            except ConfigError as exc:
+                problem = (exc.key, str(exc).split(": ", 1)[1] + f" (on {world.where()})")
+            found = [p for p in world.allgather(problem) if p is not None]
+            if found:
+                raise ConfigError(*found[0])
             from mhd_hpc.trainer import run  # after validation: a bad job fails fast
 
             return run(cfg, world)

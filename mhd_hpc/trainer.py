@@ -8,6 +8,7 @@ client), so a resumed run takes exactly the steps an uninterrupted one would hav
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -268,7 +269,8 @@ def resume(cfg: JobConfig, world: World, setup: RunSetup, client: Client, data: 
     """Collective: restart every client from the newest step all have intact (or start fresh
     from the leaders' weights), and open the root's metrics from that step on."""
     ckpt = Checkpointer(cfg.run.out_dir, world, cfg.run.keep_checkpoints, setup.fingerprints,
-                        cfg.client_archs()[world.client], isinstance(client.source, PoolTargets))
+                        cfg.client_archs()[world.client], isinstance(client.source, PoolTargets),
+                        client.train_step.precision.name)
     start, notes = ckpt.resume(client.model, client.opt, client.source,
                                client.train_step.scaler)
     notes.append(schedule_change_note(setup.old_config, cfg, start))
@@ -315,8 +317,7 @@ def run(cfg: JobConfig, world: World) -> int:
     if start >= cfg.run.steps:
         log(f"run already complete at step {start}; see python -m mhd_hpc.report "
             f"{cfg.run.out_dir}")
-        client.intra.shutdown()
-        return 0
+        return finish(client, data, reporter, folder, log, 0)
     client.strategy.start(model, resumed=start > 0)
     floats = [b for b in model.buffers() if b.is_floating_point()]  # BatchNorm statistics
 
@@ -343,6 +344,7 @@ def run(cfg: JobConfig, world: World) -> int:
             stopping = world.max_over_ranks(1.0 if stop.received else 0.0) > 0 and not last
         evaluating = step % cfg.run.eval_every == 0 or last
         saving = step % cfg.run.checkpoint_every == 0 or last or stopping
+        started = time.perf_counter()  # ms/step counts training steps, not this
         if evaluating or saving:
             client.train_step.check_finite(step)  # never evaluate or save a diverged model
             client.intra.average_(floats)  # replicas' BatchNorm statistics -> their mean
@@ -353,20 +355,27 @@ def run(cfg: JobConfig, world: World) -> int:
             client.intra.check_in_sync(model, step)
             ckpt.save(step, model, opt, client.source, client.train_step.scaler,
                       before_commit=die if fault and fault.in_checkpoint(step) else None)
+        interval.exclude(time.perf_counter() - started)
         if stopping:
             world.barrier()
             log(f"stopping at step {step} on signal {stop.received}: checkpoint saved; rerun the "
                 f"same command to continue (exit code {EXIT_RESUMABLE})")
-            if reporter:
-                reporter.close()
-            client.intra.shutdown()
-            return EXIT_RESUMABLE
+            return finish(client, data, reporter, folder, log, EXIT_RESUMABLE)
     world.barrier()
+    for line in reporter.closing_lines() if reporter else []:
+        log(line)
+    log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {cfg.run.out_dir}")
+    return finish(client, data, reporter, folder, log, 0)
+
+
+def finish(client: Client, data: Data, reporter: Reporter | None, folder: RunFolder | None,
+           log: Log, code: int) -> int:
+    """Release what the run holds (loaders, process groups, TensorBoard, the run folder's
+    lock) and return the exit code."""
     data.close()
     client.intra.shutdown()
     if reporter:
         reporter.close()
-        for line in reporter.closing_lines():
-            log(line)
-    log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {cfg.run.out_dir}")
-    return 0
+    if folder:
+        folder.lock.release()
+    return code

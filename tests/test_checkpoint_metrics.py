@@ -85,3 +85,24 @@ def test_metrics_truncate_on_resume_and_refuse_other_runs(tmp_path):
     assert m["eval"]["beta_sh"].shape == (2, 2, 1)
     with pytest.raises(MetricsError, match="different job"):
         MetricsWriter(path, ["c0", "c1"], ["main"], dist, "other", 0)
+
+
+def test_metrics_rows_stay_aligned_when_columns_come_and_go(tmp_path):
+    """A column that appears late (a pool's staleness, a diagnostic switched on at resume) or
+    is missing from a row stays aligned with the steps; a resume never grows a dataset."""
+    path = tmp_path / "metrics.h5"
+    dist = np.full((2, 3), 1 / 3)
+    w = MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 0)
+    for step in (100, 200, 300, 400):
+        row = {"loss_ce": [1.0, 2.0]}
+        if step >= 300:
+            row["staleness"] = [5.0, 6.0]
+        w.write_train(step, row)
+    m = read_metrics(path)
+    assert list(m["train"]["step"]) == [100, 200, 300, 400]
+    np.testing.assert_array_equal(m["train"]["staleness"][:, 0], [np.nan, np.nan, 5, 5])
+    w = MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 200)  # resumed from 200
+    w.write_train(300, {"loss_ce": [1.0, 2.0]})
+    m = read_metrics(path)
+    assert list(m["train"]["step"]) == [100, 200, 300]
+    assert np.isnan(m["train"]["staleness"]).all()

@@ -33,7 +33,8 @@ def test_random_graph_is_seeded_redrawn_and_validated():
     assert a == topology.random_graph(6, 2, seed=3, draw=0)
     assert all(len(n) == 2 and i not in n for i, n in enumerate(a))
     at = topology.graph_schedule("random", 6, degree=2, resample_every=5, seed=3)
-    assert at(0) == at(4) == a and at(5) == topology.random_graph(6, 2, 3, 1)
+    # Steps 1-5 use draw 0, steps 6-10 draw 1: "every 5 steps" exactly.
+    assert at(1) == at(5) == a and at(6) == at(10) == topology.random_graph(6, 2, 3, 1)
     assert {str(at(s)) for s in range(0, 200, 5)} != {str(a)}  # it does change
     once = topology.graph_schedule("random", 6, degree=2, resample_every=0, seed=3)
     assert once(0) == once(10_000)

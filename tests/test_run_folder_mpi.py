@@ -120,6 +120,9 @@ def test_flipped_bytes_in_a_checkpoint_resume_from_the_previous_one(tmp_path, da
     assert res.returncode == 0, res.stderr
     assert "step_000000020.h5: corrupt checkpoint" in res.stdout
     assert "resuming every client from step 10" in res.stdout
+    # Client 1's intact step 20 belongs to the abandoned timeline: kept, but out of the way.
+    assert (run / "checkpoints" / "client_001" / "step_000000020.h5.abandoned").exists()
+    assert (run / "checkpoints" / "client_000" / "step_000000020.h5.corrupt").exists()
 
 
 def test_flipped_bytes_in_metrics_are_named(tmp_path, data_root):
@@ -193,6 +196,13 @@ def test_another_dataset_than_the_runs_is_refused_before_anything_is_written(tmp
     config = (tmp_path / "run" / "config.yaml").read_text()
     folder, problem = claim_run_dir(cfg, "digest-b", {"p": 2})
     assert folder is None and "data.root=data holds a different dataset" in problem
+    # Every differing setting is named at once, with the overrides that resume the run.
+    other = load_config(str(ROOT / "jobs" / "digits.yaml"),
+                        [f"run.out_dir={tmp_path / 'run'}", "distill.nu_aux=1",
+                         "distill.warmup_steps=7"])
+    folder, problem = claim_run_dir(other, "digest-a", {"p": 1})
+    assert "(and 1 more: distill.warmup_steps)" in problem
+    assert "resume it with distill.nu_aux=3.0 distill.warmup_steps=100" in problem
     assert (tmp_path / "run" / "config.yaml").read_text() == config
     assert '"p": 1' in (tmp_path / "run" / "partition.json").read_text()
 

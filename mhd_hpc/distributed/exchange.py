@@ -55,7 +55,6 @@ class PredictionExchange(TrafficCounters):
         self._decoded: torch.cuda.Event | None = None  # last copies out of the receive buffers
         self._step = -1
         self._rank_of: Callable[[int], int] = world.rank_of_client
-        self._t0 = 0.0
 
     # -- host messages (whole buffers; the leaders' relay and the tests use these) ------------
     def pack(self, step: int, key_hash: int, client: int, head_probs: list[torch.Tensor],
@@ -93,7 +92,6 @@ class PredictionExchange(TrafficCounters):
         """Post this step's receives (before the forward pass); ``rank_of(client)`` is the rank
         to talk to (default: the client's leader)."""
         self._step, self._rank_of = step, rank_of or self.world.rank_of_client
-        self._t0 = time.perf_counter()
         if self._decoded is not None:  # MPI must not overwrite a buffer the GPU still copies
             self._decoded.synchronize()
             self._decoded = None
@@ -128,11 +126,12 @@ class PredictionExchange(TrafficCounters):
             request = self.world.comm.Isend([message, MPI.BYTE], dest=self._rank_of(i), tag=_TAG)
             self._pending.append((request, i, False))
         self.bytes_sent += self.message_bytes * len(send_to)
-        self._t0 -= time.perf_counter() - t0  # encoding is not waiting
+        self.wait_seconds += time.perf_counter() - t0  # the exchange's cost: encode, copy, post
 
     def wait(self, key_hash: int) -> list[PeerOutputs]:
         """Wait for everything posted this step (with a deadline that names the missing peers)
         and decode the receives, in the order they were posted, onto ``self.device``."""
+        t0 = time.perf_counter()  # waiting starts here (the forward pass ran since posting)
         pending, self._pending = self._pending, []
         requests = [r for r, _, _ in pending]
         if requests:
@@ -144,7 +143,7 @@ class PredictionExchange(TrafficCounters):
             self._decoded = torch.cuda.Event()
             self._decoded.record()
         self.bytes_received += self.message_bytes * len(received)
-        self.wait_seconds += time.perf_counter() - self._t0
+        self.wait_seconds += time.perf_counter() - t0
         return out
 
     def exchange(self, step: int, key_hash: int, head_probs: list[torch.Tensor],

@@ -184,8 +184,8 @@ def make_intra(kind: str, world: World, device: torch.device) -> tuple[SingleRan
         shared = clients_sharing_a_gpu([list(r) for r in world.layout.ranks_of_client],
                                        [h for h, _ in places], [n for _, n in places],
                                        torch.cuda.device_count())
-    if kind == "auto":
-        problem = horovod_import_error()
+    if kind == "auto":  # every rank must choose the same: Horovod where it imports on all
+        problem = next((p for p in world.allgather(horovod_import_error()) if p), None)
         kind = "torch" if problem else "horovod"
         why = (f"backend.intra=auto: Horovod not importable ({problem})" if problem
                else "backend.intra=auto: Horovod is importable")
