@@ -13,6 +13,7 @@ import yaml
 from mhd_hpc.config import ConfigError, config_from_saved
 from mhd_hpc.metrics import MetricsError, read_metrics
 from mhd_hpc.run_dir import flatten_keys
+from mhd_hpc.summary import summary_at
 
 __all__ = ["load_runs", "comparison", "format_comparison"]
 
@@ -41,8 +42,6 @@ def load_runs(run_dirs: list[str]) -> list[tuple[str, dict, dict]]:
 def comparison(runs: list[tuple[str, dict, dict]]) -> dict:
     """The JSON shape: ``{"differing": [keys], "runs": [{"run", "settings", "step", "mean":
     {HEAD: {"beta_priv", "beta_sh"}}, "mb_sent", "ms_per_step", "health_failures"}]}``."""
-    from mhd_hpc.report import summary_at  # the single-run summary, one definition
-
     keys = sorted(set().union(*(c.keys() for _, _, c in runs)))
     differing = [k for k in keys if k not in _BOOKKEEPING
                  and len({repr(c.get(k)) for _, _, c in runs}) > 1]

@@ -172,8 +172,8 @@ def make_intra(kind: str, world: World, device: torch.device) -> tuple[SingleRan
     """The data-parallel backend for this job, and a line saying what was chosen and why.
     Collective: every rank learns where the others' GPUs are (NCCL refuses two ranks of one
     group on one GPU, so such clients average with gloo instead)."""
-    from mhd_hpc.config import ConfigError
     from mhd_hpc.devices import clients_sharing_a_gpu
+    from mhd_hpc.errors import ConfigError
 
     assert world.layout is not None
     if max(len(r) for r in world.layout.ranks_of_client) == 1:

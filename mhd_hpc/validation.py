@@ -1,0 +1,230 @@
+"""Validation of a job: every rule that makes a job impossible, checked identically on every
+rank before any communication, each failure a ``ConfigError`` naming the dotted key. The choices
+and graph rules are the domain modules' own (imported here, lazily: they import torch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mhd_hpc.errors import ConfigError
+
+#: mhd_hpc.config.JobConfig; not imported, so that config can import this module without a circle.
+JobConfig = Any
+
+__all__ = ["validate", "check_world_size", "check_environment"]
+
+DATASETS = ("digits", "shards")
+#: Classes of the datasets that ship with the package, needed to validate label counts early.
+DATASET_CLASSES = {"digits": 10}
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Reject impossible jobs before anything runs. Pure: needs no MPI and touches no files.
+    The choices and graph rules are the domain modules' own; errors here name the key."""
+    for check in (_check_run, _check_clients, _check_data, _check_model_and_distill,
+                  _check_topology, _check_exchange, _check_optim_and_backend):
+        check(cfg)
+
+
+def _check_run(cfg: JobConfig) -> None:
+    from mhd_hpc.strategies import METHODS  # lazy: domain modules import torch (slow)
+
+    _choice("method", cfg.method, METHODS)
+    r = cfg.run
+    for name in ("steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive(f"run.{name}", getattr(r, name))
+    _positive("run.threads", r.threads, allow_zero=True)
+    if not r.out_dir:
+        raise ConfigError("run.out_dir", "must not be empty")
+
+
+def _check_clients(cfg: JobConfig) -> None:
+    from mhd_hpc.models import ARCHS
+
+    k = cfg.clients.count
+    _positive("clients.count", k)
+    if isinstance(cfg.clients.arch, list) and len(cfg.clients.arch) != k:
+        raise ConfigError("clients.arch", f"has {len(cfg.clients.arch)} entries but "
+                          f"clients.count is {k}: give one name or exactly one per client")
+    if cfg.clients.per_client and len(cfg.clients.per_client) != k:
+        raise ConfigError("clients.per_client", f"has {len(cfg.clients.per_client)} entries but "
+                          f"clients.count is {k}")
+    _positive("clients.ranks_per_client", cfg.clients.ranks_per_client)
+    for i, spec in enumerate(cfg.clients.per_client):
+        _positive(f"clients.per_client[{i}].ranks", spec.ranks, allow_zero=True)
+    archs = cfg.client_archs()
+    for i, arch in enumerate(archs):
+        if arch not in ARCHS:
+            key = ("clients.arch" if isinstance(cfg.clients.arch, str) else f"clients.arch[{i}]")
+            if cfg.clients.per_client and cfg.clients.per_client[i].arch:
+                key = f"clients.per_client[{i}].arch"
+            raise ConfigError(key, f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    if cfg.method in ("fedavg", "supervised") and len(set(archs)) > 1:
+        raise ConfigError("clients.arch", f"method={cfg.method} averages weights or gradients "
+                          f"and needs one architecture for all clients, got {sorted(set(archs))}")
+
+
+def _num_classes(cfg: JobConfig) -> int:
+    """Classes of the job's dataset when known before start (embedded datasets), else a bound
+    that lets every count pass (shard datasets are checked against their manifest at start)."""
+    return DATASET_CLASSES.get(cfg.data.dataset, 1_000_000)
+
+
+def _check_data(cfg: JobConfig) -> None:
+    from mhd_hpc.data.partition import LABEL_ASSIGNMENTS, PUBLIC_SOURCES
+    from mhd_hpc.data.stream_factory import STREAM_BACKENDS
+
+    d, k = cfg.data, cfg.clients.count
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.loader", d.loader, STREAM_BACKENDS)
+    _choice("data.label_assignment", d.label_assignment, LABEL_ASSIGNMENTS)
+    _choice("data.public_source", d.public_source, PUBLIC_SOURCES)
+    _positive("data.loader_threads", d.loader_threads)
+    num_classes = _num_classes(cfg)
+    if d.dataset in DATASET_CLASSES:  # built here: the partition keys must make sense
+        if not 0.0 <= d.public_fraction < 1.0:
+            raise ConfigError("data.public_fraction", f"must be in [0, 1), got "
+                              f"{d.public_fraction}")
+        if cfg.method in ("mhd", "fedmd") and d.public_fraction == 0.0 \
+                and d.public_source == "split":
+            raise ConfigError("data.public_fraction", f"method={cfg.method} distills on public "
+                              "data: must be > 0 (or data.public_source=all)")
+        if not 0 <= d.labels_per_client <= num_classes:
+            raise ConfigError("data.labels_per_client", f"must be in [0, {num_classes}] "
+                              f"({d.dataset} has {num_classes} classes), got "
+                              f"{d.labels_per_client}")
+        if d.label_assignment == "even" and (k * d.labels_per_client) % num_classes:
+            raise ConfigError("data.label_assignment", f"'even' needs clients.count x "
+                              f"data.labels_per_client ({k} x {d.labels_per_client}) to be a "
+                              f"multiple of the {num_classes} classes")
+    _positive("data.skew", d.skew, allow_zero=True)
+    _positive("data.batch_size", d.batch_size)
+    _positive("data.public_batch_size", d.public_batch_size)
+    for i, ranks in enumerate(cfg.client_ranks()):
+        # Every rank of a client takes an equal slice, so the client's batch is the same
+        # whatever its rank count (and gradient averaging is an exact mean).
+        for name in ("batch_size", "public_batch_size"):
+            if getattr(d, name) % ranks:
+                raise ConfigError(f"data.{name}", f"{getattr(d, name)} does not split evenly "
+                                  f"over the {ranks} ranks of client {i}")
+
+
+def _check_model_and_distill(cfg: JobConfig) -> None:
+    from mhd_hpc.losses import AUX_WEIGHTINGS, SELECTION_MODES
+    from mhd_hpc.models import native_embedding_dim
+
+    m, dist = cfg.model, cfg.distill
+    _positive("model.aux_heads", m.aux_heads, allow_zero=True)
+    _positive("model.embedding_dim", m.embedding_dim, allow_zero=True)
+    _positive("distill.nu_aux", dist.nu_aux, allow_zero=True)
+    _positive("distill.nu_emb", dist.nu_emb, allow_zero=True)
+    _positive("distill.targets_per_step", dist.targets_per_step)
+    _positive("distill.warmup_steps", dist.warmup_steps, allow_zero=True)
+    _choice("distill.selection", dist.selection, SELECTION_MODES)
+    _choice("distill.aux_weighting", dist.aux_weighting, AUX_WEIGHTINGS)
+    if cfg.method == "mhd" and dist.nu_emb > 0 and m.embedding_dim == 0:
+        dims = {a: native_embedding_dim(a) for a in cfg.client_archs()}
+        if len(set(dims.values())) > 1:
+            raise ConfigError("model.embedding_dim", f"embedding distillation (distill.nu_emb > 0)"
+                              f" between backbones of different widths {dims} needs a shared "
+                              "model.embedding_dim > 0 (or set distill.nu_emb=0)")
+
+
+def _check_topology(cfg: JobConfig) -> None:
+    from mhd_hpc import topology
+
+    t, k = cfg.topology, cfg.clients.count
+    _choice("topology.kind", t.kind, topology.TOPOLOGY_KINDS)
+    _positive("topology.resample_every", t.resample_every, allow_zero=True)
+    try:  # the graph builders are the one definition of a valid graph
+        topology.graph_schedule(t.kind, k, t.islands, t.edges, t.degree, t.resample_every)
+    except topology.TopologyError as exc:
+        raise ConfigError(f"topology.{exc.where}", f"{exc} (clients.count={k})") from None
+
+
+def _check_exchange(cfg: JobConfig) -> None:
+    from mhd_hpc.targets import EXCHANGE_MODES
+
+    ex, num_classes = cfg.exchange, _num_classes(cfg)
+    if ex.top_k < 0 or ex.top_k > num_classes:
+        raise ConfigError("exchange.top_k", f"must be in [0, {num_classes}], got {ex.top_k}")
+    _positive("exchange.timeout_s", ex.timeout_s)
+    _choice("exchange.mode", ex.mode, EXCHANGE_MODES)
+    if ex.mode == "pool" and cfg.method != "mhd":
+        raise ConfigError("exchange.mode", f"pool mode is a way to run method=mhd, not "
+                          f"method={cfg.method}")
+    _positive("exchange.pool_size", ex.pool_size, allow_zero=True)
+    _positive("exchange.pool_every", ex.pool_every)
+    _positive("exchange.pool_transfer_steps", ex.pool_transfer_steps, allow_zero=True)
+    _positive("fedavg.every", cfg.fedavg.every)
+    _positive("fedmd.revisit_steps", cfg.fedmd.revisit_steps, allow_zero=True)
+    _positive("fedmd.weight", cfg.fedmd.weight, allow_zero=True)
+    if cfg.method == "fedmd" and len(set(cfg.client_ranks())) > 1:
+        raise ConfigError("clients.per_client", "method=fedmd averages every client's slice of "
+                          "the public batch rank by rank: give every client the same number of "
+                          f"ranks (got {cfg.client_ranks()})")
+
+
+def _check_optim_and_backend(cfg: JobConfig) -> None:
+    from mhd_hpc.devices import DEVICES, PRECISIONS
+    from mhd_hpc.distributed.intra import INTRA_BACKENDS
+    from mhd_hpc.schedules import SCHEDULES
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _positive("optim.momentum", o.momentum, allow_zero=True)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive("eval.health_after", cfg.eval.health_after, allow_zero=True)
+    _choice("backend.intra", cfg.backend.intra, INTRA_BACKENDS)
+    _choice("backend.device", cfg.backend.device, DEVICES)
+    _choice("backend.precision", cfg.backend.precision, PRECISIONS)
+    if not isinstance(cfg.backend.channels_last, bool) and cfg.backend.channels_last != "auto":
+        raise ConfigError("backend.channels_last", f"auto | true | false, got "
+                          f"{cfg.backend.channels_last!r}")
+
+
+def check_world_size(cfg: JobConfig, world_size: int) -> None:
+    """The launch must provide exactly the ranks the clients ask for."""
+    ranks = cfg.client_ranks()
+    if world_size != sum(ranks):
+        layout = (f"{cfg.clients.count} clients x {ranks[0]} rank(s)" if len(set(ranks)) == 1
+                  else f"clients with {ranks} ranks")
+        raise ConfigError("clients.count", f"the job has {layout} = {sum(ranks)} ranks but was "
+                          f"launched on {world_size}: use mpirun -np {sum(ranks)} or change "
+                          "clients.count / clients.ranks_per_client / clients.per_client")
+
+
+def check_environment(cfg: JobConfig) -> None:
+    """What validation cannot know from the file alone: installed backends and devices.
+    Every rank sees the same installation, so every rank reaches the same verdict."""
+    import torch
+
+    if max(cfg.client_ranks()) > 1 and cfg.backend.intra == "horovod":
+        from mhd_hpc.distributed.intra import horovod_import_error
+
+        problem = horovod_import_error()  # a broken build fails here, not mid-training
+        if problem:
+            raise ConfigError("backend.intra", f"horovod was asked for but cannot be imported "
+                              f"({problem}): run tools/install_horovod.sh, load the site "
+                              "Horovod, or set backend.intra=torch")
+    if cfg.run.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("run.tensorboard", f"TensorBoard output was asked for but cannot "
+                              f"be written ({exc}): pip install -e '.[tensorboard]' or set "
+                              "run.tensorboard=false") from None
+    if cfg.backend.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("backend.device", "cuda was asked for but torch sees no CUDA device "
+                          "(use backend.device=auto or cpu)")
