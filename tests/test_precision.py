@@ -37,8 +37,13 @@ def test_codec_round_trip_on_tensors(top_k):
             assert torch.allclose(got.gather(1, i), v, atol=2e-3)
             assert torch.allclose(got.sum(1), torch.ones(6), atol=1e-2)
     assert torch.allclose(got_emb, emb, atol=2e-3)
-    probs[1][2, 3] = float("nan")
-    assert not bool(codec.encode_payload(probs, emb)[1])
+    for bad in (float("nan"), float("inf")):  # in the probabilities or the embedding
+        broken = [p.clone() for p in probs]
+        broken[1][2, 3] = bad
+        assert not bool(codec.encode_payload(broken, emb)[1])
+        broken_emb = emb.clone()
+        broken_emb[5, 0] = -bad
+        assert not bool(codec.encode_payload(probs, broken_emb)[1])
     header = np.zeros(codec.message_bytes, np.uint8)
     codec.write_header(header, 7, 2 ** 63 + 5, 3)
     assert codec.read_header(header) == (7, 2 ** 63 + 5, 3)

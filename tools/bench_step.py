@@ -42,17 +42,15 @@ from mhd_hpc.losses import PeerOutputs, aux_head_weight, normalize_embedding  # 
 from mhd_hpc.models import build_model  # noqa: E402
 from mhd_hpc.progress import Interval  # noqa: E402
 from mhd_hpc.step import DistillSettings, TrainStep  # noqa: E402
+from mhd_hpc.strategies import Strategy  # noqa: E402
 from mhd_hpc.targets import NoTargets  # noqa: E402
+from mhd_hpc.distributed.intra import SingleRank  # noqa: E402
 
 
-class _NoStrategy:
-    """One client of one rank: nothing to reduce, nothing after the step."""
-
-    def reduce_gradients(self, grads):
-        pass
-
-    def after_step(self, step, model):
-        pass
+def one_rank_strategy() -> Strategy:
+    """The trainer's own ``mhd`` strategy for one client of one rank (nothing to average): the
+    real class, so that the benchmark follows whatever the step asks of a strategy."""
+    return Strategy(world=None, intra=SingleRank(world=None))
 
 
 class LoopbackTargets(NoTargets):
@@ -101,7 +99,7 @@ def framework_step(args, device, layout, precision):
                          model.embedding_dim)
     source = LoopbackTargets(codec, args.peers, device) if args.peers else NoTargets()
     nu_aux = aux_head_weight(3.0, args.aux_heads, "chain")
-    step = TrainStep(model, opt, _NoStrategy(), source, DistillSettings(nu_aux, 1.0), 0, 0,
+    step = TrainStep(model, opt, one_rank_strategy(), source, DistillSettings(nu_aux, 1.0), 0, 0,
                      device, precision)
 
     class Pub:  # what the trainer hands the step: the public batch with its keys
