@@ -30,6 +30,16 @@ RUN_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
                "#17becf"]
 
 
+def _client_mean(values: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Mean over clients that ignores NaN (a client that did not report that row); a row no
+    client reported stays NaN, which matplotlib draws as a gap, without numpy's warning."""
+    values = np.asarray(values, dtype=float)
+    counts = np.sum(~np.isnan(values), axis=axis)
+    sums = np.nansum(values, axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
 def run_label(run_dir: str | Path) -> str:
     """A short name for a run folder in titles: its name, with its parent's when the name alone
     says little (the sweep runner's ``.../SETTING/seed0``)."""
@@ -84,7 +94,7 @@ def accuracy_figure(metrics: dict, name: str, out: Path) -> Path:
             ax.plot(steps, values.mean(axis=1), color=head_colour(h), lw=2.2, marker="o", ms=3,
                     label=head)
         if key == "beta_sh" and "probe_acc" in ev:
-            ax.plot(steps, np.nanmean(ev["probe_acc"], axis=1), color="#777777", ls="--", lw=1.5,
+            ax.plot(steps, _client_mean(ev["probe_acc"], axis=1), color="#777777", ls="--", lw=1.5,
                     label="linear probe")
         ax.set(title=title, xlabel="training step", ylim=(bottom, 1.01))
         ax.grid(alpha=0.3)
@@ -163,7 +173,7 @@ def losses_figure(metrics: dict, name: str, out: Path) -> Path | None:
         colour = (head_colour(heads.index(term)) if term in heads
                   else {"ce": HEAD_COLOURS[0], "emb": "#888888"}.get(term, "#bcbd22"))
         style = "--" if term == "emb" else "-"
-        ax.plot(train["step"], np.nanmean(train[n], axis=1), color=colour, ls=style,
+        ax.plot(train["step"], _client_mean(train[n], axis=1), color=colour, ls=style,
                 label=f"{term}" + (" (main head, private labels)" if term == "ce" else ""))
     ax.set(xlabel="training step", ylabel="loss (mean over clients and the log interval)",
            title=f"{name}: loss terms (unweighted)", yscale="log")
@@ -178,8 +188,8 @@ def timing_figure(metrics: dict, name: str, out: Path) -> Path | None:
     if "step_time_s" not in train:
         return None
     steps = train["step"]
-    total = 1000 * np.nanmean(train["step_time_s"], axis=1)
-    wait = 1000 * np.nanmean(train.get("exchange_wait_s", np.zeros_like(train["step_time_s"])),
+    total = 1000 * _client_mean(train["step_time_s"], axis=1)
+    wait = 1000 * _client_mean(train.get("exchange_wait_s", np.zeros_like(train["step_time_s"])),
                              axis=1)
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.fill_between(steps, 0, wait, color="#d62728", alpha=0.6, label="waiting for peers")
@@ -200,7 +210,7 @@ def staleness_figure(metrics: dict, name: str, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, client in enumerate(metrics["clients"]):
         ax.plot(train["step"], train["staleness"][:, i], alpha=0.35, lw=0.8, color="#555555")
-    ax.plot(train["step"], np.nanmean(train["staleness"], axis=1), color="#9467bd", lw=2,
+    ax.plot(train["step"], _client_mean(train["staleness"], axis=1), color="#9467bd", lw=2,
             label="mean over clients")
     ax.set(xlabel="training step", ylabel="steps since the target's checkpoint was taken",
            title=f"{name}: staleness of the pool's targets (pool mode)", ylim=(0, None))

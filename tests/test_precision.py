@@ -37,6 +37,11 @@ def test_codec_round_trip_on_tensors(top_k):
             assert torch.allclose(got.gather(1, i), v, atol=2e-3)
             assert torch.allclose(got.sum(1), torch.ones(6), atol=1e-2)
     assert torch.allclose(got_emb, emb, atol=2e-3)
+    # The GPU encodes all heads at once, the CPU head by head: the same bytes either way.
+    (stacked, stacked_sum), (per_head, per_head_sum) = (codec._encode_stacked(probs),
+                                                        codec._encode_per_head(probs))
+    assert torch.equal(torch.cat(stacked), torch.cat(per_head))
+    assert torch.allclose(stacked_sum, per_head_sum)
     for bad in (float("nan"), float("inf")):  # in the probabilities or the embedding
         broken = [p.clone() for p in probs]
         broken[1][2, 3] = bad

@@ -37,7 +37,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mhd_hpc.codec import MessageCodec  # noqa: E402
-from mhd_hpc.devices import Precision, resolve_channels_last, resolve_precision  # noqa: E402
+from mhd_hpc.devices import resolve_channels_last, resolve_precision  # noqa: E402
 from mhd_hpc.losses import PeerOutputs, aux_head_weight, normalize_embedding  # noqa: E402
 from mhd_hpc.models import build_model  # noqa: E402
 from mhd_hpc.progress import Interval  # noqa: E402
