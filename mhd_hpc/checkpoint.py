@@ -37,8 +37,11 @@ class CheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------- tree codec
 
 
-def _digest(h, node_name: str, kind: str, detail: str, data: bytes = b"") -> None:
-    """Feed one node into the content hash: where it is, what it is, and its bytes."""
+def _digest(h, node_name: str, kind: str, detail: str, data: bytes | np.ndarray = b"") -> None:
+    """Feed one node into the content hash: where it is, what it is, and its bytes (an array's
+    are read in place, not copied)."""
+    if isinstance(data, np.ndarray):
+        data = memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B")
     h.update(f"{node_name}\0{kind}\0{detail}\0{len(data)}\0".encode())
     h.update(data)
 
@@ -51,12 +54,11 @@ def _write(group: h5py.Group, name: str, obj: Any, h) -> None:
         ds = group.create_dataset(name, data=array)
         ds.attrs["kind"] = "tensor"
         ds.attrs["dtype"] = str(t.dtype).removeprefix("torch.")
-        _digest(h, ds.name, "tensor", f"{ds.attrs['dtype']}{array.shape}", array.tobytes())
+        _digest(h, ds.name, "tensor", f"{ds.attrs['dtype']}{array.shape}", array)
     elif isinstance(obj, np.ndarray):
         ds = group.create_dataset(name, data=obj)
         ds.attrs["kind"] = "ndarray"
-        _digest(h, ds.name, "ndarray", f"{obj.dtype}{obj.shape}",
-                np.ascontiguousarray(obj).tobytes())
+        _digest(h, ds.name, "ndarray", f"{obj.dtype}{obj.shape}", obj)
     elif isinstance(obj, dict):
         sub = group.create_group(name)
         sub.attrs["kind"] = "dict"
@@ -87,12 +89,12 @@ def _read(node: h5py.Group | h5py.Dataset, h) -> Any:
     if kind == "tensor":
         array = np.array(node[()])
         dtype = node.attrs["dtype"]
-        _digest(h, node.name, "tensor", f"{dtype}{array.shape}", array.tobytes())
+        _digest(h, node.name, "tensor", f"{dtype}{array.shape}", array)
         t = torch.from_numpy(array)
         return t.to(getattr(torch, dtype)) if str(t.dtype).removeprefix("torch.") != dtype else t
     if kind == "ndarray":
         array = np.array(node[()])
-        _digest(h, node.name, "ndarray", f"{array.dtype}{array.shape}", array.tobytes())
+        _digest(h, node.name, "ndarray", f"{array.dtype}{array.shape}", array)
         return array
     if kind == "json":
         data = bytes(node[()])

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from mhd_hpc.config import ConfigError, config_from_saved
 from mhd_hpc.metrics import MetricsError, read_metrics
 from mhd_hpc.run_dir import flatten_keys
-from mhd_hpc.summary import summary_at
+from mhd_hpc.summary import summary_at, traffic_and_speed
 
 __all__ = ["load_runs", "comparison", "format_comparison"]
 
@@ -48,11 +47,9 @@ def comparison(runs: list[tuple[str, dict, dict]]) -> dict:
     rows = []
     for name, metrics, config in runs:
         summary = summary_at(metrics)
-        train = metrics["train"]
         rows.append({"run": name, "settings": {k: config.get(k) for k in differing},
                      "step": summary["step"], "mean": summary["mean"],
-                     "mb_sent": float(np.nansum(train.get("bytes_sent", [0.0]))) / 1e6,
-                     "ms_per_step": 1000 * float(np.nanmean(train.get("step_time_s", [np.nan]))),
+                     **traffic_and_speed(metrics),
                      "health_failures": summary["health_failures"]})
     return {"differing": differing, "runs": rows}
 

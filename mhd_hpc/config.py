@@ -353,6 +353,12 @@ def _apply(obj: Any, data: dict, prefix: str) -> None:
             setattr(obj, name, _coerce(value, hints[name], key))
 
 
+def format_value(value) -> str:
+    """A value as one writes it after ``key=`` on the command line (YAML flow style)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...") \
+        .removesuffix(" ...")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` -> ("a.b", value) with the value read as YAML (numbers, lists, booleans)."""
     if "=" not in text:
@@ -450,8 +456,7 @@ def reference(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(value):
             rows.extend(reference(value, key + "."))
         else:
-            rows.append((key, yaml.safe_dump(value, default_flow_style=True).strip()
-                         .removesuffix("\n...").removesuffix(" ..."), f.metadata.get("doc", "")))
+            rows.append((key, format_value(value), f.metadata.get("doc", "")))
     return rows
 
 

@@ -12,5 +12,5 @@ class ConfigError(ValueError):
     """A job configuration problem, always naming the dotted key at fault."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"config error at '{key}': {message}")

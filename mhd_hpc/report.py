@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mhd_hpc.metrics import MetricsError, read_metrics
-from mhd_hpc.summary import summary_at
+from mhd_hpc.summary import accuracy_by_distance, summary_at
 
 
 def format_table(summary: dict, metrics: dict) -> str:
@@ -74,26 +74,14 @@ def format_table(summary: dict, metrics: dict) -> str:
 def cross_client_lines(summary: dict, metrics: dict) -> list[str]:
     """Accuracy of client i's heads on client j's task, averaged by graph distance j -> i: how
     far knowledge travels along the topology (transitive distillation, paper §4.4)."""
-    ev = metrics["eval"]
-    row = list(ev["step"]).index(summary["step"])
-    # The graph of the evaluated step (it may change during a run); older files: the run's.
-    hops = ev["hop_distances"][row] if "hop_distances" in ev else metrics.get("hop_distances")
-    if hops is None or "cross_acc" not in ev:
+    by_distance = accuracy_by_distance(metrics, list(metrics["eval"]["step"])
+                                       .index(summary["step"]))
+    if not by_distance:
         return []
-    cross = ev["cross_acc"][row]  # (K, H, K)
-    k = cross.shape[0]
-    off = ~np.eye(k, dtype=bool)
-    distances = sorted({int(d) for d in hops[off]})
-    if not distances:
-        return []
-    heads = metrics["heads"]
-    name = {d: ("unreachable" if d < 0 else f"{d} hop" + ("s" if d > 1 else "")) for d in distances}
     lines = ["", "accuracy on other clients' tasks by distance from them (cross_acc):",
-             f"{'distance':<12} " + " ".join(f"{h:>8}" for h in heads)]
-    for d in distances:
-        mask = off & (hops == d)
-        lines.append(f"{name[d]:<12} " + " ".join(
-            f"{cross[:, j, :][mask].mean():>8.3f}" for j in range(len(heads))))
+             f"{'distance':<12} " + " ".join(f"{h:>8}" for h in metrics["heads"])]
+    for label, means in by_distance:
+        lines.append(f"{label:<12} " + " ".join(f"{m:>8.3f}" for m in means))
     return lines
 
 

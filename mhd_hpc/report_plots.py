@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mhd_hpc.summary import accuracy_by_distance, hops_at
+
 __all__ = ["HEAD_COLOURS", "plot_run", "plot_comparison", "run_label"]
 
 HEAD_COLOURS = ["#222222", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
@@ -72,11 +74,6 @@ def _row(metrics: dict, step: int | None) -> int:
     return len(steps) - 1 if step is None else steps.index(step)
 
 
-def _hops(metrics: dict, row: int) -> np.ndarray | None:
-    ev = metrics["eval"]
-    return ev["hop_distances"][row] if "hop_distances" in ev else metrics.get("hop_distances")
-
-
 def accuracy_figure(metrics: dict, name: str, out: Path) -> Path:
     plt = _plt()
     ev, heads = metrics["eval"], metrics["heads"]
@@ -108,7 +105,7 @@ def cross_client_figure(metrics: dict, name: str, out: Path, step: int | None) -
     plt = _plt()
     ev, heads, clients = metrics["eval"], metrics["heads"], metrics["clients"]
     row = _row(metrics, step)
-    cross, hops = ev["cross_acc"][row], _hops(metrics, row)  # (K, H, K)
+    cross, hops = ev["cross_acc"][row], hops_at(metrics, row)  # (K, H, K)
     k, n = len(clients), len(heads)
     fig, axes = plt.subplots(1, n, figsize=(3.3 * n + 1.2, 3.6), squeeze=False)
     image = None
@@ -138,21 +135,17 @@ def distance_figure(metrics: dict, name: str, out: Path, step: int | None) -> Pa
     plt = _plt()
     ev, heads = metrics["eval"], metrics["heads"]
     row = _row(metrics, step)
-    hops = _hops(metrics, row)
-    if hops is None:
+    by_distance = accuracy_by_distance(metrics, row)
+    if not by_distance:
         return None
-    cross = ev["cross_acc"][row]
-    k = cross.shape[0]
-    off = ~np.eye(k, dtype=bool)
-    distances = sorted({int(d) for d in hops[off]}, key=lambda d: (d < 0, d))
-    labels = ["unreachable" if d < 0 else f"{d} hop" + ("s" if d > 1 else "") for d in distances]
+    labels = [label for label, _ in by_distance]
     width = 0.8 / len(heads)
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 + 0.7 * len(distances) * len(heads)), 4))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 + 0.7 * len(labels) * len(heads)), 4))
     for h, head in enumerate(heads):
-        values = [cross[:, h, :][off & (hops == d)].mean() for d in distances]
-        ax.bar(np.arange(len(distances)) + (h - (len(heads) - 1) / 2) * width, values, width,
+        values = [means[h] for _, means in by_distance]
+        ax.bar(np.arange(len(labels)) + (h - (len(heads) - 1) / 2) * width, values, width,
                color=head_colour(h), label=head)
-    ax.set_xticks(range(len(distances)), labels)
+    ax.set_xticks(range(len(labels)), labels)
     ax.set(xlabel="graph distance from client j to client i", ylim=(0, 1.02),
            ylabel="accuracy of i's head on j's task",
            title=f"{name}, step {int(ev['step'][row])}: knowledge by graph distance")

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from mhd_hpc.checkpoint import CheckpointError, read_meta
-from mhd_hpc.config import ADDED_KEYS, ConfigError, JobConfig, config_from_saved
+from mhd_hpc.config import ADDED_KEYS, ConfigError, JobConfig, config_from_saved, format_value
 from mhd_hpc.metrics import check_metrics_file
 from mhd_hpc.schedules import lr_at
 
@@ -167,7 +167,6 @@ class RunLock:
 class RunFolder:
     """The root's result of checking and claiming a run folder."""
 
-    path: Path
     lock: RunLock
     old_config: JobConfig | None = None  # the config the run started with (None: a new run)
     notes: list[str] = field(default_factory=list)  # what the user should read in the log
@@ -185,8 +184,7 @@ def _check_config(run_dir: Path, cfg: JobConfig) -> tuple[JobConfig | None, str 
     differing = [k for k in new_id if new_id[k] != old_id.get(k)]
     if differing:  # all of them at once, with the overrides that resume it
         k = differing[0]
-        fix = " ".join(f"{key}={yaml.safe_dump(old_id.get(key), default_flow_style=True).strip()}"
-                       .removesuffix("\n...").removesuffix(" ...") for key in differing)
+        fix = " ".join(f"{key}={format_value(old_id.get(key))}" for key in differing)
         return None, (f"{run_dir} holds a run with {k}={old_id.get(k)!r}, this job has "
                       f"{new_id[k]!r}" + (f" (and {len(differing) - 1} more: "
                                           f"{', '.join(differing[1:])})" if len(differing) > 1
@@ -255,7 +253,7 @@ def claim_run_dir(cfg: JobConfig, dataset_digest: str, partition: dict,
     _write_atomic(run_dir / DATASET_RECORD, json.dumps(
         {"digest": dataset_digest, "root": cfg.data.root}, indent=1))
     _write_atomic(run_dir / "partition.json", json.dumps(partition, indent=1))
-    return RunFolder(run_dir, lock, old, notes), None
+    return RunFolder(lock, old, notes), None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -76,11 +76,10 @@ class TrainStep:
             d.skip_less_confident, self.select_gen)
         consensus = self.strategy.consensus(step, pub_logits[0])
         if consensus is not None:  # FedMD's digest step
-            parts["consensus"] = d.consensus_weight * losses.distill_loss(pub_logits[0],
-                                                                          consensus)[0]
+            unweighted = losses.distill_loss(pub_logits[0], consensus)[0]
+            parts["consensus"] = d.consensus_weight * unweighted
             loss = loss + parts["consensus"]
-            terms["loss_consensus"] = parts["consensus"].detach() / max(d.consensus_weight,
-                                                                        1e-12)
+            terms["loss_consensus"] = unweighted.detach()
             terms["loss_total"] = loss.detach()
         self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
         if grad_norms:

@@ -7,7 +7,7 @@ import numpy as np
 
 from mhd_hpc.metrics import MetricsError
 
-__all__ = ["summary_at", "health_failures"]
+__all__ = ["summary_at", "health_failures", "traffic_and_speed", "hops_at", "accuracy_by_distance"]
 
 
 def summary_at(metrics: dict, step: int | None = None) -> dict:
@@ -50,3 +50,33 @@ def health_failures(metrics: dict, upto_row: int | None = None) -> dict[str, lis
     health, steps = ev["health"][rows], ev["step"][rows]
     return {name: [int(s) for s in steps[health[:, i] == 0]]
             for i, name in enumerate(metrics["clients"]) if (health[:, i] == 0).any()}
+
+
+def traffic_and_speed(metrics: dict) -> dict[str, float]:
+    """The whole run's MB sent by all clients and its mean ms per training step."""
+    train = metrics["train"]
+    return {"mb_sent": float(np.nansum(train.get("bytes_sent", [0.0]))) / 1e6,
+            "ms_per_step": 1000 * float(np.nanmean(train.get("step_time_s", [np.nan])))}
+
+
+def hops_at(metrics: dict, row: int) -> np.ndarray | None:
+    """Hop distances (K, K) of the graph of evaluation ``row`` (it may change during a run);
+    files from before per-step graphs: the run's one graph."""
+    ev = metrics["eval"]
+    return ev["hop_distances"][row] if "hop_distances" in ev else metrics.get("hop_distances")
+
+
+def accuracy_by_distance(metrics: dict, row: int) -> list[tuple[str, list[float]]]:
+    """(distance label, per head: the mean accuracy of client i's head on client j's task over
+    the pairs j -> i at that distance), nearest first and "unreachable" last; empty without a
+    graph or cross-client accuracies."""
+    ev = metrics["eval"]
+    hops = hops_at(metrics, row)
+    if hops is None or "cross_acc" not in ev:
+        return []
+    cross = ev["cross_acc"][row]  # (K, H, K)
+    off = ~np.eye(cross.shape[0], dtype=bool)
+    distances = sorted({int(d) for d in hops[off]}, key=lambda d: (d < 0, d))
+    return [("unreachable" if d < 0 else f"{d} hop" + ("s" if d > 1 else ""),
+             [float(cross[:, j, :][off & (hops == d)].mean()) for j in range(cross.shape[1])])
+            for d in distances]

@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mhd_hpc.config import ConfigError, load_config
+from mhd_hpc.config import ConfigError, format_value, load_config
 from mhd_hpc.metrics import MetricsError, read_metrics
+from mhd_hpc.summary import summary_at, traffic_and_speed
 
 __all__ = ["Run", "SweepSpec", "load_sweep", "plan", "is_finished", "run_pending",
            "slurm_array", "collect", "summarise", "markdown_table", "COLUMNS"]
@@ -73,11 +74,6 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     ranks: int = 0
     columns: list[str] | None = None
-
-
-def _fmt(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...") \
-        .removesuffix(" ...")
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -126,7 +122,7 @@ def plan(spec: SweepSpec) -> list[Run]:
         grid = setting.get("grid", spec.grid) or {}
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
-            point = [f"{k}={_fmt(v)}" for k, v in zip(keys, values)]
+            point = [f"{k}={format_value(v)}" for k, v in zip(keys, values)]
             name = setting["name"] + "".join(f" {p}" for p in point)
             folder = os.path.join(spec.out_dir, _slug(name))
             for seed in spec.seeds:
@@ -210,24 +206,23 @@ def collect(runs: list[Run]) -> list[dict]:
             m = read_metrics(Path(run.out_dir) / "metrics.h5", attempts=3)
         except MetricsError:
             continue
-        ev, train = m["eval"], m["train"]
+        ev = m["eval"]
         if not len(ev.get("step", [])) or int(ev["step"][-1]) < run.steps:
             continue
-        heads = m["heads"]
-        row = {"setting": run.setting, "seed": run.seed, "step": int(ev["step"][-1]),
+        summary, heads = summary_at(m), m["heads"]
+        row = {"setting": run.setting, "seed": run.seed, "step": summary["step"],
                "heads": heads, "main_priv_worst": float(ev["beta_priv"][-1][:, 0].min())}
-        for j, h in enumerate(heads):
-            row[f"{h}/beta_sh"] = float(ev["beta_sh"][-1][:, j].mean())
-            row[f"{h}/beta_priv"] = float(ev["beta_priv"][-1][:, j].mean())
+        for h in heads:
+            row[f"{h}/beta_sh"] = summary["mean"][h]["beta_sh"]
+            row[f"{h}/beta_priv"] = summary["mean"][h]["beta_priv"]
         row["last/beta_sh"] = row[f"{heads[-1]}/beta_sh"]
         row["last/beta_priv"] = row[f"{heads[-1]}/beta_priv"]
         row["main_sh_client_std"] = float(ev["beta_sh"][-1][:, 0].std())
-        failing = int((ev["health"] == 0).any(axis=0).sum()) if "health" in ev else 0
-        row["health_failed"] = int(failing > 0)  # the run had a client failing the check
-        row["mb_sent"] = float(np.nansum(train.get("bytes_sent", [0.0]))) / 1e6
-        row["ms_per_step"] = 1000 * float(np.nanmean(train.get("step_time_s", [np.nan])))
-        if "probe_acc" in ev:
-            row["probe_acc"] = float(np.nanmean(ev["probe_acc"][-1]))
+        # The run had a client failing the check at some evaluation.
+        row["health_failed"] = int(bool(summary["health_failures"]))
+        row.update(traffic_and_speed(m))
+        if "linear_probe" in summary:
+            row["probe_acc"] = summary["linear_probe"]["mean"]
         rows.append(row)
     return rows
 

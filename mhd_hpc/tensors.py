@@ -26,6 +26,10 @@ def flatten(tensors: Sequence[torch.Tensor], device: torch.device | str | None =
     if not tensors:
         return torch.empty(0, dtype=dtype, device=device)
     device = tensors[0].device if device is None else device
+    # Join where the tensors are, then move once: one device -> host copy per call, not one
+    # (blocking) copy per tensor.
+    if all(t.device == tensors[0].device for t in tensors):
+        return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors]).to(device)
     return torch.cat([t.detach().reshape(-1).to(device, dtype) for t in tensors])
 
 
@@ -37,6 +41,8 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         raise ValueError(f"flat buffer has {flat.numel()} values, the tensors need "
                          f"{total_numel(tensors)}")
     offset = 0
+    if tensors and all(t.device == tensors[0].device for t in tensors):
+        flat = flat.to(tensors[0].device)  # one copy to their device, then slices of it
     for t in tensors:
         n = t.numel()
         t.copy_(flat[offset:offset + n].view_as(t))

@@ -186,15 +186,11 @@ def build_topology(
     n: int,
     islands: int | list[list[int]] = 1,
     edges: list[list[int]] | None = None,
-    degree: int = 2,
-    seed: int = 0,
 ) -> list[list[int]]:
-    """Dispatch on the config's topology kind: complete | cycle | islands | none | edges |
-    exponential | random (its first draw)."""
+    """Dispatch on the config's static topology kinds: complete | cycle | islands | none |
+    edges | exponential (``random`` changes with the step: see ``graph_schedule``)."""
     if kind == "exponential":
         return exponential(n)
-    if kind == "random":
-        return random_graph(n, degree, seed, 0)
     if kind == "complete":
         return complete(n)
     if kind == "cycle":

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from mhd_hpc.config import ConfigError, check_environment, check_world_size, load_config
+from mhd_hpc.signals import EXIT_CONFIG
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_environment(cfg)
                 problem = None
             except ConfigError as exc:
-                problem = (exc.key, str(exc).split(": ", 1)[1] + f" (on {world.where()})")
+                problem = (exc.key, f"{exc.message} (on {world.where()})")
             found = [p for p in world.allgather(problem) if p is not None]
             if found:
                 raise ConfigError(*found[0])
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             # Every rank reached the same verdict from the same inputs; one message is enough.
             if world.is_root:
                 print(f"mhd_hpc: {exc}", file=sys.stderr, flush=True)
-            return 2
+            return EXIT_CONFIG
 
 
 if __name__ == "__main__":

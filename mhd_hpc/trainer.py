@@ -317,7 +317,7 @@ def run(cfg: JobConfig, world: World) -> int:
     if start >= cfg.run.steps:
         log(f"run already complete at step {start}; see python -m mhd_hpc.report "
             f"{cfg.run.out_dir}")
-        return finish(client, data, reporter, folder, log, 0)
+        return finish(client, data, reporter, folder, 0)
     client.strategy.start(model, resumed=start > 0)
     floats = [b for b in model.buffers() if b.is_floating_point()]  # BatchNorm statistics
 
@@ -344,7 +344,9 @@ def run(cfg: JobConfig, world: World) -> int:
             stopping = world.max_over_ranks(1.0 if stop.received else 0.0) > 0 and not last
         evaluating = step % cfg.run.eval_every == 0 or last
         saving = step % cfg.run.checkpoint_every == 0 or last or stopping
-        started = time.perf_counter()  # ms/step counts training steps, not this
+        # ms/step counts training steps only: leave out what follows, and on a log step also the
+        # gather and writes since the log row restarted the interval.
+        started = interval.start if logging else time.perf_counter()
         if evaluating or saving:
             client.train_step.check_finite(step)  # never evaluate or save a diverged model
             client.intra.average_(floats)  # replicas' BatchNorm statistics -> their mean
@@ -360,16 +362,16 @@ def run(cfg: JobConfig, world: World) -> int:
             world.barrier()
             log(f"stopping at step {step} on signal {stop.received}: checkpoint saved; rerun the "
                 f"same command to continue (exit code {EXIT_RESUMABLE})")
-            return finish(client, data, reporter, folder, log, EXIT_RESUMABLE)
+            return finish(client, data, reporter, folder, EXIT_RESUMABLE)
     world.barrier()
     for line in reporter.closing_lines() if reporter else []:
         log(line)
     log(f"done: {cfg.run.steps} steps. Report: python -m mhd_hpc.report {cfg.run.out_dir}")
-    return finish(client, data, reporter, folder, log, 0)
+    return finish(client, data, reporter, folder, 0)
 
 
 def finish(client: Client, data: Data, reporter: Reporter | None, folder: RunFolder | None,
-           log: Log, code: int) -> int:
+           code: int) -> int:
     """Release what the run holds (loaders, process groups, TensorBoard, the run folder's
     lock) and return the exit code."""
     data.close()

@@ -137,8 +137,7 @@ class PredictionExchange(TrafficCounters):
         and decode the receives, in the order they were posted, onto ``self.device``."""
         t0 = time.perf_counter()  # waiting starts here (the forward pass ran since posting)
         pending, self._pending = self._pending, []
-        requests = [r for r, _, _ in pending]
-        if requests:
+        if pending:
             self._wait_all(pending)
         received = [j for _, j, is_recv in pending if is_recv]
         out = [self.unpack(self._recv_bufs[j].numpy(), self._step, key_hash, j)
@@ -217,12 +216,6 @@ class ClientExchange:
             got.update(self._through_leaders(self._step, batch_hash, head_probs, embedding,
                                              *self._relayed))
         return [got[j] for j in self._receive_from]
-
-    def exchange(self, step: int, slice_hash: int, batch_hash: int,
-                 head_probs: list[torch.Tensor], embedding: torch.Tensor | None,
-                 send_to: list[int], receive_from: list[int]) -> list[PeerOutputs]:
-        self.post_receives(step, send_to, receive_from)
-        return self.complete(slice_hash, batch_hash, head_probs, embedding)
 
     def _through_leaders(self, step, batch_hash, head_probs, embedding, send_to, receive_from):
         w, b = self.world, self.slice_size

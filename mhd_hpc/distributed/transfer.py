@@ -65,10 +65,6 @@ class WeightTransfer(TrafficCounters):
             MPI.Request.Testall([r.request for r in self._receives])
         self._sends = [s for s in self._sends if not s[0].Test()]
 
-    @property
-    def pending(self) -> int:
-        return len(self._sends) + len(self._receives)
-
     def complete(self, step: int, everything: bool = False) -> list[tuple[int, int, np.ndarray]]:
         """Wait for the receives due by ``step`` (all of them with ``everything``) and the
         sends; returns (source client, source step, weights) in a deterministic order."""

@@ -156,14 +156,7 @@ class World:
     def allreduce_mean_(self, tensors: Sequence[torch.Tensor]) -> int:
         """Average ``tensors`` in place over all ranks with one MPI Allreduce of a flat float32
         buffer (FedAvg weights, supervised-baseline gradients). Returns bytes sent."""
-        if not tensors:
-            return 0
-        # Through host memory: MPI sees plain CPU buffers whatever device the tensors are on.
-        flat = flatten(tensors, "cpu")
-        self.comm.Allreduce(MPI.IN_PLACE, [flat.numpy(), MPI.FLOAT], op=MPI.SUM)
-        flat /= self.size
-        unflatten_into(flat, tensors)
-        return flat.numel() * flat.element_size()
+        return _mean_over(self.comm, tensors)
 
     def across_clients_mean_(self, tensors: Sequence[torch.Tensor]) -> int:
         """Average ``tensors`` in place over the ranks with this rank's client-local rank, one
@@ -171,11 +164,7 @@ class World:
         each rank's slice of a common batch. Returns bytes sent."""
         if self._slice_comm is None:  # collective: every rank creates it at the same call
             self._slice_comm = self.comm.Split(color=self.local_rank, key=self.rank)
-        flat = flatten(tensors, "cpu")
-        self._slice_comm.Allreduce(MPI.IN_PLACE, [flat.numpy(), MPI.FLOAT], op=MPI.SUM)
-        flat /= self._slice_comm.Get_size()
-        unflatten_into(flat, tensors)
-        return flat.numel() * flat.element_size()
+        return _mean_over(self._slice_comm, tensors)
 
     def max_over_ranks(self, value: float) -> float:
         return float(self.comm.allreduce(value, op=MPI.MAX))
@@ -203,6 +192,19 @@ class World:
             if self.size > 1:
                 self.abort(1)
             raise
+
+
+def _mean_over(comm, tensors: Sequence[torch.Tensor]) -> int:
+    """Average ``tensors`` in place over ``comm`` with one Allreduce of a flat float32 buffer;
+    returns the bytes sent."""
+    if not tensors:
+        return 0
+    # Through host memory: MPI sees plain CPU buffers whatever device the tensors are on.
+    flat = flatten(tensors, "cpu")
+    comm.Allreduce(MPI.IN_PLACE, [flat.numpy(), MPI.FLOAT], op=MPI.SUM)
+    flat /= comm.Get_size()
+    unflatten_into(flat, tensors)
+    return flat.numel() * flat.element_size()
 
 
 def init_world() -> World:
