@@ -16,11 +16,47 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mhd_hpc.losses import densify_topk
-
-__all__ = ["HEADER", "MessageCodec"]
+__all__ = ["HEADER", "MessageCodec", "top_k_problem", "densify_topk"]
 
 HEADER = np.dtype([("step", "<i8"), ("hash", "<u8"), ("sender", "<i8")])
+
+
+def top_k_problem(top_k: int, num_classes: int) -> str | None:
+    """Why ``exchange.top_k`` cannot be used with ``num_classes`` classes (None: it can). The one
+    statement of the bound: the config checks it where the classes are known before start, the
+    trainer against a shard dataset's manifest, and the codec itself."""
+    if not 0 <= top_k <= num_classes:
+        return f"must be in [0, {num_classes}] (the dataset's classes), got {top_k}"
+    return None
+
+
+def densify_topk(probs: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Rebuild (..., B, C) distributions from top-k probabilities and class indices (..., B, k).
+
+    Unlisted classes share the leftover mass 1 - sum(probs) (clamped at 0) uniformly; for a true
+    top-k each unlisted class had at most the k-th probability, so the maximum (the confidence
+    used for selection) is unchanged. Half precision inputs are upcast to float32 because the
+    per-class leftover can be below fp16's normal range. Leading dimensions (e.g. heads) are
+    handled in the same few kernels.
+    """
+    if probs.dim() < 2 or probs.shape != indices.shape:
+        raise ValueError(f"probs {tuple(probs.shape)} and indices {tuple(indices.shape)} "
+                         "must both be (B, k) (or (..., B, k))")
+    k = probs.shape[-1]
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"k={k} must be in [1, num_classes={num_classes}]")
+    if probs.dtype in (torch.float16, torch.bfloat16):
+        probs = probs.float()
+    indices = indices.long()
+    shape = (*probs.shape[:-1], num_classes)
+    if k == num_classes:
+        return torch.zeros(shape, dtype=probs.dtype, device=probs.device).scatter_(
+            -1, indices, probs)
+    rest = (1.0 - probs.sum(dim=-1)).clamp_min(0.0) / (num_classes - k)
+    out = rest[..., None].expand(shape).clone()
+    return out.scatter_(-1, indices, probs)
+
+
 
 
 class MessageCodec:
@@ -28,8 +64,9 @@ class MessageCodec:
 
     def __init__(self, num_heads: int, num_classes: int, batch_size: int, top_k: int,
                  embedding_dim: int):
-        if not 0 <= top_k <= num_classes:
-            raise ValueError(f"top_k={top_k} must be in [0, num_classes={num_classes}]")
+        problem = top_k_problem(top_k, num_classes)
+        if problem:
+            raise ValueError(f"top_k {problem}")
         self.num_heads, self.num_classes, self.batch_size = num_heads, num_classes, batch_size
         self.top_k = top_k if top_k < num_classes else 0  # the top C of C is the whole
         self.embedding_dim = embedding_dim

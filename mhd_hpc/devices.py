@@ -12,9 +12,14 @@ getting batches there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mhd_hpc.data.batches import Batch
 
 __all__ = ["DEVICES", "PRECISIONS", "Precision", "pick_device", "to_device",
            "resolve_precision", "resolve_channels_last", "gpu_of", "clients_sharing_a_gpu"]
@@ -94,13 +99,12 @@ def clients_sharing_a_gpu(ranks_of_client: list[list[int]], hosts: list[str],
     return out
 
 
-def to_device(batch, device: torch.device,
-              memory_format: torch.memory_format = torch.contiguous_format
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (in ``memory_format``) and labels onto the device; pinned memory makes the copy
-    asynchronous."""
+def to_device(batch: Batch, device: torch.device,
+              memory_format: torch.memory_format = torch.contiguous_format) -> Batch:
+    """A new batch with images (in ``memory_format``) and labels on the device (the given one is
+    left as it is); pinned memory makes the copy asynchronous."""
     images, labels = batch.images, batch.labels
     if device.type != "cpu" and not images.is_cuda:  # DALI's GPU pipeline is already there
         images, labels = images.pin_memory(), labels.pin_memory()
     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-    return images, labels.to(device, non_blocking=True)
+    return dataclasses.replace(batch, images=images, labels=labels.to(device, non_blocking=True))

@@ -1,5 +1,6 @@
-"""Evaluation of a client's heads on the test set (design §4). The accuracy math that turns
-per-class accuracies into beta_sh, beta_priv and the cross-client matrix lives in ``metrics``."""
+"""Evaluation of a client's heads on the test set (docs/design.md, "Evaluation"): per-class
+accuracy, the accuracy math that turns it into beta_sh, beta_priv and the cross-client matrix,
+the linear probe, and the health rule."""
 
 from __future__ import annotations
 
@@ -7,14 +8,47 @@ import numpy as np
 import torch
 
 from mhd_hpc.devices import Precision
-from mhd_hpc.metrics import per_class_accuracy
 
-__all__ = ["evaluate", "linear_probe", "check_health", "health_after", "chance_accuracy", "prior_entropy",
+__all__ = ["per_class_accuracy", "beta_shared", "weighted_accuracy", "accuracy_summary", "evaluate", "linear_probe", "check_health", "health_after", "chance_accuracy", "prior_entropy",
            "HEALTH_HINT"]
 
 
+# ----------------------------------------------------------------------------- accuracy math
+
+
+def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) accuracy per true class; NaN for a class absent from ``labels``."""
+    correct = np.bincount(labels, weights=(predictions == labels), minlength=num_classes)
+    total = np.bincount(labels, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
+
+
+def beta_shared(acc: np.ndarray) -> np.ndarray:
+    """Mean accuracy over classes (last axis): the uniform-distribution accuracy beta_sh."""
+    return np.nanmean(acc, axis=-1)
+
+
+def weighted_accuracy(acc: np.ndarray, distribution: np.ndarray) -> np.ndarray:
+    """sum_c p(c) acc(c). ``acc`` (..., C), ``distribution`` (K, C) -> (..., K)."""
+    return np.nan_to_num(acc) @ distribution.T
+
+
+def accuracy_summary(acc: np.ndarray, distribution: np.ndarray) -> dict[str, np.ndarray]:
+    """From per-class accuracies (K, H, C) and private label distributions (K, C)."""
+    k = acc.shape[0]
+    cross = weighted_accuracy(acc, distribution)  # (K, H, K)
+    return {
+        "per_class_acc": acc.astype(np.float32),
+        "beta_sh": beta_shared(acc),
+        "beta_priv": cross[np.arange(k), :, np.arange(k)],  # diagonal: own distribution
+        "cross_acc": cross,
+    }
+
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, test, num_classes: int, device: torch.device,
+def evaluate(model: torch.nn.Module, test, num_classes: int, device: torch.device, *,
              precision: Precision = Precision("fp32"),
              memory_format: torch.memory_format = torch.contiguous_format,
              probe_train=None) -> tuple[np.ndarray, float | None]:

@@ -3,11 +3,12 @@
 Heads are indexed 0 = main head (trained on labels only), 1..m = auxiliary heads. Aux head 1
 distills from the *main* heads of the candidate set, aux head k from the aux_{k-1} heads; the
 candidate set is the client itself (its own head, detached) plus the peers chosen this step.
-Per public sample one candidate is selected as the target, either the most confident one
-(Λ = max_c p_c) or a uniformly random one. Targets never carry gradient.
+Per public sample one candidate is selected as the target (:func:`select_targets`, the one
+implementation of the rule), and the student head learns it by soft cross-entropy
+(:func:`soft_cross_entropy`, also FedMD's consensus loss). Targets never carry gradient.
 
-No MPI, no I/O: the caller gathers peer outputs (possibly top-k, fp16); :func:`mhd_loss`
-assembles the whole objective of one step from them.
+No MPI, no I/O: the caller gathers peer outputs (dense probabilities: the codec densifies
+top-k messages); :func:`mhd_loss` assembles the whole objective of one step from them.
 """
 
 from __future__ import annotations
@@ -72,87 +73,65 @@ def embedding_loss(student_emb: Tensor, peer_embs: Sequence[Tensor]) -> Tensor:
     return total
 
 
-def densify_topk(probs: Tensor, indices: Tensor, num_classes: int) -> Tensor:
-    """Rebuild (..., B, C) distributions from top-k probabilities and class indices (..., B, k).
+def select_targets(candidates: Tensor, mode: str, generator: torch.Generator | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """The target selection rule (paper §3.2): one candidate distribution per sample.
 
-    Unlisted classes share the leftover mass 1 - sum(probs) (clamped at 0) uniformly; for a true
-    top-k each unlisted class had at most the k-th probability, so the maximum (the confidence
-    used for selection) is unchanged. Half precision inputs are upcast to float32 because the
-    per-class leftover can be below fp16's normal range. Leading dimensions (e.g. heads) are
-    handled in the same few kernels.
-    """
-    if probs.dim() < 2 or probs.shape != indices.shape:
-        raise ValueError(f"probs {tuple(probs.shape)} and indices {tuple(indices.shape)} "
-                         "must both be (B, k) (or (..., B, k))")
-    k = probs.shape[-1]
-    if not 1 <= k <= num_classes:
-        raise ValueError(f"k={k} must be in [1, num_classes={num_classes}]")
-    if probs.dtype in (torch.float16, torch.bfloat16):
-        probs = probs.float()
-    indices = indices.long()
-    shape = (*probs.shape[:-1], num_classes)
-    if k == num_classes:
-        return torch.zeros(shape, dtype=probs.dtype, device=probs.device).scatter_(
-            -1, indices, probs)
-    rest = (1.0 - probs.sum(dim=-1)).clamp_min(0.0) / (num_classes - k)
-    out = rest[..., None].expand(shape).clone()
-    return out.scatter_(-1, indices, probs)
+    ``candidates`` is (..., P, B, C): P candidates (index 0 is the client itself) for B samples,
+    for any leading dimensions (e.g. the heads of the aux chain). Returns (targets (..., B, C),
+    chosen (..., B)), detached.
 
-
-def select_targets(
-    candidates: Tensor, mode: str, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """Pick one candidate distribution per sample from (P, B, C); return (targets, chosen).
-
-    ``confidence``: the candidate with the largest max probability, ties to the lowest index
-    (index 0 is the client itself, so a tie keeps the client's own prediction).
-    ``random``: a uniformly random candidate per sample drawn from ``generator``.
+    ``confidence``: the candidate with the largest max probability Λ = max_c p_c, ties to the
+    lowest index (a tie keeps the client's own prediction); NaN confidences lose every
+    comparison, so a diverged model cannot select an out-of-range candidate (the non-finite
+    check reports the divergence itself). ``random``: a uniformly random candidate per sample,
+    drawn from ``generator`` (one draw of the shape of ``chosen``).
     """
     if mode not in SELECTION_MODES:
         raise ValueError(f"unknown selection mode {mode!r}; expected one of {SELECTION_MODES}")
-    if candidates.dim() != 3 or candidates.shape[0] < 1:
-        raise ValueError(f"candidates must be (P>=1, B, C), got {tuple(candidates.shape)}")
+    if candidates.dim() < 3 or candidates.shape[-3] < 1:
+        raise ValueError(f"candidates must be (..., P>=1, B, C), got {tuple(candidates.shape)}")
     cand = candidates.detach()
-    p, b, _ = cand.shape
+    p, b = cand.shape[-3], cand.shape[-2]
     if mode == "confidence":
-        conf = torch.nan_to_num(cand.amax(dim=2), nan=-1.0)  # (P, B); NaN never wins
-        best = conf.amax(dim=0, keepdim=True)
-        order = torch.arange(p, device=cand.device)[:, None].expand(p, b)
+        conf = torch.nan_to_num(cand.amax(dim=-1), nan=-1.0)  # (..., P, B)
+        best = conf.amax(dim=-2, keepdim=True)
+        order = torch.arange(p, device=cand.device)[:, None].expand_as(conf)
         # Explicit lowest-index tie break instead of relying on argmax's tie behaviour.
-        chosen = torch.where(conf == best, order, torch.full_like(order, p)).amin(dim=0)
+        chosen = torch.where(conf == best, order, torch.full_like(order, p)).amin(dim=-2)
     else:
         gen_device = generator.device if generator is not None else cand.device
-        chosen = torch.randint(0, p, (b,), generator=generator, device=gen_device)
-        chosen = chosen.to(cand.device)
-    targets = cand[chosen, torch.arange(b, device=cand.device)]
-    return targets, chosen
+        chosen = torch.randint(0, p, (*cand.shape[:-3], b), generator=generator,
+                               device=gen_device).to(cand.device)
+    index = chosen[..., None, :, None].expand(*chosen.shape[:-1], 1, b, cand.shape[-1])
+    return cand.gather(-3, index).squeeze(-3), chosen
 
 
-def distill_loss(
-    student_logits: Tensor, targets: Tensor, skip_less_confident: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Soft cross-entropy -sum_c t_c log softmax(student)_c, averaged over the whole batch.
+def soft_cross_entropy(student_logits: Tensor, targets: Tensor, skip_less_confident: bool = False
+                       ) -> tuple[Tensor, Tensor]:
+    """The distillation loss: -sum_c t_c log softmax(student)_c, averaged over the B samples,
+    for (..., B, C) logits and targets with any leading dimensions. Returns (loss (...), kept
+    (..., B)); targets never carry gradient.
 
     With ``skip_less_confident`` (paper §4.2.2) a sample whose student head is already more
-    confident than its target contributes 0; the mean is still over all B samples so the loss
-    scale does not jump with the number of skipped samples. Returns (loss, kept mask).
+    confident than its target contributes 0; the mean is still over all B samples, so the loss
+    scale does not jump with the number of skipped samples.
     """
-    if student_logits.shape != targets.shape or student_logits.dim() != 2:
+    if student_logits.shape != targets.shape or student_logits.dim() < 2:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and targets "
-                         f"{tuple(targets.shape)} must both be (B, C)")
-    b = student_logits.shape[0]
-    logp = F.log_softmax(student_logits, dim=1)
+                         f"{tuple(targets.shape)} must both be (..., B, C)")
+    b = student_logits.shape[-2]
+    logp = F.log_softmax(student_logits, dim=-1)
     t = targets.detach().to(logp.dtype)
-    per_sample = -(t * logp).sum(dim=1)
+    per_sample = -(t * logp).sum(dim=-1)
     if skip_less_confident:
-        student_conf = logp.detach().exp().amax(dim=1)
-        kept = ~(student_conf > t.amax(dim=1))
+        kept = ~(logp.detach().exp().amax(dim=-1) > t.amax(dim=-1))
         per_sample = torch.where(kept, per_sample, torch.zeros_like(per_sample))
     else:
-        kept = torch.ones(b, dtype=torch.bool, device=student_logits.device)
+        kept = torch.ones_like(per_sample, dtype=torch.bool)
     if b == 0:
-        return student_logits.sum() * 0.0, kept
-    return per_sample.sum() / b, kept
+        return student_logits.sum(dim=(-2, -1)) * 0.0, kept
+    return per_sample.sum(dim=-1) / b, kept
 
 
 @dataclass
@@ -197,32 +176,9 @@ def aux_chain_losses(
     # rounding could flip near-ties between self and a peer.
     own = F.softmax(torch.stack([l.detach().float() for l in student_logits[:m]]), dim=2)
     cand = torch.cat([own[:, None], peers.detach().to(own.device, own.dtype)], dim=1)
-    p = cand.shape[1]  # candidates per head: self + P peers
-    if selection == "confidence":
-        # A diverged model's NaNs must not select an out-of-range candidate: they lose every
-        # comparison (the non-finite check reports the divergence itself).
-        conf = torch.nan_to_num(cand.amax(dim=3), nan=-1.0)  # (m, p, B)
-        best = conf.amax(dim=1, keepdim=True)
-        order = torch.arange(p, device=cand.device)[None, :, None].expand_as(conf)
-        # Explicit lowest-index tie break (index 0 is the client itself).
-        chosen = torch.where(conf == best, order, torch.full_like(order, p)).amin(dim=1)
-    elif selection == "random":
-        gen_device = generator.device if generator is not None else cand.device
-        chosen = torch.stack([torch.randint(0, p, (b,), generator=generator, device=gen_device)
-                              for _ in range(m)]).to(cand.device)
-    else:
-        raise ValueError(f"unknown selection mode {selection!r}; expected one of "
-                         f"{SELECTION_MODES}")
-    heads = torch.arange(m, device=cand.device)[:, None]
-    targets = cand[heads, chosen, torch.arange(b, device=cand.device)[None, :]]  # (m, B, C)
-    logp = F.log_softmax(torch.stack(list(student_logits[1:m + 1])), dim=2)
-    per_sample = -(targets * logp.to(targets.dtype)).sum(dim=2)  # (m, B)
-    if skip_less_confident:
-        kept = ~(logp.detach().exp().amax(dim=2) > targets.amax(dim=2))
-        per_sample = torch.where(kept, per_sample, torch.zeros_like(per_sample))
-    else:
-        kept = torch.ones_like(per_sample, dtype=torch.bool)
-    loss = per_sample.sum(dim=1) / max(b, 1)
+    targets, chosen = select_targets(cand, selection, generator)  # (m, B, C), (m, B)
+    loss, kept = soft_cross_entropy(torch.stack(list(student_logits[1:m + 1])), targets,
+                                    skip_less_confident)
     self_fraction = (chosen == 0).float().mean(dim=1)
     skipped_fraction = (~kept).float().mean(dim=1)
     return [HeadDistillStats(loss[k], self_fraction[k], skipped_fraction[k]) for k in range(m)]
@@ -233,6 +189,7 @@ def mhd_loss(
     pub_logits: Sequence[Tensor],
     pub_emb: Tensor,
     peers: Sequence[PeerOutputs],
+    *,
     nu_aux: float,
     nu_emb: float,
     selection: str = "confidence",

@@ -17,13 +17,12 @@ pool it had at that step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from mhd_hpc.checkpoint import ClientCheckpoints
+from mhd_hpc.seeds import POOL_DRAW, POOL_REFRESH, POOL_SLOT
 from mhd_hpc.tensors import flatten, total_numel, unflatten_into
 
 
@@ -60,7 +59,7 @@ def refresh_sources(in_neighbours: list[list[int]], step: int, seed: int) -> lis
     (-1 when it has none). Pure and identical on every rank."""
     out = []
     for i, nbrs in enumerate(in_neighbours):
-        rng = np.random.default_rng([seed, 7, i, step])
+        rng = np.random.default_rng([seed, POOL_REFRESH, i, step])
         out.append(int(nbrs[rng.integers(len(nbrs))]) if nbrs else -1)
     return out
 
@@ -86,7 +85,7 @@ class CheckpointPool:
         if len(self.entries) < self.capacity:
             self.entries.append(entry)
             return len(self.entries) - 1
-        slot = int(np.random.default_rng([self.seed, 6, self.client, step])
+        slot = int(np.random.default_rng([self.seed, POOL_SLOT, self.client, step])
                    .integers(self.capacity))
         self.entries[slot] = entry
         return slot
@@ -95,7 +94,7 @@ class CheckpointPool:
         """``count`` distinct entries for this step (fewer while the pool is filling)."""
         if not self.entries:
             return []
-        rng = np.random.default_rng([self.seed, 5, self.client, step])
+        rng = np.random.default_rng([self.seed, POOL_DRAW, self.client, step])
         picks = rng.choice(len(self.entries), size=min(count, len(self.entries)), replace=False)
         return [self.entries[int(p)] for p in sorted(picks)]
 
@@ -117,7 +116,3 @@ class CheckpointPool:
             model.eval()
             self.entries.append(PoolEntry(e["source_client"], e["source_step"], e["arch"], model))
 
-
-def pool_files(run_dir: str | Path, client: int, keep: int) -> ClientCheckpoints:
-    """``RUN_DIR/pools/client_NNN/step_*.h5``, rotated like the checkpoints."""
-    return ClientCheckpoints(run_dir, client, keep, kind="pools")

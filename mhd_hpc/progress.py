@@ -8,13 +8,15 @@ rank prints (:class:`Log`): one terminal, not K copies.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["Log", "Interval", "Reporter", "merge_client_rows", "train_line", "eval_lines"]
+__all__ = ["Log", "Interval", "Recorder", "merge_client_rows", "train_line", "eval_lines"]
 
 
 class Log:
@@ -40,9 +42,17 @@ class Interval:
         self.steps = 0
         self.start = time.perf_counter()
 
-    def exclude(self, seconds: float) -> None:
-        """Leave time out of the interval's ms/step (evaluations and checkpoints)."""
-        self.start += seconds
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave what runs inside out of the interval's ms/step (logging, evaluations,
+        checkpoints): ms/step counts training steps only. When the interval restarts inside
+        (a log row), only the part after the restart belongs to the new interval and is left
+        out of it."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - max(t0, self.start)
 
     def add(self, terms: dict) -> None:
         """Accumulate one step's terms: 0-dim tensors stay on their device (no wait), floats
@@ -144,11 +154,11 @@ class TensorBoard:
         self.writer.close()
 
 
-class Reporter:
+class Recorder:
     """The root rank's side of a run's output: metric rows into ``metrics.h5`` (and TensorBoard),
     progress and evaluation lines, and the health check of every client at evaluation steps."""
 
-    def __init__(self, metrics, log: Log, total_steps: int, heads: list[str],
+    def __init__(self, metrics, log: Log, *, total_steps: int, heads: list[str],
                  distribution: np.ndarray, health_from: int | None, start_step: int = 0,
                  samples_per_step: int = 0, tensorboard: TensorBoard | None = None):
         """``health_from``: the first step the health check judges (None: no check);
@@ -183,10 +193,9 @@ class Reporter:
                    hop_distances: np.ndarray) -> None:
         """Record one evaluation of every client: per-class accuracies (K of (H, C)), linear
         probe accuracies (None without the probe), and the graph distances at this step."""
-        from mhd_hpc.evaluation import HEALTH_HINT, check_health
-        from mhd_hpc.metrics import summarize
+        from mhd_hpc.evaluation import HEALTH_HINT, accuracy_summary, check_health
 
-        summary = summarize(np.stack(accs), self.distribution)
+        summary = accuracy_summary(np.stack(accs), self.distribution)
         summary["hop_distances"] = np.asarray(hop_distances, dtype=np.int64)
         if any(p is not None for p in probes):
             summary["probe_acc"] = np.array([np.nan if p is None else p for p in probes])

@@ -16,36 +16,42 @@ evaluation and checkpoint steps (the exchange checks the outputs it sends itself
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mhd_hpc import losses
+from mhd_hpc.data.batches import Batch
 from mhd_hpc.devices import Precision
 from mhd_hpc.schedules import distill_ramp
 from mhd_hpc.seeds import SELECTION, seed_of
+
+if TYPE_CHECKING:
+    from mhd_hpc.strategies import Strategy
+    from mhd_hpc.targets import TargetSource
 
 __all__ = ["DistillSettings", "TrainStep"]
 
 
 @dataclass(frozen=True)
 class DistillSettings:
-    """The loss weights and target rules of a job (``distill.*``; nu_emb is 0 for baselines)."""
+    """The loss weights and target rules of a job (``distill.*``; nu_emb is 0 for methods that
+    exchange no targets)."""
 
-    nu_aux: float  # weight of each aux head's loss (losses.aux_head_weight)
+    aux_head_weight: float  # weight of EACH aux head's loss (losses.aux_head_weight of nu_aux)
     nu_emb: float
     selection: str = "confidence"
     skip_less_confident: bool = False
-    warmup_steps: int = 0  # nu_aux and nu_emb ramp from 0 over these steps
-    consensus_weight: float = 1.0  # FedMD: the main head toward the clients' consensus
+    warmup_steps: int = 0  # both weights ramp from 0 over these steps
 
 
 class TrainStep:
-    """Callable ``(step, images, labels, pub) -> terms`` for one client (terms are 0-dim
-    tensors on the device, or floats)."""
+    """Callable ``(step, private, public) -> terms`` for one client: ``private`` and ``public``
+    are batches on the device; terms are 0-dim tensors on the device, or floats."""
 
-    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, strategy, source,
-                 distill: DistillSettings, seed: int, client: int, device: torch.device,
-                 precision: Precision = Precision("fp32")):
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, *,
+                 strategy: Strategy, source: TargetSource, distill: DistillSettings, seed: int,
+                 client: int, device: torch.device, precision: Precision = Precision("fp32")):
         self.model, self.opt, self.strategy, self.source = model, opt, strategy, source
         self.distill, self.seed, self.client = distill, seed, client
         self.device, self.precision = device, precision
@@ -54,32 +60,33 @@ class TrainStep:
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self._checked_upto = 0  # steps up to here had finite losses
 
-    def __call__(self, step: int, images: torch.Tensor, labels: torch.Tensor, pub,
+    def __call__(self, step: int, private: Batch, public: Batch,
                  grad_norms: bool = False) -> dict:
         """One step; ``grad_norms`` also records each loss part's gradient norm on the
         backbone (``gradnorm_<part>``, diagnostics: one extra backward pass per part)."""
         self.source.prepare(step)
-        b = images.shape[0]
+        b = private.images.shape[0]
         with self.precision.autocast(self.device):
-            emb, logits = self.model(torch.cat([images, pub.images]))
+            emb, logits = self.model(torch.cat([private.images, public.images]))
         emb, logits = emb.float(), [l.float() for l in logits]  # losses and targets in fp32
-        private = self.strategy.trains_private(step)
-        loss_ce = losses.main_ce_loss(logits[0][:b], labels) if private else None
+        trains_private = self.strategy.trains_private(step)
+        loss_ce = losses.main_ce_loss(logits[0][:b], private.labels) if trains_private else None
         pub_emb, pub_logits = emb[b:], [l[b:] for l in logits]
         self.source.begin_step(step, self.model)
-        peers = self.source.targets(step, pub, pub_logits, pub_emb)
+        peers = self.source.targets(step, public, pub_logits, pub_emb)
         self.select_gen.manual_seed(seed_of(self.seed, SELECTION, self.client, step))
         d = self.distill
         ramp = distill_ramp(step, d.warmup_steps)
         loss, terms, parts = losses.mhd_loss(
-            loss_ce, pub_logits, pub_emb, peers, ramp * d.nu_aux, ramp * d.nu_emb, d.selection,
-            d.skip_less_confident, self.select_gen)
-        consensus = self.strategy.consensus(step, pub_logits[0])
-        if consensus is not None:  # FedMD's digest step
-            unweighted = losses.distill_loss(pub_logits[0], consensus)[0]
-            parts["consensus"] = d.consensus_weight * unweighted
-            loss = loss + parts["consensus"]
-            terms["loss_consensus"] = unweighted.detach()
+            loss_ce, pub_logits, pub_emb, peers, nu_aux=ramp * d.aux_head_weight,
+            nu_emb=ramp * d.nu_emb, selection=d.selection,
+            skip_less_confident=d.skip_less_confident, generator=self.select_gen)
+        extra = self.strategy.extra_loss(step, pub_logits)
+        if extra is not None:  # the method's own terms (FedMD's consensus)
+            for name, part in extra.parts.items():
+                parts[name] = part
+                loss = loss + part
+            terms.update(extra.terms)
             terms["loss_total"] = loss.detach()
         self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
         if grad_norms:

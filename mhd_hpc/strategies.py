@@ -19,25 +19,39 @@ Methods that share weights or gradients start every client from the same initial
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from mhd_hpc.losses import soft_cross_entropy
+
 if TYPE_CHECKING:  # MPI-bound; config imports METHODS from here without starting MPI
-    from mhd_hpc.distributed.intra import SingleRank
+    from mhd_hpc.distributed.intra import IntraBackend
     from mhd_hpc.distributed.world import World
 
-__all__ = ["METHODS", "Strategy", "make_strategy"]
+__all__ = ["METHODS", "ExtraLoss", "Strategy", "make_strategy"]
 
 METHODS = ("mhd", "separate", "fedavg", "supervised", "fedmd")
 
 
+@dataclass
+class ExtraLoss:
+    """A method's own loss term for one step: ``parts`` (weighted, with their graphs) are added
+    to the objective, ``terms`` (detached) are logged."""
+
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class Strategy:
-    """``mhd`` / ``separate``: data parallelism inside the client, nothing across clients."""
+    """``separate``: data parallelism inside the client, nothing across clients (the base every
+    method builds on)."""
 
-    shared_init = False
+    shared_init = False  # every client starts from the same initialisation
+    exchanges_targets = False  # the clients distill from each other's outputs (MHD)
 
-    def __init__(self, world: World, intra: SingleRank):
+    def __init__(self, world: World, intra: IntraBackend):
         self.world, self.intra = world, intra
         self.bytes_sent = 0  # collective traffic across clients since the last take_bytes()
 
@@ -54,13 +68,20 @@ class Strategy:
         """Whether ``step`` trains on the private batch (every method but FedMD's digest)."""
         return True
 
-    def consensus(self, step: int, pub_main_logits: torch.Tensor) -> torch.Tensor | None:
-        """A target for the main head on the public batch at ``step`` (FedMD), else None."""
+    def extra_loss(self, step: int, pub_logits: list[torch.Tensor]) -> ExtraLoss | None:
+        """The method's own loss terms on the public outputs at ``step`` (FedMD), else None."""
         return None
 
     def take_bytes(self) -> int:
         out, self.bytes_sent = self.bytes_sent, 0
         return out
+
+
+class MHD(Strategy):
+    """``mhd``: the clients distill from each other's outputs (``targets``); otherwise as
+    ``separate``."""
+
+    exchanges_targets = True
 
 
 class Supervised(Strategy):
@@ -77,7 +98,7 @@ class FedAvg(Strategy):
 
     shared_init = True
 
-    def __init__(self, world: World, intra: SingleRank, every: int):
+    def __init__(self, world: World, intra: IntraBackend, every: int):
         super().__init__(world, intra)
         self.every = every
 
@@ -91,12 +112,12 @@ class FedAvg(Strategy):
 
 
 class FedMD(Strategy):
-    """Digest (train the main head toward the clients' consensus on the public batch) every
-    ``revisit_steps + 1`` steps, revisit (private data) in between."""
+    """Digest (train the main head toward the clients' consensus on the public batch, weight
+    ``weight``) every ``revisit_steps + 1`` steps, revisit (private data) in between."""
 
-    def __init__(self, world: World, intra: SingleRank, revisit_steps: int):
+    def __init__(self, world: World, intra: IntraBackend, revisit_steps: int, weight: float):
         super().__init__(world, intra)
-        self.revisit_steps = revisit_steps
+        self.revisit_steps, self.weight = revisit_steps, weight
 
     def _digest(self, step: int) -> bool:
         return step % (self.revisit_steps + 1) == 0
@@ -104,23 +125,27 @@ class FedMD(Strategy):
     def trains_private(self, step):
         return not self._digest(step)
 
-    def consensus(self, step, pub_main_logits):
+    def extra_loss(self, step, pub_logits):
         if not self._digest(step):
             return None
-        probs = torch.softmax(pub_main_logits.detach().float(), dim=1)
+        consensus = torch.softmax(pub_logits[0].detach().float(), dim=1)
         # Rank r of every client holds the same slice of the public batch: average over them.
-        self.bytes_sent += self.world.across_clients_mean_([probs])
-        return probs
+        self.bytes_sent += self.world.across_clients_mean_([consensus])
+        unweighted = soft_cross_entropy(pub_logits[0], consensus)[0]
+        return ExtraLoss(parts={"consensus": self.weight * unweighted},
+                         terms={"loss_consensus": unweighted.detach()})
 
 
-def make_strategy(method: str, world: World, intra: SingleRank, fedavg_every: int,
-                  fedmd_revisit_steps: int = 1) -> Strategy:
+def make_strategy(method: str, world: World, intra: IntraBackend, *, fedavg_every: int = 10,
+                  fedmd_revisit_steps: int = 1, fedmd_weight: float = 1.0) -> Strategy:
     if method == "fedmd":
-        return FedMD(world, intra, fedmd_revisit_steps)
+        return FedMD(world, intra, fedmd_revisit_steps, fedmd_weight)
     if method == "supervised":
         return Supervised(world, intra)
     if method == "fedavg":
         return FedAvg(world, intra, fedavg_every)
-    if method in ("mhd", "separate"):
+    if method == "mhd":
+        return MHD(world, intra)
+    if method == "separate":
         return Strategy(world, intra)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

@@ -37,8 +37,8 @@ import numpy as np
 import yaml
 
 from mhd_hpc.config import ConfigError, format_value, load_config
-from mhd_hpc.metrics import MetricsError, read_metrics
-from mhd_hpc.summary import summary_at, traffic_and_speed
+from mhd_hpc.report.summary import step_summary, traffic_and_speed
+from mhd_hpc.run.metrics_file import MetricsError, read_metrics
 
 __all__ = ["Run", "SweepSpec", "load_sweep", "plan", "is_finished", "run_pending",
            "slurm_array", "collect", "summarise", "markdown_table", "COLUMNS"]
@@ -209,7 +209,7 @@ def collect(runs: list[Run]) -> list[dict]:
         ev = m["eval"]
         if not len(ev.get("step", [])) or int(ev["step"][-1]) < run.steps:
             continue
-        summary, heads = summary_at(m), m["heads"]
+        summary, heads = step_summary(m), m["heads"]
         row = {"setting": run.setting, "seed": run.seed, "step": summary["step"],
                "heads": heads, "main_priv_worst": float(ev["beta_priv"][-1][:, 0].min())}
         for h in heads:

@@ -9,7 +9,8 @@ the client runs Delta of them on the public batch itself. Both hand the training
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
@@ -28,8 +29,24 @@ if TYPE_CHECKING:  # MPI-bound: imported where they are used, so config can impo
 EXCHANGE_MODES = ("predictions", "pool")
 
 
+class TargetSource(Protocol):
+    """Where a client's distillation targets come from, as the training step sees it."""
+
+    def prepare(self, step: int) -> None: ...
+    def begin_step(self, step: int, model: torch.nn.Module) -> None: ...
+    def targets(self, step: int, pub: Batch, pub_logits: list[torch.Tensor],
+                pub_emb: torch.Tensor) -> list[PeerOutputs]: ...
+    def stats(self) -> dict[str, float]: ...
+    def flush(self, step: int) -> None: ...
+    def take_counters(self) -> tuple[int, int, float]: ...
+    def state(self) -> dict | None: ...
+    def load_state(self, state: dict) -> None: ...
+
+
 class NoTargets:
-    """Baselines without peers (``separate``, ``fedavg``, ``supervised``, topology ``none``)."""
+    """Baselines without peers (``separate``, ``fedavg``, ``supervised``, topology ``none``):
+    every method of :class:`TargetSource` does nothing (the other sources inherit these
+    defaults)."""
 
     def prepare(self, step: int) -> None:
         """Before the forward pass (post this step's receives)."""
@@ -62,7 +79,7 @@ class LiveTargets(NoTargets):
     """The peers of this step (``delta`` in-neighbours drawn from ``seed``) send their outputs."""
 
     def __init__(self, world: World, graph_at: Callable[[int], list[list[int]]],
-                 exchange: ClientExchange, public: BatchStream, delta: int, seed: int,
+                 exchange: ClientExchange, public: BatchStream, *, delta: int, seed: int,
                  send_embedding: bool):
         self.world, self.graph_at, self.exchange = world, graph_at, exchange
         self.public, self.send_embedding = public, send_embedding
@@ -91,23 +108,35 @@ class LiveTargets(NoTargets):
         return self.exchange.take_counters()
 
 
+@dataclass(frozen=True)
+class PoolSettings:
+    """Pool mode's settings (``exchange.pool_*``, ``distill.targets_per_step``)."""
+
+    capacity: int  # N_P
+    every: int  # S_P: steps between refreshes
+    transfer_steps: int  # steps a transfer runs in the background before it is inserted
+    delta: int  # entries drawn per step
+    seed: int
+    timeout_s: float
+    send_embedding: bool  # the entries' embeddings are targets too (nu_emb > 0)
+    precision: Precision = Precision("fp32")  # of the entries' forward passes
+
+
 class PoolTargets(NoTargets):
-    """Peer checkpoints arrive every ``pool_every`` steps (``transfer_steps`` in the
+    """Peer checkpoints arrive every ``settings.every`` steps (``transfer_steps`` in the
     background) into a pool of ``capacity``; each step ``delta`` entries compute the targets."""
 
     def __init__(self, world: World, graph_at: Callable[[int], list[list[int]]], archs: list[str],
-                 build: Callable[[str], torch.nn.Module], capacity: int, pool_every: int,
-                 transfer_steps: int, delta: int, seed: int, timeout_s: float,
-                 send_embedding: bool, precision: Precision = Precision("fp32")):
+                 build: Callable[[str], torch.nn.Module], settings: PoolSettings):
         self.world, self.graph_at, self.archs = world, graph_at, archs
-        self.send_embedding = send_embedding
-        self.pool_every, self.transfer_steps = pool_every, transfer_steps
-        self.precision = precision
-        self.delta, self.seed = delta, seed
+        self.send_embedding = settings.send_embedding
+        self.pool_every, self.transfer_steps = settings.every, settings.transfer_steps
+        self.precision = settings.precision
+        self.delta, self.seed = settings.delta, settings.seed
         from mhd_hpc.distributed.transfer import WeightTransfer
 
-        self.pool = CheckpointPool(capacity, world.client, seed, build)
-        self.transfer = WeightTransfer(world, timeout_s)
+        self.pool = CheckpointPool(settings.capacity, world.client, settings.seed, build)
+        self.transfer = WeightTransfer(world, settings.timeout_s)
         self.build = build
         self._sizes: dict[str, int] = {}
         self._staleness: list[int] = []

@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from mhd_hpc.seeds import RANDOM_GRAPH
+
 TOPOLOGY_KINDS = ("complete", "cycle", "islands", "none", "edges", "exponential", "random")
 
 
@@ -150,13 +152,13 @@ def random_graph(n: int, degree: int, seed: int, draw: int = 0) -> list[list[int
     out = []
     for i in range(n):
         others = [j for j in range(n) if j != i]
-        rng = np.random.default_rng([int(seed), 0xD1CE, int(draw), i])
+        rng = np.random.default_rng([int(seed), RANDOM_GRAPH, int(draw), i])
         out.append(sorted(int(others[k]) for k in rng.choice(len(others), degree,
                                                               replace=False)))
     return out
 
 
-def graph_schedule(kind: str, n: int, islands: int | list[list[int]] = 1,
+def graph_schedule(kind: str, n: int, *, islands: int | list[list[int]] = 1,
                    edges: list[list[int]] | None = None, degree: int = 2,
                    resample_every: int = 0, seed: int = 0) -> Callable[[int], list[list[int]]]:
     """``step -> in_neighbours`` for the config's topology: the fixed graph of a static kind,

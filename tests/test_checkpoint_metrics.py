@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from mhd_hpc.checkpoint import CheckpointError, ClientCheckpoints, load, newest_common_step, save_atomic
-from mhd_hpc.metrics import MetricsError, MetricsWriter, per_class_accuracy, read_metrics, summarize
+from mhd_hpc.run.checkpoint_files import CheckpointError, ClientCheckpoints, load, newest_common_step, save_atomic
+from mhd_hpc.evaluation import accuracy_summary, per_class_accuracy
+from mhd_hpc.run.metrics_file import MetricsError, MetricsWriter, read_metrics
 from mhd_hpc.models import build_model
 
 
@@ -65,7 +66,7 @@ def test_accuracy_math_on_hand_made_predictions():
     # Two clients, one head; client 0's private data is all class 0, client 1's half 1 half 2.
     per_class = np.array([[[0.5, 1.0, 0.0]], [[1.0, 0.0, 1.0]]])
     dist = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
-    s = summarize(per_class, dist)
+    s = accuracy_summary(per_class, dist)
     np.testing.assert_allclose(s["beta_sh"], [[0.5], [2 / 3]])
     np.testing.assert_allclose(s["beta_priv"], [[0.5], [0.5]])
     np.testing.assert_allclose(s["cross_acc"][0, 0], [0.5, 0.5])   # client 0 on tasks 0, 1
@@ -75,16 +76,19 @@ def test_accuracy_math_on_hand_made_predictions():
 def test_metrics_truncate_on_resume_and_refuse_other_runs(tmp_path):
     path = tmp_path / "metrics.h5"
     dist = np.full((2, 3), 1 / 3)
-    w = MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 0)
+    w = MetricsWriter(path, clients=["c0", "c1"], heads=["main"], label_distribution=dist,
+                      fingerprint="abc", resume_step=0)
     for step in (10, 20, 30):
         w.write_train(step, {"loss_ce": [1.0, 2.0]})
-        w.write_eval(step, summarize(np.full((2, 1, 3), step / 100), dist))
-    MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 20)  # resumed from step 20
+        w.write_eval(step, accuracy_summary(np.full((2, 1, 3), step / 100), dist))
+    MetricsWriter(path, clients=["c0", "c1"], heads=["main"], label_distribution=dist,
+                      fingerprint="abc", resume_step=20)  # resumed from step 20
     m = read_metrics(path)
     assert list(m["eval"]["step"]) == [10, 20] and list(m["train"]["step"]) == [10, 20]
     assert m["eval"]["beta_sh"].shape == (2, 2, 1)
     with pytest.raises(MetricsError, match="different job"):
-        MetricsWriter(path, ["c0", "c1"], ["main"], dist, "other", 0)
+        MetricsWriter(path, clients=["c0", "c1"], heads=["main"], label_distribution=dist,
+                      fingerprint="other", resume_step=0)
 
 
 def test_metrics_rows_stay_aligned_when_columns_come_and_go(tmp_path):
@@ -92,7 +96,8 @@ def test_metrics_rows_stay_aligned_when_columns_come_and_go(tmp_path):
     is missing from a row stays aligned with the steps; a resume never grows a dataset."""
     path = tmp_path / "metrics.h5"
     dist = np.full((2, 3), 1 / 3)
-    w = MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 0)
+    w = MetricsWriter(path, clients=["c0", "c1"], heads=["main"], label_distribution=dist,
+                      fingerprint="abc", resume_step=0)
     for step in (100, 200, 300, 400):
         row = {"loss_ce": [1.0, 2.0]}
         if step >= 300:
@@ -101,7 +106,8 @@ def test_metrics_rows_stay_aligned_when_columns_come_and_go(tmp_path):
     m = read_metrics(path)
     assert list(m["train"]["step"]) == [100, 200, 300, 400]
     np.testing.assert_array_equal(m["train"]["staleness"][:, 0], [np.nan, np.nan, 5, 5])
-    w = MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 200)  # resumed from 200
+    w = MetricsWriter(path, clients=["c0", "c1"], heads=["main"], label_distribution=dist,
+                      fingerprint="abc", resume_step=200)  # resumed from 200
     w.write_train(300, {"loss_ce": [1.0, 2.0]})
     m = read_metrics(path)
     assert list(m["train"]["step"]) == [100, 200, 300]

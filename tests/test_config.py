@@ -1,6 +1,5 @@
 """Config tree: defaults, YAML + overrides, and errors that name the key."""
 
-from pathlib import Path
 
 import pytest
 import yaml

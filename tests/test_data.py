@@ -19,7 +19,7 @@ from mhd_hpc.data.embedded import (
     digits_test_split,
 )
 from mhd_hpc.data.manifest import load_manifest
-from mhd_hpc.data.stream_factory import STREAM_BACKENDS, open_stream
+from mhd_hpc.data.stream_factory import LOADERS, open_stream
 from mhd_hpc.data.partition import make_partition
 from mhd_hpc.data.shards import Samples, read_shards, write_shards
 
@@ -194,12 +194,13 @@ def test_normalised_pool_and_cli(digits_root: tuple[str, str, str], capsys) -> N
 def test_loader_factory_rejects_dali(tmp_path: Path) -> None:
     # The backend choice moved from load_split (a .npy reader only) to the stream factory: an
     # .npy dataset cannot be read by DALI, and an unknown backend names the valid ones.
-    d0 = build_digits_shards(str(tmp_path), 2, 0.1, "random", 3, 10.0, 0)
+    d0 = build_digits_shards(str(tmp_path), num_clients=2, public_fraction=0.1,
+                             label_assignment="random", labels_per_client=3, skew=10.0, seed=0)
     with pytest.raises(ValueError, match="DALI backend reads JPEG shards only.*wds"):
-        open_stream(d0, "test", 8, 0, "eval", backend="dali")
+        open_stream(d0, "test", 8, 0, "eval", loader="dali")
     with pytest.raises(ValueError, match="unknown loader backend") as err:
-        open_stream(d0, "test", 8, 0, "eval", backend="pillow")
-    assert all(b in str(err.value) for b in STREAM_BACKENDS)
+        open_stream(d0, "test", 8, 0, "eval", loader="pillow")
+    assert all(b in str(err.value) for b in LOADERS)
 
 
 def test_step_batches_deterministic_and_aligned() -> None:

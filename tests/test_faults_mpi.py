@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mhd_hpc.pool import pool_files
+from mhd_hpc.run.checkpoint_files import pool_files
 
 from conftest import run_mpi, train_args
 

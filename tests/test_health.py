@@ -4,7 +4,7 @@ the report; the same job with the distillation warm-up trains and stays quiet.""
 import numpy as np
 
 from mhd_hpc.evaluation import chance_accuracy, check_health, health_after, prior_entropy
-from mhd_hpc.metrics import read_metrics
+from mhd_hpc.run.metrics_file import read_metrics
 from mhd_hpc.report import main as report_main
 from mhd_hpc.schedules import distill_ramp
 

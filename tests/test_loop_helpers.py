@@ -10,8 +10,9 @@ from mhd_hpc import losses
 from mhd_hpc.config import JobConfig, load_config
 from mhd_hpc.models import build_model
 from mhd_hpc.progress import Interval, merge_client_rows, train_line
-from mhd_hpc.run_dir import RESUMABLE_CHANGES, fingerprint, identity
-from mhd_hpc.schedules import lr_at
+from mhd_hpc.config import RESUMABLE_CHANGES
+from mhd_hpc.run.folder import fingerprint, identity
+from mhd_hpc.schedules import learning_rate, lr_at
 from mhd_hpc.signals import Fault
 from mhd_hpc.tensors import flatten, unflatten_into
 
@@ -19,15 +20,18 @@ from conftest import ROOT
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
-    assert lr_at(0, 0.1, 100, warmup_steps=10) == pytest.approx(0.01)
-    assert lr_at(9, 0.1, 100, warmup_steps=10) == pytest.approx(0.1)
+    """1-based steps, like distill_ramp: step 1 is the first training step."""
+    assert lr_at(1, 0.1, 100, warmup_steps=10) == pytest.approx(0.01)
     assert lr_at(10, 0.1, 100, warmup_steps=10) == pytest.approx(0.1)
-    assert lr_at(55, 0.1, 100, warmup_steps=10) == pytest.approx(0.05)
-    assert lr_at(100, 0.1, 100, warmup_steps=10) == pytest.approx(0.0)
-    assert lr_at(500, 0.1, 100) == pytest.approx(0.0)  # clamped past the end
-    assert lr_at(70, 0.1, 100, schedule="constant") == 0.1
+    assert lr_at(11, 0.1, 100, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_at(56, 0.1, 100, warmup_steps=10) == pytest.approx(0.05)
+    assert lr_at(101, 0.1, 100, warmup_steps=10) == pytest.approx(0.0)
+    assert lr_at(501, 0.1, 100) == pytest.approx(0.0)  # clamped past the end
+    assert lr_at(71, 0.1, 100, schedule="constant") == 0.1
     with pytest.raises(ValueError, match="unknown schedule"):
-        lr_at(0, 0.1, 100, schedule="linear")
+        lr_at(1, 0.1, 100, schedule="linear")
+    lr = learning_rate(0.1, 100, 10, "cosine")
+    assert [lr(s) for s in (1, 56, 101)] == [lr_at(s, 0.1, 100, 10) for s in (1, 56, 101)]
 
 
 def test_run_identity_ignores_bookkeeping_keys_only():
@@ -114,16 +118,16 @@ def test_mhd_loss_assembles_the_paper_objective():
 
 def test_pool_targets_run_the_drawn_peer_models_on_the_public_batch():
     from mhd_hpc.pool import flatten_state
-    from mhd_hpc.targets import PoolTargets
+    from mhd_hpc.targets import PoolSettings, PoolTargets
 
     def build(arch):
         return build_model(arch, 10, 2, 1, 8)
 
     # One client of one rank; no transfer is posted at these steps, so nothing talks.
     world = SimpleNamespace(client=0, is_leader=True, local_size=1)
-    source = PoolTargets(world, [[1], [0]], ["cnn_small", "cnn_small"], build, capacity=2,
-                         pool_every=50, transfer_steps=5, delta=1, seed=0, timeout_s=5,
-                         send_embedding=True)
+    settings = PoolSettings(capacity=2, every=50, transfer_steps=5, delta=1, seed=0,
+                            timeout_s=5, send_embedding=True)
+    source = PoolTargets(world, [[1], [0]], ["cnn_small", "cnn_small"], build, settings)
     peer = build("cnn_small")
     source.pool.insert(3, source_client=1, source_step=2, arch="cnn_small",
                        flat=flatten_state(peer))

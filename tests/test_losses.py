@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from mhd_hpc.losses import (HeadDistillStats, aux_chain_losses, densify_topk, distill_loss,
-                            embedding_loss, main_ce_loss, normalize_embedding, select_targets)
+from mhd_hpc.codec import densify_topk
+from mhd_hpc.losses import (HeadDistillStats, aux_chain_losses, embedding_loss, main_ce_loss,
+                            normalize_embedding, select_targets, soft_cross_entropy)
 
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,8 +67,8 @@ def test_targets_carry_no_gradient():
     targets, _ = select_targets(cands, "confidence")
     assert not targets.requires_grad
     student = torch.zeros(5, 3, requires_grad=True)
-    tgt = cands[0].clone()  # a target that *does* require grad: distill_loss must detach it
-    loss, _ = distill_loss(student, tgt)
+    tgt = cands[0].clone()  # a target that *does* require grad: soft_cross_entropy must detach it
+    loss, _ = soft_cross_entropy(student, tgt)
     loss.backward()
     assert cands.grad is None and student.grad is not None
 
@@ -75,7 +76,7 @@ def test_targets_carry_no_gradient():
 def test_distill_loss_value_matches_manual_soft_ce():
     student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
     targets = torch.tensor([[0.2, 0.3, 0.5], [0.7, 0.2, 0.1]])
-    loss, kept = distill_loss(student, targets)
+    loss, kept = soft_cross_entropy(student, targets)
     assert kept.tolist() == [True, True]
     assert torch.allclose(loss, _soft_ce(student, targets).mean())
 
@@ -84,7 +85,7 @@ def test_skip_less_confident_masks_expected_samples():
     # Student confidences: ~1.0 (sample 0) and 1/3 (sample 1); target confidence 0.6 for both.
     student = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
     targets = torch.tensor([[0.6, 0.2, 0.2], [0.6, 0.2, 0.2]])
-    loss, kept = distill_loss(student, targets, skip_less_confident=True)
+    loss, kept = soft_cross_entropy(student, targets, skip_less_confident=True)
     assert kept.tolist() == [False, True]
     # Mean over the whole batch (B = 2), skipped sample contributes 0.
     assert torch.allclose(loss, _soft_ce(student.detach(), targets)[1] / 2)

@@ -11,7 +11,7 @@ from mhd_hpc.data.batches import load_split
 from mhd_hpc.data.embedded import build_digits_shards
 from mhd_hpc.data.manifest import content_digest, load_manifest
 from mhd_hpc.evaluation import linear_probe
-from mhd_hpc.metrics import read_metrics
+from mhd_hpc.run.metrics_file import read_metrics
 from mhd_hpc.report import main as report_main
 
 from conftest import ROOT, run_mpi, train_args

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from mhd_hpc import topology
-from mhd_hpc.checkpoint import CheckpointError
+from mhd_hpc.run.checkpoint_files import CheckpointError
 from mhd_hpc.models import build_model
-from mhd_hpc.pool import (CheckpointPool, flatten_state, load_flat_state, pool_files,
+from mhd_hpc.run.checkpoint_files import pool_files
+from mhd_hpc.pool import (CheckpointPool, flatten_state, load_flat_state,
                           refresh_sources, state_size)
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from mhd_hpc.checkpoint import ClientCheckpoints
+from mhd_hpc.run.checkpoint_files import ClientCheckpoints
 from mhd_hpc.codec import MessageCodec
 from mhd_hpc.devices import (Precision, clients_sharing_a_gpu, resolve_channels_last,
                              resolve_precision)
-from mhd_hpc.metrics import read_metrics
+from mhd_hpc.run.metrics_file import read_metrics
 
 from conftest import run_mpi, train_args
 

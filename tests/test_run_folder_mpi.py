@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mhd_hpc.metrics import MetricsError, read_metrics
+from mhd_hpc.run.metrics_file import MetricsError, read_metrics
 from mhd_hpc.report import main as report_main
 
 from conftest import ROOT, mpi_env, mpirun_exe, run_mpi, train_args
@@ -187,7 +187,7 @@ def test_a_moved_dataset_resumes_and_a_longer_run_says_how_the_schedule_changes(
 
 def test_another_dataset_than_the_runs_is_refused_before_anything_is_written(tmp_path):
     from mhd_hpc.config import load_config
-    from mhd_hpc.run_dir import claim_run_dir
+    from mhd_hpc.run.folder import claim_run_dir
 
     cfg = load_config(str(ROOT / "jobs" / "digits.yaml"), [f"run.out_dir={tmp_path / 'run'}"])
     folder, problem = claim_run_dir(cfg, "digest-a", {"p": 1})
@@ -208,16 +208,19 @@ def test_another_dataset_than_the_runs_is_refused_before_anything_is_written(tmp
 
 
 def test_report_of_a_file_with_a_torn_write_reads_complete_rows(tmp_path):
-    from mhd_hpc.metrics import MetricsWriter, summarize
+    from mhd_hpc.evaluation import accuracy_summary
+    from mhd_hpc.run.metrics_file import MetricsWriter
 
     path = tmp_path / "metrics.h5"
     dist = np.full((2, 3), 1 / 3)
-    w = MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 0)
+    w = MetricsWriter(path, clients=["c0", "c1"], heads=["main"], label_distribution=dist,
+                      fingerprint="abc", resume_step=0)
     for step in (10, 20):
-        w.write_eval(step, summarize(np.full((2, 1, 3), step / 100), dist))
+        w.write_eval(step, accuracy_summary(np.full((2, 1, 3), step / 100), dist))
     # A writer killed in the middle of a write leaves the sequence number odd.
     (tmp_path / "metrics.h5.seq").write_text(str(w.seq + 1))
     m = read_metrics(path, attempts=3, pause_s=0.01)
     assert list(m["eval"]["step"]) == [10, 20]
-    w2 = MetricsWriter(path, ["c0", "c1"], ["main"], dist, "abc", 20)  # the rerun
+    w2 = MetricsWriter(path, clients=["c0", "c1"], heads=["main"], label_distribution=dist,
+                      fingerprint="abc", resume_step=20)  # the rerun
     assert w2.seq % 2 == 0

@@ -51,7 +51,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def test_wds_order_matches_step_batches_and_resumes(dataset) -> None:
     ds, m, _ = dataset
-    stream, name = open_stream(ds, "client_000", 5, seed=7, kind="public", backend="wds",
+    stream, name = open_stream(ds, "client_000", 5, seed=7, kind="public", loader="wds",
                                threads=0)
     assert name == "wds"
     steps = [0, 1, 2, 9, 3, 3]  # consecutive, a jump forward, a jump back (resume), a repeat
@@ -60,28 +60,28 @@ def test_wds_order_matches_step_batches_and_resumes(dataset) -> None:
         assert b.keys == _expected_keys(ds, m, "client_000", 5, 7, s)
         assert b.images.shape == (5, 3, 32, 32) and b.images.dtype == torch.float32
         assert b.labels.dtype == torch.int64
-    fresh, _ = open_stream(ds, "client_000", 5, seed=7, kind="public", backend="wds", threads=0)
+    fresh, _ = open_stream(ds, "client_000", 5, seed=7, kind="public", loader="wds", threads=0)
     assert torch.equal(fresh.batch(3).images, got[3].images)
     # Parts of a client's ranks concatenate to the global batch.
-    parts = [open_stream(ds, "public", 3, seed=1, kind="public", backend="wds", part=p,
+    parts = [open_stream(ds, "public", 3, seed=1, kind="public", loader="wds", part=p,
                          num_parts=2, threads=0)[0].batch(4).keys for p in range(2)]
     assert parts[0] + parts[1] == _expected_keys(ds, m, "public", 3, 1, 4)
     assert len(parts[0]) == 2 and len(parts[1]) == 1
     # Evaluation parts are contiguous slices that together cover the split once.
     eval_keys = [k for p in range(3) for b in open_stream(
-        ds, "test", 2, 0, "eval", backend="wds", part=p, num_parts=3, threads=0)[0].eval_batches()
+        ds, "test", 2, 0, "eval", loader="wds", part=p, num_parts=3, threads=0)[0].eval_batches()
         for k in b.keys]
     assert eval_keys == SplitTable.load(ds, "test", m).keys
 
 
 def test_wds_workers_and_train_kind_deterministic(dataset) -> None:
     ds, _, _ = dataset
-    a, _ = open_stream(ds, "client_001", 4, seed=2, kind="train", backend="wds", threads=2)
+    a, _ = open_stream(ds, "client_001", 4, seed=2, kind="train", loader="wds", threads=2)
     seq = [a.batch(s) for s in range(4)]
-    b, _ = open_stream(ds, "client_001", 4, seed=2, kind="train", backend="wds", threads=0)
+    b, _ = open_stream(ds, "client_001", 4, seed=2, kind="train", loader="wds", threads=0)
     # Augmentation is a function of (seed, step, part): a resumed stream repeats it exactly.
     assert torch.equal(b.batch(2).images, seq[2].images)
-    pub, _ = open_stream(ds, "client_001", 4, seed=2, kind="public", backend="wds", threads=0)
+    pub, _ = open_stream(ds, "client_001", 4, seed=2, kind="public", loader="wds", threads=0)
     assert pub.batch(2).keys == seq[2].keys
     assert not torch.equal(pub.batch(2).images, seq[2].images)
     a.close()
@@ -98,7 +98,7 @@ def test_reference_decode_of_gray_and_cmyk(dataset) -> None:
         key = "n0000000{0}_n0000000{0}_{1}".format(*((0, 1) if mode == "L" else (1, 2)))
         found = None
         for split in [s for s in m["splits"] if s != "test"]:
-            stream, _ = open_stream(ds, split, 4, seed=0, kind="eval", backend="wds", threads=0)
+            stream, _ = open_stream(ds, split, 4, seed=0, kind="eval", loader="wds", threads=0)
             for b in stream.eval_batches():
                 if key in b.keys:
                     found = b.images[b.keys.index(key)]
@@ -116,9 +116,9 @@ def test_reference_decode_of_gray_and_cmyk(dataset) -> None:
 @pytest.mark.parametrize("split", ["public", "client_002"])
 def test_dali_and_wds_agree_on_public_kind(dataset, split: str) -> None:
     ds, m, _ = dataset
-    dali, name = open_stream(ds, split, 3, seed=5, kind="public", backend="dali", threads=1)
-    auto_name = open_stream(ds, split, 3, seed=5, kind="public", backend="auto")[1]
-    wds, _ = open_stream(ds, split, 3, seed=5, kind="public", backend="wds", threads=0)
+    dali, name = open_stream(ds, split, 3, seed=5, kind="public", loader="dali", threads=1)
+    auto_name = open_stream(ds, split, 3, seed=5, kind="public", loader="auto")[1]
+    wds, _ = open_stream(ds, split, 3, seed=5, kind="public", loader="wds", threads=0)
     assert name == auto_name == "dali"
     for step in [0, 1, 2, 6, 1]:  # includes a jump forward and a resume backwards
         a, b = dali.batch(step), wds.batch(step)
@@ -136,7 +136,7 @@ def test_dali_and_wds_agree_on_eval_over_every_split(dataset) -> None:
     for split, count in m["counts"].items():
         out = {}
         for backend in ("dali", "wds"):
-            stream, _ = open_stream(ds, split, 5, seed=0, kind="eval", backend=backend, threads=1)
+            stream, _ = open_stream(ds, split, 5, seed=0, kind="eval", loader=backend, threads=1)
             out[backend] = list(stream.eval_batches())
         keys = [k for b in out["wds"] for k in b.keys]
         assert keys == SplitTable.load(ds, split, m).keys and len(keys) == count
@@ -149,8 +149,8 @@ def test_dali_and_wds_agree_on_eval_over_every_split(dataset) -> None:
 @needs_dali
 def test_dali_train_kind_shapes(dataset) -> None:
     ds, m, _ = dataset
-    dali, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", backend="dali", threads=1)
-    wds, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", backend="wds", threads=0)
+    dali, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", loader="dali", threads=1)
+    wds, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", loader="wds", threads=0)
     for step in (0, 1, 5):
         a, b = dali.batch(step), wds.batch(step)
         assert a.keys == b.keys and torch.equal(a.labels, b.labels)
@@ -161,8 +161,9 @@ def test_dali_train_kind_shapes(dataset) -> None:
 
 
 def test_npy_dataset_through_open_stream(tmp_path: Path) -> None:
-    ds = build_digits_shards(str(tmp_path), 2, 0.1, "random", 3, 10.0, 0)
-    stream, name = open_stream(ds, "client_000", 8, seed=4, kind="train", backend="auto")
+    ds = build_digits_shards(str(tmp_path), num_clients=2, public_fraction=0.1,
+                             label_assignment="random", labels_per_client=3, skew=10.0, seed=0)
+    stream, name = open_stream(ds, "client_000", 8, seed=4, kind="train", loader="auto")
     assert name == "wds"
     samples = load_split(ds, "client_000")
     norm = load_manifest(ds)["normalize"]
@@ -170,22 +171,22 @@ def test_npy_dataset_through_open_stream(tmp_path: Path) -> None:
     for step in (0, 3, 1):
         a, b = stream.batch(step), ref.batch(step)
         assert a.keys == b.keys and torch.equal(a.images, b.images)
-    test, _ = open_stream(ds, "test", 50, seed=0, kind="eval", backend="wds")
+    test, _ = open_stream(ds, "test", 50, seed=0, kind="eval", loader="wds")
     got = list(test.eval_batches())
     want = list(iterate_eval(load_split(ds, "test"), 50, norm))
     assert [b.keys for b in got] == [b.keys for b in want]
-    with pytest.raises(ValueError, match="npy.*backend='wds'"):
-        open_stream(ds, "public", 8, seed=0, kind="public", backend="dali")
+    with pytest.raises(ValueError, match="npy.*loader='wds'"):
+        open_stream(ds, "public", 8, seed=0, kind="public", loader="dali")
 
 
 def test_open_stream_errors(dataset) -> None:
     ds, _, _ = dataset
     with pytest.raises(ValueError, match="unknown loader backend"):
-        open_stream(ds, "public", 2, 0, "public", backend="torchvision")
+        open_stream(ds, "public", 2, 0, "public", loader="torchvision")
     with pytest.raises(ValueError, match="unknown stream kind"):
         open_stream(ds, "public", 2, 0, "augmented")
     with pytest.raises(ValueError, match="split 'nope' not in"):
         open_stream(ds, "nope", 2, 0, "public")
-    stream, _ = open_stream(ds, "test", 2, 0, "eval", backend="wds")
+    stream, _ = open_stream(ds, "test", 2, 0, "eval", loader="wds")
     with pytest.raises(ValueError, match="batch\\(step\\) needs kind"):
         stream.batch(0)

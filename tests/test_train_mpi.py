@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mhd_hpc.checkpoint import ClientCheckpoints
+from mhd_hpc.run.checkpoint_files import ClientCheckpoints
 from mhd_hpc.report import main as report_main
 
 from conftest import run_mpi, train_args

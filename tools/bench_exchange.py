@@ -54,8 +54,9 @@ def main() -> None:
                                                     generator=g)).to(device)
     results = []
     for top_k in (0, 10, 1):
-        ex = PredictionExchange(world, args.heads, args.classes, args.batch, top_k, args.emb, 600,
-                                device)
+        ex = PredictionExchange(world, num_heads=args.heads, num_classes=args.classes,
+                                batch_size=args.batch, top_k=top_k, embedding_dim=args.emb,
+                                timeout_s=600, device=device)
         t_pack = statistics.median(_time(lambda: ex.pack(0, 1, 0, probs, emb)) for _ in range(5))
         buf = ex.pack(0, 1, world.client, probs, emb)
         t_unpack = statistics.median(_time(lambda: ex.unpack(buf, 0, 1, world.client))

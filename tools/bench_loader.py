@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in (["dali"] if dali_available() else []) + ["wds"]:
             for kind in ("train", "public"):
                 stream, _ = open_stream(ds, "client_000", args.batch, seed=0, kind=kind,
-                                        backend=backend, threads=args.threads)
+                                        loader=backend, threads=args.threads)
                 steps, spent = iter(range(10 ** 9)), [0.0]
                 if backend == "dali":  # time the Python side of the external source
                     read = stream._read

@@ -37,12 +37,13 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mhd_hpc.codec import MessageCodec  # noqa: E402
+from mhd_hpc.data.batches import Batch  # noqa: E402
 from mhd_hpc.devices import resolve_channels_last, resolve_precision  # noqa: E402
 from mhd_hpc.losses import PeerOutputs, aux_head_weight, normalize_embedding  # noqa: E402
 from mhd_hpc.models import build_model  # noqa: E402
 from mhd_hpc.progress import Interval  # noqa: E402
 from mhd_hpc.step import DistillSettings, TrainStep  # noqa: E402
-from mhd_hpc.strategies import Strategy  # noqa: E402
+from mhd_hpc.strategies import Strategy, make_strategy  # noqa: E402
 from mhd_hpc.targets import NoTargets  # noqa: E402
 from mhd_hpc.distributed.intra import SingleRank  # noqa: E402
 
@@ -50,7 +51,7 @@ from mhd_hpc.distributed.intra import SingleRank  # noqa: E402
 def one_rank_strategy() -> Strategy:
     """The trainer's own ``mhd`` strategy for one client of one rank (nothing to average): the
     real class, so that the benchmark follows whatever the step asks of a strategy."""
-    return Strategy(world=None, intra=SingleRank(world=None))
+    return make_strategy("mhd", world=None, intra=SingleRank(world=None))
 
 
 class LoopbackTargets(NoTargets):
@@ -98,18 +99,19 @@ def framework_step(args, device, layout, precision):
     codec = MessageCodec(1 + args.aux_heads, args.classes, pub_x.shape[0], args.top_k,
                          model.embedding_dim)
     source = LoopbackTargets(codec, args.peers, device) if args.peers else NoTargets()
-    nu_aux = aux_head_weight(3.0, args.aux_heads, "chain")
-    step = TrainStep(model, opt, one_rank_strategy(), source, DistillSettings(nu_aux, 1.0), 0, 0,
-                     device, precision)
-
-    class Pub:  # what the trainer hands the step: the public batch with its keys
-        images, keys = pub_x, [str(i) for i in range(pub_x.shape[0])]
-
+    distill = DistillSettings(aux_head_weight=aux_head_weight(3.0, args.aux_heads, "chain"),
+                              nu_emb=1.0)
+    step = TrainStep(model, opt, strategy=one_rank_strategy(), source=source, distill=distill,
+                     seed=0, client=0, device=device, precision=precision)
+    # What the trainer hands the step: batches on the device (the public one with its keys).
+    private = Batch(keys=[str(i) for i in range(x.shape[0])], images=x, labels=y)
+    public = Batch(keys=[str(i) for i in range(pub_x.shape[0])], images=pub_x,
+                   labels=torch.zeros(pub_x.shape[0], dtype=torch.int64, device=device))
     interval = Interval()
 
     def run(n: int) -> None:
         for s in range(1, n + 1):
-            interval.add(step(s, x, y, Pub))
+            interval.add(step(s, private, public))
     return run
 
 

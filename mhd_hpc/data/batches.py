@@ -7,7 +7,7 @@ Two ideas carry the design:
   ``np.random.default_rng([seed, epoch])``; batch ``t`` is stream positions ``[t*B, (t+1)*B)``.
   Resuming at any step therefore needs no saved loader state, and every client that builds a
   :class:`StepBatches` over the public split with the shared seed sees the same public samples in
-  the same order (design §2, public stream alignment); :func:`key_hash` lets the exchange check it.
+  the same order (docs/design.md, "Data"); :func:`key_hash` lets the exchange check it.
 * **The order is separate from the decoding.** :class:`StepBatches` defines which samples form
   batch ``t``; the image backends (``streams``, ``pil_stream``, ``dali_streams``) only decode.
 

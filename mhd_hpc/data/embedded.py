@@ -102,13 +102,13 @@ def _is_complete(dataset_dir: str, settings: dict) -> bool:
     return all(os.path.isfile(os.path.join(dataset_dir, f)) for f in files)
 
 
-def build_digits_shards(root: str, num_clients: int, public_fraction: float,
+def build_digits_shards(root: str, *, num_clients: int, public_fraction: float,
                         label_assignment: str, labels_per_client: int, skew: float,
                         seed: int, public_source: str = "split") -> str:
     """Build (or find) the digits dataset for these settings under ``root``; return its folder.
     ``public_source='all'``: the public split lists the whole training pool (MHD+)."""
     settings = digits_settings(num_clients, public_fraction, label_assignment,
-                               labels_per_client, skew, seed, public_source)
+                               labels_per_client, skew, seed, public_source)  # recorded as is
     final = os.path.join(root, dataset_dir_name(settings))
     if os.path.exists(final):
         if _is_complete(final, settings):

@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from mhd_hpc.seeds import WRITE_ORDER
+
 __all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "client_split", "load_manifest", "write_manifest",
            "write_order", "format_summary", "file_sha256", "content_digest", "verify_shards",
            "use_whole_pool_as_public"]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-_WRITE_ORDER_STREAM = 0x5EED  # the seed stream of the write-order shuffle (kept for old datasets)
 _REQUIRED = ("num_classes", "image_shape", "normalize", "splits", "counts")
 
 
@@ -76,7 +77,7 @@ def write_manifest(dataset_dir: str, manifest: dict) -> str:
 def write_order(seed: int, public: np.ndarray, clients: list[np.ndarray]) -> dict[str, np.ndarray]:
     """The order in which the public and client splits are written: a seeded permutation of
     each, drawn public first, then client 0, 1, ... from one generator."""
-    rng = np.random.default_rng([int(seed), _WRITE_ORDER_STREAM])
+    rng = np.random.default_rng([int(seed), WRITE_ORDER])
     order = {"public": rng.permutation(public)}
     for i, idx in enumerate(clients):
         order[client_split(i)] = rng.permutation(idx)

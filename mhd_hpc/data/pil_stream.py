@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mhd_hpc.seeds import AUGMENT
 from mhd_hpc.data.batches import Batch, normalize_images
 from mhd_hpc.data.streams import (BatchStream, ByteReader, SplitTable, _round, centre_offset,
                                   resize_shorter_to, resized_size)
@@ -81,7 +82,7 @@ class _DecodeJobs(torch.utils.data.Dataset):
     def __getitem__(self, job: tuple[int, np.ndarray, bool]) -> torch.Tensor:
         tag, idx, train = job
         # Augmentation randomness is a function of (seed, step, part): exact on resume.
-        rng = np.random.default_rng([self.seed, tag, self.part, 0xA06]) if train else None
+        rng = np.random.default_rng([self.seed, tag, self.part, AUGMENT]) if train else None
         out = np.empty((len(idx), 3, self.size, self.size), np.uint8)
         for j, i in enumerate(idx):
             out[j] = decode_pil(self.reader.read(int(i)), self.size, train, rng)

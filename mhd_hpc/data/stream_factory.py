@@ -1,5 +1,5 @@
 """Open a split of a built dataset as a :class:`~mhd_hpc.data.streams.BatchStream`, choosing
-the backend by name (like timm's ``reader_factory``). Backends are imported lazily, so a job that
+the loader by name (like timm's ``reader_factory``). Loaders are imported lazily, so a job that
 does not use DALI never imports it.
 """
 
@@ -12,9 +12,9 @@ from mhd_hpc.data.manifest import load_manifest
 from mhd_hpc.data.pil_stream import PilStream
 from mhd_hpc.data.streams import KINDS, BatchStream, NpyStream, SplitTable
 
-__all__ = ["STREAM_BACKENDS", "dali_available", "open_stream"]
+__all__ = ["LOADERS", "dali_available", "open_stream"]
 
-STREAM_BACKENDS = ("auto", "dali", "wds")
+LOADERS = ("auto", "dali", "wds")
 _log = logging.getLogger(__name__)
 
 
@@ -27,19 +27,21 @@ def dali_available() -> bool:
     return True
 
 
-def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: str,
-                backend: str = "auto", part: int = 0, num_parts: int = 1,
+def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: str, *,
+                loader: str = "auto", part: int = 0, num_parts: int = 1,
                 threads: int = 2, manifest: dict | None = None) -> tuple[BatchStream, str]:
-    """Open ``split`` of a built dataset as a :class:`BatchStream`; returns (stream, backend).
+    """Open ``split`` of a built dataset as a :class:`BatchStream`; returns (stream, the loader
+    used).
 
-    ``backend``: ``dali`` (JPEG datasets; ``mixed`` GPU decoding when CUDA is available),
-    ``wds`` (PIL in ``threads`` DataLoader workers; also serves ``.npy`` datasets), or ``auto``
+    ``loader``: ``dali`` (JPEG datasets; ``mixed`` GPU decoding when CUDA is available),
+    ``wds`` (webdataset tar shards decoded by PIL in ``threads`` DataLoader workers; also serves
+    ``.npy`` datasets, from memory), or ``auto``
     (``dali`` when importable and the dataset is JPEG, else ``wds``). The second return value
-    names the backend actually used, for the caller's log. ``manifest``: the dataset's manifest
+    names the loader actually used, for the caller's log. ``manifest``: the dataset's manifest
     when the caller has read it already (a run reads it once).
     """
-    if backend not in STREAM_BACKENDS:
-        raise ValueError(f"unknown loader backend {backend!r}; expected one of {STREAM_BACKENDS}")
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader {loader!r}; expected one of {LOADERS}")
     if kind not in KINDS:
         raise ValueError(f"unknown stream kind {kind!r}; expected one of {KINDS}")
     manifest = load_manifest(dataset_dir) if manifest is None else manifest
@@ -48,23 +50,23 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
                          f"{', '.join(manifest['splits'])}")
     fmt = manifest.get("format", "npy")
     common = dict(batch_size=batch_size, seed=seed, kind=kind, part=part, num_parts=num_parts)
-    if backend == "auto":
-        backend = "dali" if fmt == "jpg" and dali_available() else "wds"
-        _log.info("loader backend auto -> %s (%s samples, DALI %s)", backend, fmt,
+    if loader == "auto":
+        loader = "dali" if fmt == "jpg" and dali_available() else "wds"
+        _log.info("data.loader auto -> %s (%s samples, DALI %s)", loader, fmt,
                   "importable" if dali_available() else "not importable")
     if fmt == "npy":
-        if backend == "dali":
-            raise ValueError(f"{dataset_dir} holds .npy samples; the DALI backend reads JPEG "
-                             f"shards only: use backend='wds' (or 'auto')")
+        if loader == "dali":
+            raise ValueError(f"{dataset_dir} holds .npy samples; the DALI loader reads JPEG "
+                             f"shards only: use loader='wds' (or 'auto')")
         return (NpyStream(load_split(dataset_dir, split, manifest), manifest["normalize"],
                           **common), "wds")
     if fmt != "jpg":
         raise ValueError(f"{dataset_dir}: unknown sample format {fmt!r}")
     table = SplitTable.load(dataset_dir, split, manifest)
     size = int(manifest["image_shape"][-1])
-    if backend == "dali":
+    if loader == "dali":
         if not dali_available():
-            raise ValueError("loader backend 'dali' requested but nvidia.dali is not importable "
+            raise ValueError("data.loader 'dali' requested but nvidia.dali is not importable "
                              "(pip install nvidia-dali-cuda120); use 'wds' or 'auto'")
         from mhd_hpc.data.dali_streams import DaliStream  # lazy: DALI is optional
 

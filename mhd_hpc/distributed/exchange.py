@@ -1,4 +1,5 @@
-"""Point-to-point exchange of public-batch predictions between clients (design §3).
+"""Point-to-point exchange of public-batch predictions between clients (docs/design.md,
+"Exchange").
 
 At step t client j sends to every client that chose it as a distillation target, and receives
 from the peers it chose; all clients derive the same schedule from the shared seed, so no
@@ -45,7 +46,7 @@ def _host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
 class PredictionExchange(TrafficCounters):
     """The messages of one job between pairs of ranks: post receives, send, wait."""
 
-    def __init__(self, world: World, num_heads: int, num_classes: int, batch_size: int,
+    def __init__(self, world: World, *, num_heads: int, num_classes: int, batch_size: int,
                  top_k: int, embedding_dim: int, timeout_s: float,
                  device: torch.device | str = "cpu"):
         super().__init__()
@@ -181,15 +182,15 @@ class ClientExchange:
     batches against the hash of the whole batch's keys.
     """
 
-    def __init__(self, world: World, num_heads: int, num_classes: int, batch_size: int,
+    def __init__(self, world: World, *, num_heads: int, num_classes: int, batch_size: int,
                  top_k: int, embedding_dim: int, timeout_s: float,
                  device: torch.device | str = "cpu"):
         self.world = world
         self.slice_size = batch_size // world.local_size
-        self.slice = PredictionExchange(world, num_heads, num_classes, self.slice_size, top_k,
-                                        embedding_dim, timeout_s, device)
-        self.whole = PredictionExchange(world, num_heads, num_classes, batch_size, top_k,
-                                        embedding_dim, timeout_s, device)
+        layout = dict(num_heads=num_heads, num_classes=num_classes, top_k=top_k,
+                      embedding_dim=embedding_dim, timeout_s=timeout_s, device=device)
+        self.slice = PredictionExchange(world, batch_size=self.slice_size, **layout)
+        self.whole = PredictionExchange(world, batch_size=batch_size, **layout)
         self._direct: tuple[list[int], list[int]] = ([], [])
         self._relayed: tuple[list[int], list[int]] = ([], [])
 

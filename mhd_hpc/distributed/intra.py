@@ -25,7 +25,7 @@ all clients after it, and every backend then keeps the same plain optimizer and 
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
@@ -35,6 +35,24 @@ if TYPE_CHECKING:  # the world arrives as an argument; config imports INTRA_BACK
     from mhd_hpc.distributed.world import World
 
 INTRA_BACKENDS = ("auto", "horovod", "torch")
+
+
+class IntraBackend(Protocol):
+    """What the training loop asks of data parallelism inside a client."""
+
+    name: str
+
+    def average_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Make ``tensors`` equal to their mean over the client's ranks, in place."""
+
+    def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Make ``tensors`` equal to the leader's, in place."""
+
+    def check_in_sync(self, model: torch.nn.Module, step: int) -> None:
+        """Raise if the client's replicas hold different parameters."""
+
+    def shutdown(self) -> None:
+        """Release the backend (collective)."""
 
 
 class SingleRank:
@@ -168,7 +186,7 @@ def horovod_import_error() -> str | None:
     return None
 
 
-def make_intra(kind: str, world: World, device: torch.device) -> tuple[SingleRank, str]:
+def make_intra(kind: str, world: World, device: torch.device) -> tuple[IntraBackend, str]:
     """The data-parallel backend for this job, and a line saying what was chosen and why.
     Collective: every rank learns where the others' GPUs are (NCCL refuses two ranks of one
     group on one GPU, so such clients average with gloo instead)."""

@@ -1,4 +1,4 @@
-"""Multi-headed model of one MHD client (design notes §1, paper §3.2).
+"""Multi-headed model of one MHD client (docs/design.md, "The method"; paper §3.2).
 
 backbone -> [optional linear projection] -> embedding xi(x) -> heads
 

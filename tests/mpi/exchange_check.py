@@ -32,7 +32,8 @@ def main() -> None:
     me, k = world.client, world.size
     if mode == "roundtrip":
         for top_k in (0, 3):
-            ex = PredictionExchange(world, H, C, B, top_k, D, timeout_s=60)
+            ex = PredictionExchange(world, num_heads=H, num_classes=C, batch_size=B, top_k=top_k,
+                                    embedding_dim=D, timeout_s=60)
             for step, graph in ((1, topology.cycle(k)), (2, topology.complete(k))):
                 peers = topology.peers_at_step(graph, step, delta=k, seed=0)
                 probs, emb = outputs_of(me, step)
@@ -53,7 +54,8 @@ def main() -> None:
         world.barrier()
         print(f"client {me}: roundtrip ok", flush=True)
     elif mode == "mismatch":
-        ex = PredictionExchange(world, H, C, B, 0, 0, timeout_s=60)
+        ex = PredictionExchange(world, num_heads=H, num_classes=C, batch_size=B, top_k=0,
+                                embedding_dim=0, timeout_s=60)
         probs, _ = outputs_of(me, 1)
         key_hash = 99 if me == 1 else 1234
         peers = topology.peers_at_step(topology.cycle(k), 1, 1, 0)
@@ -61,7 +63,8 @@ def main() -> None:
             ex.exchange(1, key_hash, probs, None, topology.out_peers(peers)[me], peers[me])
         world.barrier()
     elif mode == "silent":
-        ex = PredictionExchange(world, H, C, B, 0, 0, timeout_s=3)
+        ex = PredictionExchange(world, num_heads=H, num_classes=C, batch_size=B, top_k=0,
+                                embedding_dim=0, timeout_s=3)
         probs, _ = outputs_of(me, 1)
         peers = topology.peers_at_step(topology.cycle(k), 1, 1, 0)
         send_to = [] if me == 1 else topology.out_peers(peers)[me]

@@ -1,4 +1,5 @@
-"""Evaluation math (design §4) and the ``metrics.h5`` writer.
+"""``metrics.h5``: the file a run's evaluations and training rows go to, its writer and its safe
+reader. (The accuracy math that fills the eval rows lives in ``evaluation``.)
 
 Layout of ``RUN_DIR/metrics.h5`` (K clients, H heads, C classes; all growable along axis 0):
 
@@ -33,39 +34,6 @@ import numpy as np
 
 class MetricsError(RuntimeError):
     """metrics.h5 is unreadable or belongs to a different run."""
-
-
-# ----------------------------------------------------------------------------- math
-
-
-def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C,) accuracy per true class; NaN for a class absent from ``labels``."""
-    correct = np.bincount(labels, weights=(predictions == labels), minlength=num_classes)
-    total = np.bincount(labels, minlength=num_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
-
-
-def beta_shared(acc: np.ndarray) -> np.ndarray:
-    """Mean accuracy over classes (last axis): the uniform-distribution accuracy beta_sh."""
-    return np.nanmean(acc, axis=-1)
-
-
-def weighted_accuracy(acc: np.ndarray, distribution: np.ndarray) -> np.ndarray:
-    """sum_c p(c) acc(c). ``acc`` (..., C), ``distribution`` (K, C) -> (..., K)."""
-    return np.nan_to_num(acc) @ distribution.T
-
-
-def summarize(acc: np.ndarray, distribution: np.ndarray) -> dict[str, np.ndarray]:
-    """From per-class accuracies (K, H, C) and private label distributions (K, C)."""
-    k = acc.shape[0]
-    cross = weighted_accuracy(acc, distribution)  # (K, H, K)
-    return {
-        "per_class_acc": acc.astype(np.float32),
-        "beta_sh": beta_shared(acc),
-        "beta_priv": cross[np.arange(k), :, np.arange(k)],  # diagonal: own distribution
-        "cross_acc": cross,
-    }
 
 
 # ----------------------------------------------------------------------------- writer
@@ -161,7 +129,7 @@ class MetricsWriter:
     """Append-only writer owned by the root rank; reopened per write so a crash loses nothing
     that was already written, and readable at any time (see above)."""
 
-    def __init__(self, path: str | Path, clients: list[str], heads: list[str],
+    def __init__(self, path: str | Path, *, clients: list[str], heads: list[str],
                  label_distribution: np.ndarray, fingerprint: str, resume_step: int,
                  hop_distances: np.ndarray | None = None, accept: tuple[str, ...] = ()):
         """``accept``: older fingerprints of the same job that an existing file may carry."""

@@ -27,23 +27,14 @@ from pathlib import Path
 
 import yaml
 
-from mhd_hpc.checkpoint import CheckpointError, read_meta
-from mhd_hpc.config import ADDED_KEYS, ConfigError, JobConfig, config_from_saved, format_value
-from mhd_hpc.metrics import check_metrics_file
-from mhd_hpc.schedules import lr_at
+from mhd_hpc.config import ConfigError, JobConfig, config_from_saved, format_value
+from mhd_hpc.config.keys import (ADDED_KEYS, LATER_RESUMABLE, LOCATION_KEYS, RESUMABLE_CHANGES,
+                                 V1_RESUMABLE)
+from mhd_hpc.run.checkpoint_files import CheckpointError, read_meta
+from mhd_hpc.run.metrics_file import check_metrics_file
 
-__all__ = ["RESUMABLE_CHANGES", "LOCATION_KEYS", "identity", "fingerprint", "legacy_fingerprint",
-           "RunLock", "RunFolder", "claim_run_dir", "schedule_change_note"]
+__all__ = ["identity", "fingerprints", "RunLock", "RunFolder", "claim_run_dir"]
 
-#: Config keys that may change when a run is resumed (they do not change what is learned).
-RESUMABLE_CHANGES = ("run.steps", "run.eval_every", "run.log_every", "run.checkpoint_every",
-                     "run.keep_checkpoints", "run.threads", "exchange.timeout_s", "run.out_dir",
-                     "data.verify_shards", "eval.health_check", "eval.health_after",
-                     "eval.grad_norms", "eval.probe", "backend.channels_last",
-                     "run.tensorboard")
-_V1_RESUMABLE = RESUMABLE_CHANGES[:8]  # before data.verify_shards existed
-#: Where things are, not what they are: the dataset is identified by its manifest's content.
-LOCATION_KEYS = ("data.root",)
 LOCK_NAME = ".lock"
 DATASET_RECORD = "dataset.json"
 
@@ -59,21 +50,31 @@ def flatten_keys(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def identity(cfg: JobConfig) -> dict:
-    """The settings that define what a run learns; a resumed run must match them."""
-    skip = RESUMABLE_CHANGES + LOCATION_KEYS
+def identity(cfg: JobConfig, keep: tuple[str, ...] = ()) -> dict:
+    """The settings that define what a run learns; a resumed run must match them (``keep``:
+    resumable keys to count as identity anyway, as older fingerprints did)."""
+    skip = set(RESUMABLE_CHANGES + LOCATION_KEYS) - set(keep)
     return {k: v for k, v in flatten_keys(cfg.to_dict()).items() if k not in skip}
 
 
-def fingerprint(cfg: JobConfig, dataset_digest: str = "") -> str:
+def fingerprint(cfg: JobConfig, dataset_digest: str = "", keep: tuple[str, ...] = ()) -> str:
     """16 hex digits of sha256 over the run's identity and its dataset's content digest: stored
     in checkpoints and metrics, compared on resume. Keys added to the config after a run folder
     was written leave the hash alone while they hold the value that reproduces the old
     behaviour (``ADDED_KEYS``): adding a key never makes existing run folders unresumable."""
-    stable = {k: v for k, v in identity(cfg).items()
+    stable = {k: v for k, v in identity(cfg, keep).items()
               if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     blob = json.dumps({"identity": stable, "dataset": dataset_digest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprints(cfg: JobConfig, dataset_digest: str) -> tuple[str, ...]:
+    """The run's fingerprint (written into new files) first, then the older spellings of the
+    same identity that existing files may carry: before keys became resumable
+    (``LATER_RESUMABLE``), and before the dataset was identified by content."""
+    found = [fingerprint(cfg, dataset_digest), fingerprint(cfg, dataset_digest, LATER_RESUMABLE),
+             legacy_fingerprint(cfg)]
+    return tuple(dict.fromkeys(found))
 
 
 def legacy_fingerprint(cfg: JobConfig) -> str:
@@ -84,7 +85,7 @@ def legacy_fingerprint(cfg: JobConfig) -> str:
     flat = flatten_keys(cfg.to_dict())
     if any(flat[k] != v for k, v in ADDED_KEYS.items() if k not in RESUMABLE_CHANGES):
         return "-"
-    ident = {k: v for k, v in flat.items() if k not in _V1_RESUMABLE and k not in ADDED_KEYS}
+    ident = {k: v for k, v in flat.items() if k not in V1_RESUMABLE and k not in ADDED_KEYS}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -239,7 +240,7 @@ def claim_run_dir(cfg: JobConfig, dataset_digest: str, partition: dict,
     problem = lock.acquire()
     if problem:
         return None, problem
-    accepted = (fingerprint(cfg, dataset_digest), legacy_fingerprint(cfg))
+    accepted = fingerprints(cfg, dataset_digest)
     old, problem = _check_config(run_dir, cfg)
     notes: list[str] = []
     if not problem:
@@ -260,15 +261,3 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def schedule_change_note(old: JobConfig | None, cfg: JobConfig, start: int) -> str | None:
-    """What a changed ``run.steps`` does to the learning rate from the resumed step on."""
-    if old is None or not start or old.run.steps == cfg.run.steps or cfg.optim.schedule == "constant":
-        return None
-    o = cfg.optim
-    before = lr_at(start, o.lr, old.run.steps, o.warmup_steps, o.schedule)
-    after = lr_at(start, o.lr, cfg.run.steps, o.warmup_steps, o.schedule)
-    return (f"run.steps changed from {old.run.steps} to {cfg.run.steps} on resume: the {o.schedule} "
-            f"learning-rate schedule now spans {cfg.run.steps} steps, so at step {start + 1} the "
-            f"lr is {after:.6g} instead of {before:.6g} (and follows the new curve from there)")

@@ -9,16 +9,13 @@ from pathlib import Path
 
 import yaml
 
-from mhd_hpc.config import ConfigError, config_from_saved
-from mhd_hpc.metrics import MetricsError, read_metrics
-from mhd_hpc.run_dir import flatten_keys
-from mhd_hpc.summary import summary_at, traffic_and_speed
+from mhd_hpc.config import BOOKKEEPING_KEYS, ConfigError, config_from_saved
+from mhd_hpc.report.summary import step_summary, traffic_and_speed
+from mhd_hpc.run.folder import flatten_keys
+from mhd_hpc.run.metrics_file import MetricsError, read_metrics
 
 __all__ = ["load_runs", "comparison", "format_comparison"]
 
-#: Keys never worth a column (where the run lives, how often it logs).
-_BOOKKEEPING = ("run.out_dir", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
-                "run.threads", "data.root", "data.loader_threads", "exchange.timeout_s")
 
 
 def load_runs(run_dirs: list[str]) -> list[tuple[str, dict, dict]]:
@@ -42,11 +39,11 @@ def comparison(runs: list[tuple[str, dict, dict]]) -> dict:
     """The JSON shape: ``{"differing": [keys], "runs": [{"run", "settings", "step", "mean":
     {HEAD: {"beta_priv", "beta_sh"}}, "mb_sent", "ms_per_step", "health_failures"}]}``."""
     keys = sorted(set().union(*(c.keys() for _, _, c in runs)))
-    differing = [k for k in keys if k not in _BOOKKEEPING
+    differing = [k for k in keys if k not in BOOKKEEPING_KEYS
                  and len({repr(c.get(k)) for _, _, c in runs}) > 1]
     rows = []
     for name, metrics, config in runs:
-        summary = summary_at(metrics)
+        summary = step_summary(metrics)
         rows.append({"run": name, "settings": {k: config.get(k) for k in differing},
                      "step": summary["step"], "mean": summary["mean"],
                      **traffic_and_speed(metrics),

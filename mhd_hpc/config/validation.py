@@ -4,12 +4,8 @@ and graph rules are the domain modules' own (imported here, lazily: they import 
 
 from __future__ import annotations
 
-from typing import Any
-
+from mhd_hpc.config.tree import JobConfig
 from mhd_hpc.errors import ConfigError
-
-#: mhd_hpc.config.JobConfig; not imported, so that config can import this module without a circle.
-JobConfig = Any
 
 __all__ = ["validate", "check_world_size", "check_environment"]
 
@@ -81,11 +77,11 @@ def _num_classes(cfg: JobConfig) -> int:
 
 def _check_data(cfg: JobConfig) -> None:
     from mhd_hpc.data.partition import LABEL_ASSIGNMENTS, PUBLIC_SOURCES
-    from mhd_hpc.data.stream_factory import STREAM_BACKENDS
+    from mhd_hpc.data.stream_factory import LOADERS
 
     d, k = cfg.data, cfg.clients.count
     _choice("data.dataset", d.dataset, DATASETS)
-    _choice("data.loader", d.loader, STREAM_BACKENDS)
+    _choice("data.loader", d.loader, LOADERS)
     _choice("data.label_assignment", d.label_assignment, LABEL_ASSIGNMENTS)
     _choice("data.public_source", d.public_source, PUBLIC_SOURCES)
     _positive("data.loader_threads", d.loader_threads)
@@ -146,17 +142,20 @@ def _check_topology(cfg: JobConfig) -> None:
     _choice("topology.kind", t.kind, topology.TOPOLOGY_KINDS)
     _positive("topology.resample_every", t.resample_every, allow_zero=True)
     try:  # the graph builders are the one definition of a valid graph
-        topology.graph_schedule(t.kind, k, t.islands, t.edges, t.degree, t.resample_every)
+        topology.graph_schedule(t.kind, k, islands=t.islands, edges=t.edges, degree=t.degree,
+                                resample_every=t.resample_every)
     except topology.TopologyError as exc:
         raise ConfigError(f"topology.{exc.where}", f"{exc} (clients.count={k})") from None
 
 
 def _check_exchange(cfg: JobConfig) -> None:
+    from mhd_hpc.codec import top_k_problem
     from mhd_hpc.targets import EXCHANGE_MODES
 
-    ex, num_classes = cfg.exchange, _num_classes(cfg)
-    if ex.top_k < 0 or ex.top_k > num_classes:
-        raise ConfigError("exchange.top_k", f"must be in [0, {num_classes}], got {ex.top_k}")
+    ex = cfg.exchange
+    problem = top_k_problem(ex.top_k, _num_classes(cfg))  # shard datasets: checked at start
+    if problem:
+        raise ConfigError("exchange.top_k", problem)
     _positive("exchange.timeout_s", ex.timeout_s)
     _choice("exchange.mode", ex.mode, EXCHANGE_MODES)
     if ex.mode == "pool" and cfg.method != "mhd":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mhd_hpc.summary import accuracy_by_distance, hops_at
+from mhd_hpc.report.summary import accuracy_by_distance, hops_at
 
 __all__ = ["HEAD_COLOURS", "plot_run", "plot_comparison", "run_label"]
 

@@ -1,5 +1,5 @@
 """Resume and save everything a client needs to continue exactly: model, optimizer, RNG state
-and, in pool mode, the checkpoint pool. The file format (atomic HDF5) lives in ``checkpoint``.
+and, in pool mode, the checkpoint pool. The file format (atomic HDF5) lives in ``checkpoint_files``.
 
 Every client's leader writes ``checkpoints/client_NNN/step_*.h5`` (and ``pools/client_NNN/...``);
 on resume every leader verifies its kept files (content checksums), and all ranks agree on the
@@ -15,17 +15,18 @@ from typing import Callable
 
 import torch
 
-from mhd_hpc.checkpoint import CheckpointError, ClientCheckpoints, newest_common_step
 from mhd_hpc.distributed.world import World
-from mhd_hpc.pool import pool_files
+from mhd_hpc.run.checkpoint_files import (CheckpointError, ClientCheckpoints, newest_common_step,
+                                          pool_files)
 
-__all__ = ["Checkpointer"]
+__all__ = ["ClientState"]
 
 
-class Checkpointer:
-    """One client's checkpoints (and pool files) in a run folder."""
+class ClientState:
+    """Everything one client needs to continue exactly, saved to and resumed from its checkpoint
+    (and pool) files in a run folder."""
 
-    def __init__(self, run_dir: str | Path, world: World, keep: int,
+    def __init__(self, run_dir: str | Path, world: World, *, keep: int,
                  fingerprints: tuple[str, ...], arch: str, with_pool: bool,
                  precision: str = "fp32"):
         """``fingerprints``: the run's fingerprint (written into new files) first, then older

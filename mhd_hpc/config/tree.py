@@ -1,54 +1,64 @@
-"""One typed config tree for a job: defaults here, YAML and ``key=value`` overrides on top.
+"""The typed config tree of a job: every section and key with its default, its documentation
+and its facts for run folders, declared once, beside each other.
 
-Every field carries its documentation (``doc(...)``) so that ``python -m mhd_hpc.config`` prints
-the full option reference, and every error names the dotted key that caused it. Validation
-(``validation.py``) runs identically on every rank before any communication, so a bad job stops
-everywhere at once.
+``doc(text, default, on_resume=..., location=..., added=...)`` is the one place where a key says
+what it is: its meaning (printed by ``python -m mhd_hpc.config`` and in the README's option
+table), whether it may change when a run is resumed (``on_resume``), whether it says where
+something is rather than what (``location``), and, for keys added after run folders were first
+written, the value that reproduces what runs from before them did (``added``). The lists the
+rest of the code needs are derived from these facts in :mod:`mhd_hpc.config.keys`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import re
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import yaml
 
-from mhd_hpc.errors import ConfigError  # noqa: F401  (re-exported: the config's own error)
-from mhd_hpc.validation import check_environment, check_world_size, validate  # noqa: F401
+__all__ = ["FIXED", "MAY_CHANGE", "BOOKKEEPING", "NOT_ADDED", "doc", "JobConfig"]
+
+#: ``on_resume`` values. FIXED: defines what the run learns (part of its identity, a resume must
+#: match it). MAY_CHANGE: may differ between the first start and a resume, and is worth a column
+#: when runs are compared. BOOKKEEPING: may differ on resume and is never worth a column (how
+#: often to log, how many threads, where the run folder is).
+FIXED, MAY_CHANGE, BOOKKEEPING = "fixed", "may_change", "bookkeeping"
+NOT_ADDED = dataclasses.MISSING  # ``added``: the key existed when run folders were first written
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its documentation kept in metadata."""
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, *,
+        on_resume: str = FIXED, location: bool = False, added: Any = NOT_ADDED,
+        became_resumable: bool = False) -> Any:
+    """A dataclass field carrying its documentation and its run-folder facts in metadata.
+    ``became_resumable``: the key was part of run identities before it was made resumable (older
+    run folders' fingerprints include it)."""
+    assert on_resume in (FIXED, MAY_CHANGE, BOOKKEEPING), on_resume
+    meta = {"doc": text, "on_resume": on_resume, "location": location, "added": added,
+            "became_resumable": became_resumable}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class RunConfig:
     out_dir: str = doc("Run folder: resolved config, partition manifest, metrics.h5, checkpoints. "
-                       "Rerunning a job on the same folder resumes it.", "runs/digits")
+                       "Rerunning a job on the same folder resumes it.", "runs/digits", on_resume=BOOKKEEPING)
     seed: int = doc("Seed of everything: partition, init, public-batch order, peer schedule.", 0)
-    steps: int = doc("Total training steps per client.", 600)
+    steps: int = doc("Total training steps per client.", 600, on_resume=MAY_CHANGE)
     eval_every: int = doc("Evaluate every head of every client on the test set every N steps "
-                          "(and at the last step).", 100)
-    log_every: int = doc("Print and record training metrics every N steps.", 20)
+                          "(and at the last step).", 100, on_resume=MAY_CHANGE)
+    log_every: int = doc("Print and record training metrics every N steps.", 20, on_resume=BOOKKEEPING)
     checkpoint_every: int = doc("Save a resumable checkpoint of every client every N steps "
-                                "(and at the last step).", 200)
-    keep_checkpoints: int = doc("How many checkpoints each client keeps (older ones are deleted).", 2)
+                                "(and at the last step).", 200, on_resume=BOOKKEEPING)
+    keep_checkpoints: int = doc("How many checkpoints each client keeps (older ones are deleted).", 2, on_resume=BOOKKEEPING)
     threads: int = doc("torch intra-op threads per rank (0 = leave torch's default). One thread "
-                       "per rank avoids oversubscribing cores when several ranks share a node.", 1)
+                       "per rank avoids oversubscribing cores when several ranks share a node.", 1, on_resume=BOOKKEEPING)
     tensorboard: bool = doc("The root rank also writes TensorBoard event files under "
                             "RUN_DIR/tensorboard/ (every train row and evaluation, per client and "
                             "mean; a resumed run purges what came after its checkpoint). Needs "
-                            "the tensorboard extra: pip install -e '.[tensorboard]'.", False)
+                            "the tensorboard extra: pip install -e '.[tensorboard]'.", False, on_resume=MAY_CHANGE, added=False)
 
 
 @dataclass
@@ -80,9 +90,9 @@ class BackendConfig:
     precision: str = doc("Number format of the forward pass: auto (bf16 autocast on CUDA "
                          "devices that support it, fp32 elsewhere) | fp32 | bf16 | fp16 "
                          "(autocast + a gradient scaler, saved in checkpoints). Losses, "
-                         "softmax targets and the confidence selection stay in fp32.", "auto")
+                         "softmax targets and the confidence selection stay in fp32.", "auto", added="fp32")
     channels_last: Union[bool, str] = doc("NHWC memory layout for convolutions: auto (on for "
-                                          "CUDA) | true | false.", "auto")
+                                          "CUDA) | true | false.", "auto", on_resume=MAY_CHANGE, added=False)
 
 
 @dataclass
@@ -92,13 +102,13 @@ class DataConfig:
                        "tools/make_shards.py (its partition is fixed there, so the partition "
                        "keys below are not used).", "digits")
     root: str = doc("digits: folder for the built shard sets; shards: the dataset folder "
-                    "(with manifest.json).", "data")
+                    "(with manifest.json).", "data", location=True)
     public_fraction: float = doc("Fraction gamma_pub of the training pool that becomes the "
                                  "unlabeled public set.", 0.1)
     public_source: str = doc("The public set: 'split' = the public_fraction held out of the "
                              "training pool (default), or 'all' = the whole training pool, the "
                              "clients' private samples included (the paper's MHD+: plentiful "
-                             "public data; the private split is unchanged).", "split")
+                             "public data; the private split is unchanged).", "split", added="split")
     label_assignment: str = doc("Primary labels per client: 'random' subsets of fixed size, or "
                                 "'even' (every label has the same number of primary clients).",
                                 "random")
@@ -112,11 +122,11 @@ class DataConfig:
                       "present, CPU pipeline otherwise; JPEG shards) | wds (tar reader + PIL in "
                       "DataLoader workers) | auto (dali when importable and the shards are JPEG).",
                       "auto")
-    loader_threads: int = doc("Decoding threads (DALI) or worker processes (wds) per rank.", 2)
+    loader_threads: int = doc("Decoding threads (DALI) or worker processes (wds) per rank.", 2, on_resume=BOOKKEEPING, became_resumable=True)
     verify_shards: bool = doc("Check every shard against the sha256 in the dataset manifest "
                               "before training (the ranks share the work); a mismatch stops the "
                               "job naming the file. Also: python tools/verify_shards.py DIR.",
-                              False)
+                              False, on_resume=MAY_CHANGE, added=False)
 
 
 @dataclass
@@ -136,7 +146,7 @@ class DistillConfig:
                              "weight of the whole chain, nu_aux / m per aux head, so the "
                              "chain's pull on the backbone does not grow with the number of "
                              "heads m; 'per_head' = nu_aux on every aux head (the paper's "
-                             "eq. 4-5). Identical for one aux head.", "chain")
+                             "eq. 4-5). Identical for one aux head.", "chain", added="per_head")
     nu_emb: float = doc("Weight of the normalised-embedding distillation loss (0 = off; the "
                         "embedding is then not exchanged).", 1.0)
     targets_per_step: int = doc("Delta: peers each client distills from per step, drawn from its "
@@ -148,7 +158,7 @@ class DistillConfig:
     warmup_steps: int = doc("Distillation warm-up: nu_aux and nu_emb ramp linearly from 0 to "
                             "their values over the first N steps, so that the main heads learn "
                             "something before the aux chain and the embedding term act on the "
-                            "backbone (0 = off, as in the paper's formulation).", 100)
+                            "backbone (0 = off, as in the paper's formulation).", 100, added=0)
 
 
 @dataclass
@@ -157,17 +167,17 @@ class EvalConfig:
                              "private accuracy well above chance for its label distribution "
                              "and training CE below that of always predicting its label prior; "
                              "a failing client gets a WARNING in the log, eval/health in "
-                             "metrics.h5 and the report.", True)
+                             "metrics.h5 and the report.", True, on_resume=MAY_CHANGE, added=False)
     health_after: int = doc("First step the health check judges (0 = a quarter of run.steps, "
-                            "at least the distillation and lr warm-ups).", 0)
+                            "at least the distillation and lr warm-ups).", 0, on_resume=MAY_CHANGE, added=0)
     probe: bool = doc("Linear probe (the paper's Fig. 6 upper bound): at evaluation steps fit a "
                       "linear classifier on each client's frozen embedding with the labels of "
                       "the public set (all classes; an evaluation-only oracle, never used in "
                       "training) and record its test accuracy (eval/probe_acc, mean over "
-                      "classes).", False)
+                      "classes).", False, on_resume=MAY_CHANGE, added=False)
     grad_norms: bool = doc("Diagnostics: at log steps record the gradient norm that each loss "
                            "term (ce, emb, auxK) puts on the backbone (train/gradnorm_<term>); "
-                           "costs one extra backward pass per term at those steps.", False)
+                           "costs one extra backward pass per term at those steps.", False, on_resume=MAY_CHANGE, added=False)
 
 
 @dataclass
@@ -180,9 +190,9 @@ class TopologyConfig:
                                                "explicit groups of client ids.", 2)
     edges: list[list[int]] = doc("For kind=edges: list of [src, dst] pairs (dst distills from "
                                  "src).", factory=list)
-    degree: int = doc("For kind=random: in-neighbours per client.", 2)
+    degree: int = doc("For kind=random: in-neighbours per client.", 2, added=2)
     resample_every: int = doc("For kind=random: draw a new graph every N steps from the shared "
-                              "seed (0 = drawn once for the whole run).", 0)
+                              "seed (0 = drawn once for the whole run).", 0, added=0)
 
 
 @dataclass
@@ -194,7 +204,7 @@ class ExchangeConfig:
     top_k: int = doc("Send only the k largest probabilities (+ indices) per head and sample; "
                      "0 = the full distribution.", 0)
     timeout_s: float = doc("Seconds to wait for a peer's message before failing with the peer "
-                           "named.", 300.0)
+                           "named.", 300.0, on_resume=BOOKKEEPING)
     pool_size: int = doc("mode=pool: N_P, peer checkpoints kept per client (0 = clients.count).",
                          0)
     pool_every: int = doc("mode=pool: S_P, steps between checkpoint refreshes (paper: 200).", 50)
@@ -211,9 +221,9 @@ class FedAvgConfig:
 @dataclass
 class FedMDConfig:
     revisit_steps: int = doc("For method=fedmd: private-data steps after each consensus (digest) "
-                             "step; 1 alternates them.", 1)
+                             "step; 1 alternates them.", 1, added=1)
     weight: float = doc("For method=fedmd: weight of the main head's distillation toward the "
-                        "consensus on digest steps.", 1.0)
+                        "consensus on digest steps.", 1.0, added=1.0)
 
 
 @dataclass
@@ -264,217 +274,3 @@ class JobConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ----------------------------------------------------------------------------- parsing
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-# YAML 1.1 (PyYAML) reads 1e-4 and 1e5 as strings (it wants a dot: 1.0e-4): numbers written that
-# way are accepted where numbers are due.
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _as_number(value: Any) -> float | int | None:
-    """``value`` as a Python number when it is one (or a string spelling one), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        text = value.strip()
-        return int(text) if text.lstrip("+-").isdigit() else float(text)
-    return None
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``: ints are accepted where floats are due,
-    integral floats (1e5, 100000.0) where ints are, numbers in scientific notation as strings;
-    NaN and infinities are refused (a NaN timeout or learning rate never does what was meant)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if dataclasses.is_dataclass(value):  # already built (re-applying a resolved config)
-            return value
-        item = tp()
-        _apply(item, value, key + ".")
-        return item
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp in (int, float):
-        number = _as_number(value)
-        try:
-            finite = number is None or math.isfinite(number)
-        except OverflowError:  # an int beyond any float
-            finite = False
-        if not finite:
-            raise ConfigError(key, f"must be a finite number, got {value!r}")
-        if tp is float and number is not None:
-            return float(number)
-        if tp is int and number is not None and float(number).is_integer():
-            return int(number)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a new annotation kind was added without support here
-        raise TypeError(f"unsupported config annotation {tp} at {key}")
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _apply(obj: Any, data: dict, prefix: str) -> None:
-    """Set the fields of dataclass ``obj`` from ``data``, recursing into sections."""
-    if not isinstance(data, dict):
-        raise ConfigError(prefix or "<root>", f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(key, f"unknown key{hint} (valid here: {', '.join(names)})")
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            _apply(current, value, key + ".")
-        else:
-            setattr(obj, name, _coerce(value, hints[name], key))
-
-
-def format_value(value) -> str:
-    """A value as one writes it after ``key=`` on the command line (YAML flow style)."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...") \
-        .removesuffix(" ...")
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``a.b=value`` -> ("a.b", value) with the value read as YAML (numbers, lists, booleans)."""
-    if "=" not in text:
-        raise ConfigError(text, "override must look like key=value (e.g. distill.nu_aux=3)")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from None
-    return key.strip(), value
-
-
-def _nest(key: str, value: Any) -> dict:
-    out: dict = {}
-    cur = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cur = cur.setdefault(part, {})
-    cur[parts[-1]] = value
-    return out
-
-
-def config_from_dict(data: dict) -> JobConfig:
-    """Defaults <- ``data``, type-checked but not validated."""
-    cfg = JobConfig()
-    _apply(cfg, data, "")
-    return cfg
-
-
-#: Keys added after run folders were first written, with the value that reproduces what a run
-#: from before them did. A saved config (a run folder's ``config.yaml``) that lacks one of them
-#: was written before it existed: it gets this value, not today's default.
-ADDED_KEYS: dict[str, Any] = {
-    "data.verify_shards": False,
-    "distill.warmup_steps": 0,
-    "distill.aux_weighting": "per_head",
-    "eval.health_check": False,
-    "eval.health_after": 0,
-    "eval.grad_norms": False,
-    "backend.precision": "fp32",
-    "backend.channels_last": False,
-    "topology.degree": 2,
-    "topology.resample_every": 0,
-    "fedmd.revisit_steps": 1,
-    "fedmd.weight": 1.0,
-    "data.public_source": "split",
-    "eval.probe": False,
-    "run.tensorboard": False,
-}
-
-
-def config_from_saved(data: dict) -> JobConfig:
-    """A run folder's resolved config: like :func:`config_from_dict`, but keys the file lacks
-    because they did not exist when it was written take their ``ADDED_KEYS`` value."""
-    cfg = config_from_dict(data)
-    for key, value in ADDED_KEYS.items():
-        node, parts = data, key.split(".")
-        for part in parts[:-1]:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if not isinstance(node, dict) or parts[-1] not in node:
-            _apply(cfg, _nest(key, value), "")
-    return cfg
-
-
-def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Defaults <- YAML file <- ``key=value`` overrides, type-checked, then validated."""
-    cfg = JobConfig()
-    if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError("<job file>", f"file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError("<job file>", f"{path} is not valid YAML: {exc}") from None
-        _apply(cfg, data, "")
-    for text in overrides:
-        key, value = parse_override(text)
-        _apply(cfg, _nest(key, value), "")
-    validate(cfg)
-    return cfg
-
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def reference(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every leaf option, in declaration order."""
-    obj = JobConfig() if obj is None else obj
-    rows = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = prefix + f.name
-        if dataclasses.is_dataclass(value):
-            rows.extend(reference(value, key + "."))
-        else:
-            rows.append((key, format_value(value), f.metadata.get("doc", "")))
-    return rows
-
-
-def main() -> None:
-    """``python -m mhd_hpc.config [JOB.yaml key=value ...]``: print the option reference, or the
-    resolved config of a job (validated)."""
-    args = sys.argv[1:]
-    if not args:
-        for key, default, text in reference():
-            print(f"{key:28s} {default:12s} {text}")
-        return
-    try:
-        cfg = load_config(args[0], args[1:])
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(2) from None
-    print(cfg.to_yaml(), end="")
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ prints the same numbers as
      "mean": {HEAD: {"beta_priv": x, "beta_sh": y}}, "health_failures": {NAME: [steps]},
      "linear_probe": {"clients": {NAME: x}, "mean": x}}           (the last only with a probe)
 
-with accuracies as fractions in [0, 1]. ``--plot`` writes the figures (see report_plots) into
+with accuracies as fractions in [0, 1]. ``--plot`` writes the figures (see report.plots) into
 OUT_DIR (default RUN_DIR/plots).
 
 Several runs: one row per run with the settings that differ between them, beta_priv and beta_sh
@@ -27,10 +27,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from mhd_hpc.metrics import MetricsError, read_metrics
-from mhd_hpc.summary import accuracy_by_distance, summary_at
+from mhd_hpc.report.summary import accuracy_by_distance, step_summary, traffic_and_speed
+from mhd_hpc.run.metrics_file import MetricsError, read_metrics
 
 
 def format_table(summary: dict, metrics: dict) -> str:
@@ -61,13 +60,11 @@ def format_table(summary: dict, metrics: dict) -> str:
             for name, steps in failures.items())
             + ". Its main head did not learn its private task: this run is not a result "
             "(see the log for the likely causes)."]
-    train = metrics["train"]
-    if train and len(train.get("step", [])):
-        step_time = np.nanmean(train["step_time_s"])
-        wait = np.nanmean(train["exchange_wait_s"])
-        sent = np.nansum(train["bytes_sent"])
-        lines += ["", f"mean step time {1000 * step_time:.1f} ms, of which exchange wait "
-                      f"{1000 * wait:.1f} ms; {sent / 1e6:.2f} MB sent in total by all clients"]
+    if metrics["train"] and len(metrics["train"].get("step", [])):
+        t = traffic_and_speed(metrics)
+        lines += ["", f"mean step time {t['ms_per_step']:.1f} ms, of which exchange wait "
+                      f"{t['ms_exchange_wait']:.1f} ms; {t['mb_sent']:.2f} MB sent in total by "
+                      "all clients"]
     return "\n".join(lines)
 
 
@@ -99,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.run_dirs) > 1:
             return _several(args)
         metrics = read_metrics(Path(args.run_dirs[0]) / "metrics.h5")
-        summary = summary_at(metrics, args.step)
+        summary = step_summary(metrics, args.step)
         if args.plot is not None:
-            from mhd_hpc.report_plots import plot_run, run_label
+            from mhd_hpc.report.plots import plot_run, run_label
 
             out = args.plot or str(Path(args.run_dirs[0]) / "plots")
             made = plot_run(metrics, run_label(args.run_dirs[0]), out, summary["step"])
@@ -115,18 +112,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _several(args: argparse.Namespace) -> int:
-    from mhd_hpc.compare import comparison, format_comparison, load_runs
+    from mhd_hpc.report.compare import comparison, format_comparison, load_runs
 
     runs = load_runs(args.run_dirs)
     comp = comparison(runs)
     if args.plot is not None:
-        from mhd_hpc.report_plots import plot_comparison
+        from mhd_hpc.report.plots import plot_comparison
 
         path = plot_comparison([(n, m) for n, m, _ in runs], args.plot or "compare-plots")
         print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(comp, indent=1) if args.json else format_comparison(comp))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from mhd_hpc.metrics import MetricsError
+from mhd_hpc.run.metrics_file import MetricsError
 
-__all__ = ["summary_at", "health_failures", "traffic_and_speed", "hops_at", "accuracy_by_distance"]
+__all__ = ["step_summary", "health_failures", "traffic_and_speed", "hops_at", "accuracy_by_distance"]
 
 
-def summary_at(metrics: dict, step: int | None = None) -> dict:
+def step_summary(metrics: dict, step: int | None = None) -> dict:
     """The JSON-shaped summary of one evaluated step (default: the last)."""
     ev = metrics["eval"]
     if not ev or len(ev["step"]) == 0:
@@ -53,10 +53,13 @@ def health_failures(metrics: dict, upto_row: int | None = None) -> dict[str, lis
 
 
 def traffic_and_speed(metrics: dict) -> dict[str, float]:
-    """The whole run's MB sent by all clients and its mean ms per training step."""
+    """The whole run's MB sent by all clients, its mean ms per training step and the mean ms
+    per step spent waiting for peers."""
     train = metrics["train"]
     return {"mb_sent": float(np.nansum(train.get("bytes_sent", [0.0]))) / 1e6,
-            "ms_per_step": 1000 * float(np.nanmean(train.get("step_time_s", [np.nan])))}
+            "ms_per_step": 1000 * float(np.nanmean(train.get("step_time_s", [np.nan]))),
+            "ms_exchange_wait": 1000 * float(np.nanmean(train.get("exchange_wait_s",
+                                                                  [np.nan])))}
 
 
 def hops_at(metrics: dict, row: int) -> np.ndarray | None:

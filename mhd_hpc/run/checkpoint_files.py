@@ -1,4 +1,5 @@
-"""Atomic, resumable per-client checkpoints in HDF5.
+"""Checkpoint files: atomic, checksummed, resumable per-client HDF5 files, and their folders
+(``checkpoints/client_NNN/`` and, in pool mode, ``pools/client_NNN/``).
 
 A checkpoint is any nested structure of dicts, lists, tensors and JSON-able leaves (model and
 optimizer state dicts, step, RNG states). Tensors become HDF5 datasets, everything else a JSON
@@ -217,3 +218,9 @@ def newest_common_step(steps_per_client: list[list[int]]) -> int:
     for steps in steps_per_client[1:]:
         common &= set(steps)
     return max(common, default=0)
+
+
+def pool_files(run_dir: str | Path, client: int, keep: int) -> ClientCheckpoints:
+    """``RUN_DIR/pools/client_NNN/step_*.h5``: a client's checkpoint pool (pool mode), saved
+    with every checkpoint and rotated like them."""
+    return ClientCheckpoints(run_dir, client, keep, kind="pools")
