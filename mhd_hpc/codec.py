@@ -60,7 +60,9 @@ def densify_topk(probs: torch.Tensor, indices: torch.Tensor, num_classes: int) -
 
 
 class MessageCodec:
-    """Fixed-size messages of one job: ``num_heads`` heads of ``batch_size`` samples."""
+    """Fixed-size messages of one job: ``num_heads`` heads of ``batch_size`` samples. A message
+    carries the heads a receiver distills from: main .. aux_{m-1}; the last aux head is never a
+    target (aux_k learns from aux_{k-1}), so it is not sent."""
 
     def __init__(self, num_heads: int, num_classes: int, batch_size: int, top_k: int,
                  embedding_dim: int):
@@ -93,7 +95,10 @@ class MessageCodec:
         if len(head_probs) != self.num_heads:
             raise ValueError(f"expected {self.num_heads} heads, got {len(head_probs)}")
         probs = [p.detach() for p in head_probs]
-        if probs[0].is_cuda:
+        if not probs:  # an embedding-only message (no aux head distills from a peer head)
+            device = embedding.device if embedding is not None else "cpu"
+            parts, sums = [], torch.zeros((), device=device)
+        elif probs[0].is_cuda:
             parts, sums = self._encode_stacked(probs)
         else:
             parts, sums = self._encode_per_head(probs)
@@ -106,7 +111,8 @@ class MessageCodec:
         # The finiteness of a sum, not isfinite().all(): one reduction (30x cheaper on a CPU)
         # and exact here: a NaN or inf anywhere makes the sum non-finite, and probabilities and
         # unit-norm embeddings are far too small to overflow it.
-        payload = torch.cat(parts) if len(parts) > 1 else parts[0]
+        payload = (torch.cat(parts) if len(parts) > 1 else parts[0] if parts
+                   else torch.empty(0, dtype=torch.uint8))
         assert payload.numel() == self.payload_bytes, (payload.numel(), self.payload_bytes)
         return payload, torch.isfinite(sums)
 
@@ -142,6 +148,9 @@ class MessageCodec:
         b, c, h = self.batch_size, self.num_classes, self.num_heads
         k = self.top_k or c
         per_head = self._probs_bytes + self._index_bytes
+        if h == 0:
+            emb = payload.view(torch.float16).view(b, self.embedding_dim).float()
+            return [], emb
         rows = payload[:h * per_head].view(h, per_head)
         values = rows[:, :self._probs_bytes].view(torch.float16).view(h, b, k)
         if self.top_k:

@@ -190,13 +190,14 @@ class Recorder:
                             self.eta_s(step)))
 
     def evaluation(self, step: int, accs: list[np.ndarray], probes: list[float | None],
-                   hop_distances: np.ndarray) -> None:
+                   hop_distances: np.ndarray | None) -> None:
         """Record one evaluation of every client: per-class accuracies (K of (H, C)), linear
         probe accuracies (None without the probe), and the graph distances at this step."""
         from mhd_hpc.evaluation import HEALTH_HINT, accuracy_summary, check_health
 
         summary = accuracy_summary(np.stack(accs), self.distribution)
-        summary["hop_distances"] = np.asarray(hop_distances, dtype=np.int64)
+        if hop_distances is not None:  # None: the method uses no graph
+            summary["hop_distances"] = np.asarray(hop_distances, dtype=np.int64)
         if any(p is not None for p in probes):
             summary["probe_acc"] = np.array([np.nan if p is None else p for p in probes])
         health = np.full(len(self.distribution), -1, dtype=np.int8)  # -1: not judged yet

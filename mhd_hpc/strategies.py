@@ -3,9 +3,13 @@ collectives run between steps. Distillation targets come separately (``targets``
 
 * ``mhd`` and ``separate``: gradients averaged over the client's own replicas only.
 * ``supervised`` (upper bound, one model on the union of all private batches): gradients averaged
-  over all ranks every step.
-* ``fedavg``: replicas average gradients; every ``fedavg.every`` steps all weights are averaged
-  across clients (and once before the first step, so that every client starts identical).
+  over all clients every step, BatchNorm statistics before every evaluation and checkpoint.
+* ``fedavg``: replicas average gradients; every ``fedavg.every`` steps, and after the last one,
+  all weights and BatchNorm statistics are averaged across clients (and once before the first
+  step, so that every client starts identical).
+
+Averages across clients weigh every client the same whatever its rank count
+(``World.clients_mean_``).
 * ``fedmd`` (Li & Wang, 2019, the paper's Table 2 comparison): consensus distillation. On a
   *digest* step, every client's main-head class probabilities on the public batch are averaged
   over all clients (one allreduce: the only method with a global step) and the main head is
@@ -61,6 +65,11 @@ class Strategy:
     def reduce_gradients(self, grads: Sequence[torch.Tensor]) -> None:
         self.intra.average_(grads)
 
+    def settle_buffers(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Before an evaluation or a checkpoint: make the BatchNorm statistics what the method's
+        model has (the mean over the client's replicas)."""
+        self.intra.average_(buffers)
+
     def after_step(self, step: int, model: torch.nn.Module) -> None:
         """After the optimizer step of ``step``."""
 
@@ -85,30 +94,41 @@ class MHD(Strategy):
 
 
 class Supervised(Strategy):
-    """One model on the union of all private batches: gradients averaged over every rank."""
+    """One model on the union of all private batches: gradients averaged over all clients
+    (each client's batch weighs the same) every step. BatchNorm normalises each rank's batch
+    with that batch's statistics while training (as data parallelism without synchronised
+    BatchNorm does); the running statistics, which the evaluated model uses, are averaged over
+    all clients before every evaluation and checkpoint. Running statistics are exponential
+    moving averages, linear in the batch statistics, so that average equals averaging at every
+    step: every client holds the one model."""
 
     shared_init = True
 
     def reduce_gradients(self, grads):
-        self.bytes_sent += self.world.allreduce_mean_(grads)
+        self.bytes_sent += self.world.clients_mean_(grads)
+
+    def settle_buffers(self, buffers):
+        self.bytes_sent += self.world.clients_mean_(buffers)
 
 
 class FedAvg(Strategy):
-    """Weights averaged across all clients every ``every`` steps."""
+    """All weights and BatchNorm statistics averaged across clients every ``every`` steps and
+    after the last step, so that the run ends with the global model (between rounds, and at
+    evaluations that do not fall on a round, each client holds its local model)."""
 
     shared_init = True
 
-    def __init__(self, world: World, intra: IntraBackend, every: int):
+    def __init__(self, world: World, intra: IntraBackend, every: int, total_steps: int):
         super().__init__(world, intra)
-        self.every = every
+        self.every, self.total_steps = every, total_steps
 
     def start(self, model, resumed):
         if not resumed:
-            self.bytes_sent += self.world.allreduce_mean_(list(model.state_dict().values()))
+            self.bytes_sent += self.world.clients_mean_(list(model.state_dict().values()))
 
     def after_step(self, step, model):
-        if step % self.every == 0:
-            self.bytes_sent += self.world.allreduce_mean_(list(model.state_dict().values()))
+        if step % self.every == 0 or step == self.total_steps:
+            self.bytes_sent += self.world.clients_mean_(list(model.state_dict().values()))
 
 
 class FedMD(Strategy):
@@ -136,14 +156,15 @@ class FedMD(Strategy):
                          terms={"loss_consensus": unweighted.detach()})
 
 
-def make_strategy(method: str, world: World, intra: IntraBackend, *, fedavg_every: int = 10,
-                  fedmd_revisit_steps: int = 1, fedmd_weight: float = 1.0) -> Strategy:
+def make_strategy(method: str, world: World, intra: IntraBackend, *, total_steps: int = 0,
+                  fedavg_every: int = 10, fedmd_revisit_steps: int = 1,
+                  fedmd_weight: float = 1.0) -> Strategy:
     if method == "fedmd":
         return FedMD(world, intra, fedmd_revisit_steps, fedmd_weight)
     if method == "supervised":
         return Supervised(world, intra)
     if method == "fedavg":
-        return FedAvg(world, intra, fedavg_every)
+        return FedAvg(world, intra, fedavg_every, total_steps)
     if method == "mhd":
         return MHD(world, intra)
     if method == "separate":

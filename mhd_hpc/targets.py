@@ -32,6 +32,8 @@ EXCHANGE_MODES = ("predictions", "pool")
 class TargetSource(Protocol):
     """Where a client's distillation targets come from, as the training step sees it."""
 
+    uses_graph: bool  # targets come from peers along the topology's edges
+
     def prepare(self, step: int) -> None: ...
     def begin_step(self, step: int, model: torch.nn.Module) -> None: ...
     def targets(self, step: int, pub: Batch, pub_logits: list[torch.Tensor],
@@ -47,6 +49,8 @@ class NoTargets:
     """Baselines without peers (``separate``, ``fedavg``, ``supervised``, topology ``none``):
     every method of :class:`TargetSource` does nothing (the other sources inherit these
     defaults)."""
+
+    uses_graph = False
 
     def prepare(self, step: int) -> None:
         """Before the forward pass (post this step's receives)."""
@@ -78,6 +82,8 @@ class NoTargets:
 class LiveTargets(NoTargets):
     """The peers of this step (``delta`` in-neighbours drawn from ``seed``) send their outputs."""
 
+    uses_graph = True
+
     def __init__(self, world: World, graph_at: Callable[[int], list[list[int]]],
                  exchange: ClientExchange, public: BatchStream, *, delta: int, seed: int,
                  send_embedding: bool):
@@ -97,8 +103,9 @@ class LiveTargets(NoTargets):
         if not any(self._plan):
             return []
         # Softmax (fp32) here; top-k and fp16 in the codec, on the device; targets come back
-        # decoded on the same device.
-        probs = [torch.softmax(l.detach().float(), dim=1) for l in pub_logits]
+        # decoded on the same device. Only the heads a receiver distills from are sent: main ..
+        # aux_{m-1} (aux_k learns from aux_{k-1}; the last aux head is nobody's target).
+        probs = [torch.softmax(l.detach().float(), dim=1) for l in pub_logits[:-1]]
         emb = (losses.normalize_embedding(pub_emb.detach().float()) if self.send_embedding
                else None)
         return self.exchange.complete(key_hash(pub.keys), self.public.global_key_hash(step),
@@ -125,6 +132,8 @@ class PoolSettings:
 class PoolTargets(NoTargets):
     """Peer checkpoints arrive every ``settings.every`` steps (``transfer_steps`` in the
     background) into a pool of ``capacity``; each step ``delta`` entries compute the targets."""
+
+    uses_graph = True
 
     def __init__(self, world: World, graph_at: Callable[[int], list[list[int]]], archs: list[str],
                  build: Callable[[str], torch.nn.Module], settings: PoolSettings):
@@ -206,13 +215,20 @@ class PoolTargets(NoTargets):
         return out
 
     def flush(self, step):
-        self._insert(step, self._share(self.transfer.complete(step, everything=True)))
+        """Before a checkpoint: let every transfer in flight arrive (leaders), but insert each
+        at its own due step, so that a run's pool (and its results) does not depend on
+        ``run.checkpoint_every`` or on when a signal stopped it."""
+        if self.world.is_leader:
+            self.transfer.settle(step)
 
     def take_counters(self):
         return self.transfer.take_counters()
 
     def state(self):
-        return self.pool.state()
+        """The pool and, on leaders, the arrived transfers that are not due yet."""
+        return {**self.pool.state(), "pending": self.transfer.state()}
 
     def load_state(self, state):
         self.pool.load_state(state)
+        if self.world.is_leader:  # the other ranks get them from the leader at the due step
+            self.transfer.load_state(state.get("pending", []))

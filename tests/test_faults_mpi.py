@@ -1,5 +1,4 @@
-"""Surviving faults under real mpirun: kill -9, a kill inside a checkpoint write, pool mode
-resumed with a non-empty pool, and corrupt inputs named in the error."""
+"""Faults under real mpirun: failing and killed ranks, crash + resume, corrupt inputs named."""
 
 import shutil
 import tarfile
@@ -21,6 +20,9 @@ POOL = ["exchange.mode=pool", "exchange.pool_every=5", "exchange.pool_transfer_s
 def accuracies(run_dir):
     with h5py.File(run_dir / "metrics.h5", "r") as f:
         return f["eval/step"][()], f["eval/per_class_acc"][()], f["train/step"][()]
+
+
+eval_rows = accuracies  # the name the crash + resume test reads them by
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +127,37 @@ def test_truncated_shard_is_named(tmp_path):
     res = run_mpi(2, train_args(tmp_path / "run2", data, *SMALL, "run.steps=1"), timeout=120)
     assert res.returncode != 0
     assert "client_001/shard-000000.tar" in res.stderr
+
+
+def test_failing_rank_brings_the_job_down(tmp_path, data_root):
+    res = run_mpi(3, train_args(tmp_path / "run", data_root, *SMALL, "clients.count=3"),
+                  env={"MHD_INJECT_FAULT": "1:5"}, timeout=120)
+    assert res.returncode != 0
+    assert "FATAL on rank 1 (client 1)" in res.stderr
+    assert "injected fault at step 5" in res.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_crash_continues_exactly(tmp_path, data_root):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    res = run_mpi(2, train_args(straight, data_root, *SMALL), timeout=180)
+    assert res.returncode == 0, res.stderr
+    # Crash on rank 1 at step 25: the checkpoint of step 20 and metrics up to 20 survive.
+    res = run_mpi(2, train_args(crashed, data_root, *SMALL),
+                  env={"MHD_INJECT_FAULT": "1:25"}, timeout=180)
+    assert res.returncode != 0
+    assert list(eval_rows(crashed)[0]) == [10, 20]
+    res = run_mpi(2, train_args(crashed, data_root, *SMALL), timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert "resuming every client from step 20" in res.stdout
+    steps_a, acc_a, train_a = eval_rows(straight)
+    steps_b, acc_b, train_b = eval_rows(crashed)
+    assert list(steps_b) == [10, 20, 30] and list(train_b) == [10, 20, 30]
+    # Everything random derives from (seed, step, client): the resumed run is the same run.
+    np.testing.assert_allclose(acc_b, acc_a, atol=1e-6)
+    # A finished run rerun is a no-op, and a different job refuses to reuse the folder.
+    res = run_mpi(2, train_args(crashed, data_root, *SMALL), timeout=120)
+    assert res.returncode == 0 and "already complete" in res.stdout
+    res = run_mpi(2, train_args(crashed, data_root, *SMALL, "distill.nu_aux=1"), timeout=120)
+    assert res.returncode == 2
+    assert "config error at 'run.out_dir'" in res.stderr and "distill.nu_aux" in res.stderr

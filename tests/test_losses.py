@@ -1,4 +1,4 @@
-"""Tests for mhd_hpc.losses on small hand-made tensors (paper eq. 2-5)."""
+"""The losses (mhd_hpc/losses.py) on hand-made tensors (paper eq. 2-5) and the MHD objective."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mhd_hpc.codec import densify_topk
+from mhd_hpc import losses
 from mhd_hpc.losses import (HeadDistillStats, aux_chain_losses, embedding_loss, main_ce_loss,
                             normalize_embedding, select_targets, soft_cross_entropy)
 
@@ -120,20 +120,6 @@ def test_normalize_embedding_unit_rows():
     assert torch.allclose(normalize_embedding(emb), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
 
 
-def test_densify_topk_keeps_argmax_and_sums_to_one():
-    probs = torch.tensor([[0.5, 0.3], [0.9, 0.06]], dtype=torch.float16)
-    idx = torch.tensor([[2, 0], [1, 4]])
-    dense = densify_topk(probs, idx, 5)
-    assert dense.shape == (2, 5) and dense.dtype == torch.float32
-    assert torch.allclose(dense.sum(dim=1), torch.ones(2), atol=1e-3)
-    assert dense.argmax(dim=1).tolist() == [2, 1]
-    assert torch.allclose(dense.amax(dim=1), probs.float().amax(dim=1))
-    assert torch.allclose(dense[0], torch.tensor([0.3, 0.2 / 3, 0.5, 0.2 / 3, 0.2 / 3]),
-                          atol=1e-3)
-    full = densify_topk(torch.tensor([[0.1, 0.7, 0.2]]), torch.tensor([[2, 0, 1]]), 3)
-    assert torch.allclose(full, torch.tensor([[0.7, 0.2, 0.1]]))
-
-
 def test_aux_chain_uses_main_for_aux1_and_aux1_for_aux2():
     zero = torch.zeros(1, 3)
     main = zero.clone().requires_grad_(True)                    # self conf 1/3
@@ -181,3 +167,27 @@ def test_selection_survives_nan_outputs():
     student = [torch.full((2, 3), float("nan")), torch.zeros(2, 3, requires_grad=True)]
     stats = aux_chain_losses(student, [torch.zeros(0, 2, 3)], "confidence", False)
     assert stats[0].chosen_self_fraction == 1.0 and torch.isnan(stats[0].loss)
+
+
+def test_mhd_loss_assembles_the_paper_objective():
+    torch.manual_seed(0)
+    b, c = 5, 4
+    pub_logits = [torch.randn(b, c, requires_grad=True) for _ in range(3)]
+    pub_emb = torch.randn(b, 6, requires_grad=True)
+    ce = torch.tensor(1.5)
+    peer = losses.PeerOutputs(1, [torch.softmax(torch.randn(b, c), 1) for _ in range(3)],
+                              losses.normalize_embedding(torch.randn(b, 6)))
+    loss, terms, parts = losses.mhd_loss(ce, pub_logits, pub_emb, [peer], nu_aux=3.0,
+                                         nu_emb=0.5)
+    stacked = [peer.head_probs[h][None] for h in range(3)]
+    aux = losses.aux_chain_losses(pub_logits, stacked, "confidence", False)
+    want = ce + 0.5 * losses.embedding_loss(pub_emb, [peer.embedding]) \
+        + 3.0 * (aux[0].loss + aux[1].loss)
+    assert loss.item() == pytest.approx(want.item())
+    assert set(terms) >= {"loss_ce", "loss_emb", "loss_aux1", "loss_aux2", "loss_total",
+                          "self_target_aux1", "skipped_aux2"}
+    assert set(parts) == {"ce", "emb", "aux1", "aux2"}
+    assert sum(parts.values()).item() == pytest.approx(loss.item())
+    # Without peers: no embedding term, the aux heads distill from the client itself.
+    loss0, terms0, _ = losses.mhd_loss(ce, pub_logits, pub_emb, [], nu_aux=3.0, nu_emb=0.5)
+    assert "loss_emb" not in terms0 and terms0["self_target_aux1"] == 1.0

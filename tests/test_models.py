@@ -1,7 +1,6 @@
-"""Tests of mhd_hpc.models: shapes, head layout, parameter counts, gradient flow, training sanity.
+"""The models (mhd_hpc/models/): shapes, head layout, parameter counts, gradient flow, training."""
 
-Kept small and CPU-cheap: 32 px inputs with batch 2, no 224 px forward passes.
-"""
+# Kept small and CPU-cheap: 32 px inputs with batch 2, no 224 px forward passes.
 
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ def test_backbone_out_dim(arch: str) -> None:
 
 
 def test_native_embedding_dims() -> None:
-    assert [native_embedding_dim(a) for a in ARCHS] == [128, 512, 512, 2048]
+    assert [native_embedding_dim(a) for a in ARCHS] == [128, 64, 512, 512, 2048]
 
 
 def test_head_names() -> None:

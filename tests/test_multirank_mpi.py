@@ -1,5 +1,7 @@
-"""Clients as rank groups under real mpirun: Horovod and torch.distributed data parallelism,
-heterogeneous clients, launch errors, and the stop-on-signal path used under SLURM."""
+"""Clients as rank groups under real mpirun: Horovod / torch.distributed, launch errors, signals."""
+
+# Horovod and torch.distributed data parallelism inside a client, heterogeneous clients, launch
+# errors, and the stop-on-signal path used under SLURM.
 
 import json
 
@@ -25,6 +27,7 @@ def test_backend_keeps_replicas_identical(backend):
     assert res.stdout.count(f"{backend} ok") == 4
 
 
+@pytest.mark.slow
 def test_two_ranks_per_client_match_one_rank_per_client(tmp_path, data_root, capsys):
     """Same global batch: 2 clients x 2 ranks learn what 2 clients x 1 rank learn, with either
     backend (replicas are checked to be in sync at every checkpoint)."""
@@ -43,6 +46,7 @@ def test_two_ranks_per_client_match_one_rank_per_client(tmp_path, data_root, cap
                 assert abs(got[head][key] - value) < 0.08, (backend, head, key, got, reference)
 
 
+@pytest.mark.slow
 def test_heterogeneous_clients_and_rank_counts(tmp_path, data_root, capsys):
     """A 2-rank ResNet-18 client beside 1-rank CNN clients: exchanges go through leaders."""
     run = tmp_path / "hetero"
@@ -66,6 +70,7 @@ def test_wrong_world_size_and_unknown_backend(tmp_path, data_root):
     assert res.returncode == 2 and "config error at 'backend.intra'" in res.stderr
 
 
+@pytest.mark.slow
 def test_missing_horovod_asked_for_by_name(tmp_path, data_root):
     # A horovod package that cannot be imported, first on the path: what a broken or absent
     # install looks like to Python.
@@ -84,6 +89,7 @@ def test_missing_horovod_asked_for_by_name(tmp_path, data_root):
     assert "Horovod not importable" in res.stdout and "torch.distributed (gloo)" in res.stdout
 
 
+@pytest.mark.slow
 def test_signal_checkpoints_and_exits_resumable(tmp_path, data_root):
     """SLURM's --signal=USR1@N path: a signal on one rank stops every rank at the next log step
     with a checkpoint and exit code 3; the same command then finishes the run."""

@@ -1,4 +1,4 @@
-"""Tests for mhd_hpc.data.partition (paper §3.3 dataset split)."""
+"""The dataset split (mhd_hpc/data/partition.py, paper §3.3): statistics, determinism, errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Checkpoint pool (paper Algorithm 2) without MPI: weights round trip, slots, draws, schedule."""
+"""The checkpoint pool (mhd_hpc/pool.py, Algorithm 2) and PoolTargets (mhd_hpc/targets.py)."""
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,3 +79,26 @@ def test_pool_survives_a_restart_with_heterogeneous_peers(tmp_path):
     files.path(20).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="step_000000020.h5"):
         files.load(20)
+
+
+def test_pool_targets_run_the_drawn_peer_models_on_the_public_batch():
+    from mhd_hpc.pool import flatten_state
+    from mhd_hpc.targets import PoolSettings, PoolTargets
+
+    def build(arch):
+        return build_model(arch, 10, 2, 1, 8)
+
+    # One client of one rank; no transfer is posted at these steps, so nothing talks.
+    world = SimpleNamespace(client=0, is_leader=True, local_size=1)
+    settings = PoolSettings(capacity=2, every=50, transfer_steps=5, delta=1, seed=0,
+                            timeout_s=5, send_embedding=True)
+    source = PoolTargets(world, [[1], [0]], ["cnn_small", "cnn_small"], build, settings)
+    peer = build("cnn_small")
+    source.pool.insert(3, source_client=1, source_step=2, arch="cnn_small",
+                       flat=flatten_state(peer))
+    pub = SimpleNamespace(images=torch.randn(6, 1, 8, 8))
+    out = source.targets(7, pub, None, None)
+    assert len(out) == 1 and out[0].client == 1
+    assert all(torch.allclose(p.sum(1), torch.ones(6)) for p in out[0].head_probs)
+    assert torch.allclose(out[0].embedding.norm(dim=1), torch.ones(6), atol=1e-5)
+    assert source.stats() == {"pool_entries": 1.0, "staleness": 5.0}

@@ -1,6 +1,8 @@
-"""Run folders under real use (issue 9), under real mpirun: reading a run while it trains, two
-jobs on one folder, the lock after kill -9, flipped bytes in checkpoints, metrics and shards,
-a refused job that must not write, a moved dataset, and a longer run.steps on resume."""
+"""Run folders under real mpirun (issue 9): live readers, two jobs, locks, flipped bytes."""
+
+# Reading a run while it trains, two jobs on one folder, the lock after kill -9, flipped bytes in
+# checkpoints, metrics and shards, a refused job that must not write, a moved dataset, and a longer
+# run.steps on resume.
 
 import shutil
 import subprocess
@@ -8,7 +10,6 @@ import sys
 import time
 
 import h5py
-import numpy as np
 import pytest
 
 from mhd_hpc.run.metrics_file import MetricsError, read_metrics
@@ -52,6 +53,7 @@ def flip_bytes(path, offset: int, count: int = 4) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_reading_a_run_while_it_trains_never_disturbs_it(tmp_path, data_root, capsys):
     run = tmp_path / "run"
     args = train_args(run, data_root, *SMALL, "run.steps=300", "run.eval_every=20",
@@ -80,6 +82,7 @@ def test_reading_a_run_while_it_trains_never_disturbs_it(tmp_path, data_root, ca
     assert seen, "the report never read the running job"
 
 
+@pytest.mark.slow
 def test_a_second_job_on_the_same_folder_stops_at_once(tmp_path, data_root):
     run = tmp_path / "run"
     args = train_args(run, data_root, *SMALL, "run.steps=400", "run.eval_every=100",
@@ -98,6 +101,7 @@ def test_a_second_job_on_the_same_folder_stops_at_once(tmp_path, data_root):
     assert list(steps) == [100, 200, 300, 400]  # no duplicated or out-of-order rows
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_lock_holder_leaves_the_folder_free(tmp_path, data_root):
     run = tmp_path / "run"
     res = run_mpi(2, train_args(run, data_root, *SMALL), env={"MHD_INJECT_FAULT": "0:25:kill"},
@@ -108,6 +112,7 @@ def test_kill_9_of_the_lock_holder_leaves_the_folder_free(tmp_path, data_root):
     assert "resuming every client from step 20" in res.stdout
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_a_checkpoint_resume_from_the_previous_one(tmp_path, data_root):
     run = tmp_path / "run"
     assert run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"),
@@ -125,6 +130,7 @@ def test_flipped_bytes_in_a_checkpoint_resume_from_the_previous_one(tmp_path, da
     assert (run / "checkpoints" / "client_000" / "step_000000020.h5.corrupt").exists()
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_metrics_are_named(tmp_path, data_root):
     run = tmp_path / "run"
     assert run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"),
@@ -141,6 +147,7 @@ def test_flipped_bytes_in_metrics_are_named(tmp_path, data_root):
     assert "metrics.h5" in res.stderr and "corrupt" in res.stderr
 
 
+@pytest.mark.slow
 def test_flipped_pixels_in_a_shard_are_caught(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     assert run_mpi(2, train_args(run, data, *SMALL, "run.steps=1"), timeout=120).returncode == 0
@@ -158,6 +165,7 @@ def test_flipped_pixels_in_a_shard_are_caught(tmp_path):
     assert "data.verify_shards" in res.stderr and "client_001/shard-000000.tar" in res.stderr
 
 
+@pytest.mark.slow
 def test_a_refused_job_writes_nothing_into_the_folder(tmp_path, data_root):
     run = tmp_path / "run"
     assert run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"),
@@ -173,6 +181,7 @@ def test_a_refused_job_writes_nothing_into_the_folder(tmp_path, data_root):
     assert "resuming every client from step 20" in res.stdout
 
 
+@pytest.mark.slow
 def test_a_moved_dataset_resumes_and_a_longer_run_says_how_the_schedule_changes(
         tmp_path, data_root):
     run, moved = tmp_path / "run", tmp_path / "moved-data"
@@ -183,44 +192,3 @@ def test_a_moved_dataset_resumes_and_a_longer_run_says_how_the_schedule_changes(
     assert res.returncode == 0, res.stderr
     assert "dataset moved from" in res.stdout and "resuming every client from step 20" in res.stdout
     assert "run.steps changed from 20 to 30 on resume" in res.stdout
-
-
-def test_another_dataset_than_the_runs_is_refused_before_anything_is_written(tmp_path):
-    from mhd_hpc.config import load_config
-    from mhd_hpc.run.folder import claim_run_dir
-
-    cfg = load_config(str(ROOT / "jobs" / "digits.yaml"), [f"run.out_dir={tmp_path / 'run'}"])
-    folder, problem = claim_run_dir(cfg, "digest-a", {"p": 1})
-    assert problem is None
-    folder.lock.release()
-    config = (tmp_path / "run" / "config.yaml").read_text()
-    folder, problem = claim_run_dir(cfg, "digest-b", {"p": 2})
-    assert folder is None and "data.root=data holds a different dataset" in problem
-    # Every differing setting is named at once, with the overrides that resume the run.
-    other = load_config(str(ROOT / "jobs" / "digits.yaml"),
-                        [f"run.out_dir={tmp_path / 'run'}", "distill.nu_aux=1",
-                         "distill.warmup_steps=7"])
-    folder, problem = claim_run_dir(other, "digest-a", {"p": 1})
-    assert "(and 1 more: distill.warmup_steps)" in problem
-    assert "resume it with distill.nu_aux=3.0 distill.warmup_steps=100" in problem
-    assert (tmp_path / "run" / "config.yaml").read_text() == config
-    assert '"p": 1' in (tmp_path / "run" / "partition.json").read_text()
-
-
-def test_report_of_a_file_with_a_torn_write_reads_complete_rows(tmp_path):
-    from mhd_hpc.evaluation import accuracy_summary
-    from mhd_hpc.run.metrics_file import MetricsWriter
-
-    path = tmp_path / "metrics.h5"
-    dist = np.full((2, 3), 1 / 3)
-    w = MetricsWriter(path, clients=["c0", "c1"], heads=["main"], label_distribution=dist,
-                      fingerprint="abc", resume_step=0)
-    for step in (10, 20):
-        w.write_eval(step, accuracy_summary(np.full((2, 1, 3), step / 100), dist))
-    # A writer killed in the middle of a write leaves the sequence number odd.
-    (tmp_path / "metrics.h5.seq").write_text(str(w.seq + 1))
-    m = read_metrics(path, attempts=3, pause_s=0.01)
-    assert list(m["eval"]["step"]) == [10, 20]
-    w2 = MetricsWriter(path, clients=["c0", "c1"], heads=["main"], label_distribution=dist,
-                      fingerprint="abc", resume_step=20)  # the rerun
-    assert w2.seq % 2 == 0

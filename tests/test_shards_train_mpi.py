@@ -30,6 +30,7 @@ def jpeg_shards(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", [
     "wds", pytest.param("dali", marks=pytest.mark.skipif(
         not dali_available(), reason="nvidia.dali not importable (pip install -e '.[dali]')"))])

@@ -1,4 +1,4 @@
-"""open_stream: DALI and webdataset/PIL backends give the StepBatches order and agreeing images."""
+"""Image streams (mhd_hpc/data/streams.py, stream_factory.py): backends agree with StepBatches."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mhd_hpc.data.batches import StepBatches, iterate_eval, load_split  # noqa: 
 from mhd_hpc.data.embedded import build_digits_shards  # noqa: E402
 from mhd_hpc.data.manifest import load_manifest  # noqa: E402
 from mhd_hpc.data.shards import Samples  # noqa: E402
-from mhd_hpc.data.stream_factory import dali_available, open_stream  # noqa: E402
+from mhd_hpc.data.stream_factory import LOADERS, dali_available, open_stream  # noqa: E402
 from mhd_hpc.data.streams import (  # noqa: E402
     SplitTable, centre_offset, resize_shorter_to, resized_size,
 )
@@ -181,7 +181,7 @@ def test_npy_dataset_through_open_stream(tmp_path: Path) -> None:
 
 def test_open_stream_errors(dataset) -> None:
     ds, _, _ = dataset
-    with pytest.raises(ValueError, match="unknown loader backend"):
+    with pytest.raises(ValueError, match="unknown loader "):
         open_stream(ds, "public", 2, 0, "public", loader="torchvision")
     with pytest.raises(ValueError, match="unknown stream kind"):
         open_stream(ds, "public", 2, 0, "augmented")
@@ -190,3 +190,15 @@ def test_open_stream_errors(dataset) -> None:
     stream, _ = open_stream(ds, "test", 2, 0, "eval", loader="wds")
     with pytest.raises(ValueError, match="batch\\(step\\) needs kind"):
         stream.batch(0)
+
+
+def test_loader_factory_rejects_dali(tmp_path: Path) -> None:
+    # The backend choice moved from load_split (a .npy reader only) to the stream factory: an
+    # .npy dataset cannot be read by DALI, and an unknown backend names the valid ones.
+    d0 = build_digits_shards(str(tmp_path), num_clients=2, public_fraction=0.1,
+                             label_assignment="random", labels_per_client=3, skew=10.0, seed=0)
+    with pytest.raises(ValueError, match="DALI loader reads JPEG shards only.*wds"):
+        open_stream(d0, "test", 8, 0, "eval", loader="dali")
+    with pytest.raises(ValueError, match="unknown loader ") as err:
+        open_stream(d0, "test", 8, 0, "eval", loader="pillow")
+    assert all(b in str(err.value) for b in LOADERS)

@@ -1,4 +1,4 @@
-"""Tests for mhd_hpc.topology (pure graph builders and per-step schedules, no MPI)."""
+"""Graphs (mhd_hpc/topology.py): builders incl. exponential and random, per-step peers, hops."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from mhd_hpc import topology
 from mhd_hpc.topology import (build_topology, complete, cycle, from_edges, hop_distances,
                               islands, no_edges, out_peers, peers_at_step, schedule)
 
@@ -129,3 +130,27 @@ def test_hop_distances_unreachable_and_islands():
     assert d.tolist() == [[0, 1, -1, -1], [1, 0, -1, -1], [-1, -1, 0, 1], [-1, -1, 1, 0]]
     chain = from_edges(3, [[0, 1], [1, 2]])  # 0 -> 1 -> 2
     assert hop_distances(chain).tolist() == [[0, -1, -1], [1, 0, -1], [2, 1, 0]]
+
+
+def test_exponential_graph_hears_from_powers_of_two():
+    g = topology.exponential(8)
+    assert g[0] == [4, 6, 7]  # 0-1, 0-2, 0-4 mod 8
+    assert all(len(n) == 3 for n in g)
+    assert topology.hop_distances(g).max() == 3  # log2(8)
+    assert topology.exponential(1) == [[]] and topology.exponential(2) == [[1], [0]]
+
+
+def test_random_graph_is_seeded_redrawn_and_validated():
+    a = topology.random_graph(6, 2, seed=3, draw=0)
+    assert a == topology.random_graph(6, 2, seed=3, draw=0)
+    assert all(len(n) == 2 and i not in n for i, n in enumerate(a))
+    at = topology.graph_schedule("random", 6, degree=2, resample_every=5, seed=3)
+    # Steps 1-5 use draw 0, steps 6-10 draw 1: "every 5 steps" exactly.
+    assert at(1) == at(5) == a and at(6) == at(10) == topology.random_graph(6, 2, 3, 1)
+    assert {str(at(s)) for s in range(0, 200, 5)} != {str(a)}  # it does change
+    once = topology.graph_schedule("random", 6, degree=2, resample_every=0, seed=3)
+    assert once(0) == once(10_000)
+    with pytest.raises(topology.TopologyError) as err:
+        topology.graph_schedule("random", 4, degree=4)
+    assert err.value.where == "degree"
+    assert topology.is_dynamic("random", 5) and not topology.is_dynamic("random", 0)

@@ -63,7 +63,7 @@ class LoopbackTargets(NoTargets):
                                 pin_memory=device.type == "cuda")
 
     def targets(self, step, pub, pub_logits, pub_emb):
-        probs = [torch.softmax(l.detach().float(), 1) for l in pub_logits]
+        probs = [torch.softmax(l.detach().float(), 1) for l in pub_logits[:-1]]  # as sent
         payload, _ = self.codec.encode_payload(probs, normalize_embedding(pub_emb.detach()))
         self.host.copy_(payload, non_blocking=True)
         if payload.is_cuda:
@@ -96,7 +96,7 @@ def fresh(args, device, layout):
 def framework_step(args, device, layout, precision):
     model, opt = fresh(args, device, layout)
     x, y, pub_x = make_batches(args, device, layout)
-    codec = MessageCodec(1 + args.aux_heads, args.classes, pub_x.shape[0], args.top_k,
+    codec = MessageCodec(args.aux_heads, args.classes, pub_x.shape[0], args.top_k,
                          model.embedding_dim)
     source = LoopbackTargets(codec, args.peers, device) if args.peers else NoTargets()
     distill = DistillSettings(aux_head_weight=aux_head_weight(3.0, args.aux_heads, "chain"),
@@ -167,11 +167,12 @@ def timed(run, device, warmup: int, steps: int, repeats: int) -> float:
 
 
 def codec_ms(args, device) -> float:
-    """One pack + unpack of a message (main + aux heads, top-k, embedding) via a host buffer."""
+    """One pack + unpack of a message (the heads peers distill from: main .. aux_{m-1}; top-k,
+    embedding) via a host buffer."""
     b = args.public_batch or args.batch
-    codec = MessageCodec(1 + args.aux_heads, args.classes, b, args.top_k, 512)
+    codec = MessageCodec(args.aux_heads, args.classes, b, args.top_k, 512)
     probs = [torch.softmax(torch.randn(b, args.classes, device=device), 1)
-             for _ in range(1 + args.aux_heads)]
+             for _ in range(args.aux_heads)]
     emb = F.normalize(torch.randn(b, 512, device=device), dim=1)
     host = torch.empty(codec.payload_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
 

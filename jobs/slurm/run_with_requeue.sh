@@ -15,7 +15,10 @@ shift
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
 # --kill-on-bad-exit: a rank that dies takes the step down instead of leaving the others in MPI.
-srun --kill-on-bad-exit=1 python -m mhd_hpc.train "$job" "$@" &
+# --mpi: how srun wires the ranks into one MPI job. Open MPI 5 (also the PyPI wheel) speaks
+# PMIx only: with pmi2 or none every rank starts alone. Sites choose with MHD_SRUN_MPI (e.g.
+# pmix_v4, or pmi2 for an MPICH build of mpi4py); `srun --mpi=list` shows what SLURM offers.
+srun --kill-on-bad-exit=1 --mpi="${MHD_SRUN_MPI:-pmix}" python -m mhd_hpc.train "$job" "$@" &
 step_pid=$!
 
 forward() {

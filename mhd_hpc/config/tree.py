@@ -71,7 +71,7 @@ class ClientSpec:
 class ClientsConfig:
     count: int = doc("Number of clients K.", 4)
     arch: Union[str, list[str]] = doc("Backbone of every client (one name) or one name per client: "
-                                      "cnn_small | resnet18 | resnet34 | resnet50.", "cnn_small")
+                                      "cnn_small | cnn_mnist | resnet18 | resnet34 | resnet50.", "cnn_small")
     ranks_per_client: int = doc("MPI ranks (data-parallel replicas, e.g. GPUs) per client. "
                                 "Ranks are assigned to clients in contiguous blocks.", 1)
     per_client: list[ClientSpec] = doc("Optional list of clients.count entries {arch, ranks}, "
@@ -82,9 +82,9 @@ class ClientsConfig:
 
 @dataclass
 class BackendConfig:
-    intra: str = doc("Data parallelism inside a multi-rank client: horovod (process sets) | "
-                     "torch (torch.distributed subgroups: NCCL on GPU, gloo on CPU) | auto "
-                     "(horovod when importable, else torch).", "auto")
+    intra: str = doc("Data parallelism inside a multi-rank client: torch (torch.distributed "
+                     "subgroups: NCCL on GPU, gloo on CPU) | horovod (process sets; built by "
+                     "tools/install_horovod.sh) | auto (torch).", "auto")
     device: str = doc("auto (the node-local rank's GPU when CUDA is present, else CPU) | cpu | "
                       "cuda.", "auto")
     precision: str = doc("Number format of the forward pass: auto (bf16 autocast on CUDA "
@@ -97,12 +97,16 @@ class BackendConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = doc("Dataset: 'digits' = scikit-learn's embedded 8x8 digits (built into shards "
-                       "under data.root on first use), or 'shards' = a dataset folder written by "
-                       "tools/make_shards.py (its partition is fixed there, so the partition "
-                       "keys below are not used).", "digits")
-    root: str = doc("digits: folder for the built shard sets; shards: the dataset folder "
-                    "(with manifest.json).", "data", location=True)
+    dataset: str = doc("Dataset: 'digits' = scikit-learn's embedded 8x8 digits, 'fashion_mnist' "
+                       "= Fashion-MNIST from its IDX files (data.source), both built into "
+                       "partitioned shards under data.root on first use; or 'shards' = a "
+                       "dataset folder written by tools/make_shards.py (its partition is fixed "
+                       "there, so the partition keys below are not used).", "digits")
+    root: str = doc("digits, fashion_mnist: folder for the built shard sets; shards: the dataset "
+                    "folder (with manifest.json).", "data", location=True)
+    source: str = doc("fashion_mnist: the folder with its four IDX files ('' = "
+                      "/usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist "
+                      "package puts them).", "", location=True, added="")
     public_fraction: float = doc("Fraction gamma_pub of the training pool that becomes the "
                                  "unlabeled public set.", 0.1)
     public_source: str = doc("The public set: 'split' = the public_fraction held out of the "

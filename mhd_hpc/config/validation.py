@@ -9,9 +9,6 @@ from mhd_hpc.errors import ConfigError
 
 __all__ = ["validate", "check_world_size", "check_environment"]
 
-DATASETS = ("digits", "shards")
-#: Classes of the datasets that ship with the package, needed to validate label counts early.
-DATASET_CLASSES = {"digits": 10}
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -72,21 +69,24 @@ def _check_clients(cfg: JobConfig) -> None:
 def _num_classes(cfg: JobConfig) -> int:
     """Classes of the job's dataset when known before start (embedded datasets), else a bound
     that lets every count pass (shard datasets are checked against their manifest at start)."""
-    return DATASET_CLASSES.get(cfg.data.dataset, 1_000_000)
+    from mhd_hpc.data.builtin import BUILTIN_CLASSES
+
+    return BUILTIN_CLASSES.get(cfg.data.dataset, 1_000_000)
 
 
 def _check_data(cfg: JobConfig) -> None:
+    from mhd_hpc.data.builtin import BUILTIN_CLASSES
     from mhd_hpc.data.partition import LABEL_ASSIGNMENTS, PUBLIC_SOURCES
     from mhd_hpc.data.stream_factory import LOADERS
 
     d, k = cfg.data, cfg.clients.count
-    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.dataset", d.dataset, (*BUILTIN_CLASSES, "shards"))
     _choice("data.loader", d.loader, LOADERS)
     _choice("data.label_assignment", d.label_assignment, LABEL_ASSIGNMENTS)
     _choice("data.public_source", d.public_source, PUBLIC_SOURCES)
     _positive("data.loader_threads", d.loader_threads)
     num_classes = _num_classes(cfg)
-    if d.dataset in DATASET_CLASSES:  # built here: the partition keys must make sense
+    if d.dataset in BUILTIN_CLASSES:  # built here: the partition keys must make sense
         if not 0.0 <= d.public_fraction < 1.0:
             raise ConfigError("data.public_fraction", f"must be in [0, 1), got "
                               f"{d.public_fraction}")
@@ -193,15 +193,34 @@ def _check_optim_and_backend(cfg: JobConfig) -> None:
                           f"{cfg.backend.channels_last!r}")
 
 
-def check_world_size(cfg: JobConfig, world_size: int) -> None:
-    """The launch must provide exactly the ranks the clients ask for."""
+def check_world_size(cfg: JobConfig, world_size: int, launcher: str = "mpirun",
+                     tasks: int | None = None) -> None:
+    """The launch must provide exactly the ranks the clients ask for. ``launcher`` and
+    ``tasks``: who started this process and how many processes it started (from its
+    environment, ``world.launcher_tasks``), to say what to change."""
     ranks = cfg.client_ranks()
-    if world_size != sum(ranks):
-        layout = (f"{cfg.clients.count} clients x {ranks[0]} rank(s)" if len(set(ranks)) == 1
-                  else f"clients with {ranks} ranks")
-        raise ConfigError("clients.count", f"the job has {layout} = {sum(ranks)} ranks but was "
-                          f"launched on {world_size}: use mpirun -np {sum(ranks)} or change "
-                          "clients.count / clients.ranks_per_client / clients.per_client")
+    need = sum(ranks)
+    if world_size == need:
+        return
+    layout = (f"{cfg.clients.count} clients x {ranks[0]} rank(s)" if len(set(ranks)) == 1
+              else f"clients with {ranks} ranks")
+    keys = "clients.count / clients.ranks_per_client / clients.per_client"
+    if world_size == 1 and tasks and tasks > 1:
+        how = ("srun did not wire the tasks into one MPI job: srun without --mpi=pmix? (Open MPI "
+               "5 speaks PMIx only: srun --mpi=pmix, MpiDefault=pmix in slurm.conf, or "
+               "MHD_SRUN_MPI for jobs/slurm/run_with_requeue.sh)" if launcher == "srun" else
+               f"{launcher} did not wire the processes into one MPI job (is mpi4py built "
+               "against the MPI whose launcher started them?)")
+        raise ConfigError("clients.count", f"the job has {layout} = {need} ranks; {tasks} "
+                          f"processes were started but each sees an MPI world of 1: {how}")
+    if launcher == "srun":
+        use = f"srun --ntasks {need} (sbatch --ntasks={need})"
+    elif launcher == "sbatch":
+        use = f"srun --ntasks {need} inside the batch script (not python directly)"
+    else:
+        use = f"mpirun -np {need}"
+    raise ConfigError("clients.count", f"the job has {layout} = {need} ranks but was launched "
+                      f"on {world_size}: use {use} or change {keys}")
 
 
 def check_environment(cfg: JobConfig) -> None:

@@ -47,6 +47,7 @@ def load_split(dataset_dir: str, split: str, manifest: dict | None = None) -> Sa
     """Read one ``.npy`` split (``test``, ``public``, ``client_000``, ...) of a built dataset into
     memory; ``manifest`` is the dataset's manifest when the caller has already read it."""
     from mhd_hpc.data.manifest import MANIFEST_NAME, load_manifest
+    from mhd_hpc.data.records import RECORDS_FORMAT, read_records
     from mhd_hpc.data.shards import read_shards
 
     manifest = load_manifest(dataset_dir) if manifest is None else manifest
@@ -56,7 +57,10 @@ def load_split(dataset_dir: str, split: str, manifest: dict | None = None) -> Sa
             f"split {split!r} not in {manifest_path}; splits: {', '.join(manifest['splits'])}"
         )
     paths = [os.path.join(dataset_dir, f) for f in manifest["splits"][split]]
-    samples = read_shards(paths)
+    if manifest.get("format") == RECORDS_FORMAT:
+        samples = read_records(paths, tuple(manifest["image_shape"]))
+    else:
+        samples = read_shards(paths)
     if len(samples) == 0:
         # An empty split (possible for a client under extreme skew) still has a known shape.
         samples.images = np.zeros((0, *manifest["image_shape"]), dtype=np.uint8)

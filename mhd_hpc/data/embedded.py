@@ -12,9 +12,9 @@ Layout of a built dataset (``root/<dataset_dir_name>/``)::
     public/shard-000000.tar
     client_000/shard-000000.tar  ...
 
-The folder name hashes the settings, so different partitions live side by side, and the build
-is atomic (temporary sibling folder, renamed at the end): a crash never leaves a half-built
-dataset under the final name, and concurrent builders of the same settings all end up with one.
+The folder name hashes the settings, so different partitions live side by side. The shards are
+written by :func:`mhd_hpc.data.array_shards.build_array_shards` (resumable shard by shard, the
+manifest last, one builder per folder at a time).
 """
 
 from __future__ import annotations
@@ -22,16 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
-from mhd_hpc.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_manifest,
-                                   use_whole_pool_as_public, write_manifest, write_order)
-from mhd_hpc.data.partition import make_partition
-from mhd_hpc.data.shards import write_shards
+from mhd_hpc.data.array_shards import ArraySplits, PartitionSettings, build_array_shards
+from mhd_hpc.data.manifest import FORMAT_VERSION
 
 __all__ = [
     "DIGITS_TEST_FRACTION", "DIGITS_TEST_SEED", "load_digits_arrays", "digits_test_split",
@@ -70,6 +66,8 @@ def digits_settings(num_clients: int, public_fraction: float, label_assignment: 
                     public_source: str = "split") -> dict[str, Any]:
     """The settings that determine a built dataset, with normalised types (10 == 10.0)."""
     extra = {} if public_source == "split" else {"public_source": public_source}
+    if label_assignment == "even":  # distinct sets since rule 2 (rule 1 could repeat a set)
+        extra["even_rule"] = 2
     return extra | {
         "dataset": "digits",
         "format_version": FORMAT_VERSION,
@@ -90,18 +88,6 @@ def dataset_dir_name(settings: dict) -> str:
     return "digits-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
-def _is_complete(dataset_dir: str, settings: dict) -> bool:
-    """True if ``dataset_dir`` holds a readable manifest for ``settings`` and all its shards."""
-    manifest = load_manifest(dataset_dir)
-    if manifest.get("settings") != settings:
-        raise ValueError(
-            f"{os.path.join(dataset_dir, MANIFEST_NAME)} was built with other settings "
-            f"({manifest.get('settings')}) than requested ({settings})"
-        )
-    files = [f for shards in manifest["splits"].values() for f in shards]
-    return all(os.path.isfile(os.path.join(dataset_dir, f)) for f in files)
-
-
 def build_digits_shards(root: str, *, num_clients: int, public_fraction: float,
                         label_assignment: str, labels_per_client: int, skew: float,
                         seed: int, public_source: str = "split") -> str:
@@ -110,61 +96,17 @@ def build_digits_shards(root: str, *, num_clients: int, public_fraction: float,
     settings = digits_settings(num_clients, public_fraction, label_assignment,
                                labels_per_client, skew, seed, public_source)  # recorded as is
     final = os.path.join(root, dataset_dir_name(settings))
-    if os.path.exists(final):
-        if _is_complete(final, settings):
-            return final
-        raise ValueError(f"{final} exists but lacks shards listed in its manifest; delete it")
-
     images, labels = load_digits_arrays()
     test, pool = digits_test_split(labels)
-    part = make_partition(labels[pool], num_clients, public_fraction, label_assignment,
-                          labels_per_client, skew, seed, num_classes=DIGITS_NUM_CLASSES)
-
-    # Partition indices point into the pool; map them back to load_digits indices. Public and
-    # client splits are written in the manifest's write order; the test split in source order.
-    splits: dict[str, np.ndarray] = {"test": test}
-    splits.update(write_order(seed, pool[part.public], [pool[idx] for idx in part.clients]))
-
     scaled = images[pool].astype(np.float64) * DIGITS_SCALE
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=root, prefix=f".{os.path.basename(final)}.tmp-")
-    try:
-        manifest: dict[str, Any] = {
-            "dataset": "digits",
-            "format_version": FORMAT_VERSION,
-            "num_classes": DIGITS_NUM_CLASSES,
-            "image_shape": [1, 8, 8],
-            "normalize": {"scale": DIGITS_SCALE, "mean": [float(scaled.mean())],
-                          "std": [float(scaled.std())]},
-            "settings": settings,
-            "partition": part.manifest(),
-            "splits": {},
-            "counts": {},
-            "class_counts": {},
-            "bytes": {},
-            "shard_sha256": {},
-        }
-        for name, idx in splits.items():
-            paths = write_shards(os.path.join(tmp, name), [f"digits-{j:05d}" for j in idx],
-                                 images[idx], labels[idx], samples_per_shard=SAMPLES_PER_SHARD)
-            manifest["splits"][name] = [os.path.relpath(p, tmp) for p in paths]
-            manifest["bytes"][name] = sum(os.path.getsize(p) for p in paths)
-            manifest["shard_sha256"].update({os.path.relpath(p, tmp): file_sha256(p)
-                                             for p in paths})
-            manifest["counts"][name] = int(idx.size)
-            manifest["class_counts"][name] = np.bincount(
-                labels[idx], minlength=DIGITS_NUM_CLASSES).tolist()
-        if public_source == "all":
-            use_whole_pool_as_public(manifest)
-        write_manifest(tmp, manifest)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the dataset is meant to be shared
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process finished the same build first; its result is equivalent.
-            if not (os.path.isdir(final) and _is_complete(final, settings)):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    splits = ArraySplits(
+        "digits", images[pool], labels[pool], [f"digits-{j:05d}" for j in pool], images[test],
+        labels[test], [f"digits-{j:05d}" for j in test], DIGITS_NUM_CLASSES,
+        scale=DIGITS_SCALE,  # pixel values are 0..16; one channel: the mean over all pixels
+        normalize={"scale": DIGITS_SCALE, "mean": [float(scaled.mean())],
+                   "std": [float(scaled.std())]})
+    partition = PartitionSettings(num_clients, public_fraction, label_assignment,
+                                  labels_per_client, skew, seed, public_source)
+    build_array_shards(splits, final, partition, settings=settings,
+                       samples_per_shard=SAMPLES_PER_SHARD, layout="npy")
     return final

@@ -109,15 +109,29 @@ def assign_primary_labels(
             f"even label assignment needs num_clients*labels_per_client ({total}) to be a "
             f"multiple of num_classes ({num_classes})"
         )
-    m = total // num_classes
-    # Tiling one permutation m times puts every label exactly m times in the sequence; any window
-    # of length <= num_classes of a cyclic repetition has distinct entries, so each client's
-    # consecutive chunk is a valid label set.
-    seq = np.tile(rng.permutation(num_classes), m)
-    return [
-        np.sort(seq[i * labels_per_client : (i + 1) * labels_per_client]).astype(np.int64)
-        for i in range(num_clients)
-    ]
+    return _even_sets(num_classes, num_clients, labels_per_client, total // num_classes, rng)
+
+
+def _even_sets(num_classes: int, num_clients: int, size: int, copies: int,
+               rng: np.random.Generator, attempts: int = 1000) -> list[np.ndarray]:
+    """``num_clients`` distinct label sets of ``size`` labels in which every label appears
+    exactly ``copies`` times: ``copies`` independent permutations of the labels laid end to end,
+    cut into consecutive sets. Each permutation alone gives each label once; a set that
+    straddles two permutations may repeat a label, and two sets may coincide (one permutation
+    tiled ``copies`` times made pairs of clients with identical tasks whenever ``size`` divides
+    the classes): such a draw is rejected and drawn again."""
+    if size == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(num_clients)]
+    for _ in range(attempts):
+        seq = np.concatenate([rng.permutation(num_classes) for _ in range(copies)])
+        sets = [seq[i * size:(i + 1) * size] for i in range(num_clients)]
+        if all(len(np.unique(s)) == size for s in sets) and \
+                len({tuple(sorted(s)) for s in sets}) == num_clients:
+            return [np.sort(s).astype(np.int64) for s in sets]
+    raise ValueError(f"even label assignment: found no {num_clients} distinct sets of {size} "
+                     f"of {num_classes} labels with every label in exactly {copies} of them in "
+                     f"{attempts} draws (too few distinct sets exist: use fewer clients, other "
+                     "labels_per_client, or label_assignment=random)")
 
 
 def make_partition(

@@ -110,11 +110,13 @@ def write_shards(
     labels: Sequence[int],
     samples_per_shard: int = 1000,
     prefix: str = "shard",
+    first_index: int = 0,
 ) -> list[str]:
     """Write samples to ``out_dir/{prefix}-000000.tar``, ... and return the shard paths in order.
 
     ``images`` may be an array or any iterable (a generator lets large datasets stream); each
-    item must be a ``uint8`` array of shape ``(C, H, W)``, all of the same shape. Zero samples
+    item must be a ``uint8`` array of shape ``(C, H, W)``, all of the same shape; shards are
+    numbered from ``first_index`` (a builder writing shard by shard names each). Zero samples
     write zero shards. If anything fails mid-way the shard in progress is removed; shards already
     completed stay (they are whole), and the exception propagates.
     """
@@ -149,7 +151,7 @@ def write_shards(
             if int(label) < 0:
                 raise ValueError(f"sample {key!r}: negative label {label}")
             if writer is None:
-                writer = _ShardWriter(out_dir, shard_name(prefix, len(paths)))
+                writer = _ShardWriter(out_dir, shard_name(prefix, first_index + len(paths)))
             writer.add(key, image, int(label))
             n += 1
             if writer.count == samples_per_shard:

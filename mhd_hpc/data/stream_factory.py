@@ -10,6 +10,7 @@ import logging
 from mhd_hpc.data.batches import load_split
 from mhd_hpc.data.manifest import load_manifest
 from mhd_hpc.data.pil_stream import PilStream
+from mhd_hpc.data.records import RECORDS_FORMAT
 from mhd_hpc.data.streams import KINDS, BatchStream, NpyStream, SplitTable
 
 __all__ = ["LOADERS", "dali_available", "open_stream"]
@@ -54,10 +55,10 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
         loader = "dali" if fmt == "jpg" and dali_available() else "wds"
         _log.info("data.loader auto -> %s (%s samples, DALI %s)", loader, fmt,
                   "importable" if dali_available() else "not importable")
-    if fmt == "npy":
+    if fmt in ("npy", RECORDS_FORMAT):  # raw uint8 at training resolution: no decode
         if loader == "dali":
-            raise ValueError(f"{dataset_dir} holds .npy samples; the DALI loader reads JPEG "
-                             f"shards only: use loader='wds' (or 'auto')")
+            raise ValueError(f"{dataset_dir} holds raw uint8 samples ({fmt}); the DALI loader "
+                             f"reads JPEG shards only: use loader='wds' (or 'auto')")
         return (NpyStream(load_split(dataset_dir, split, manifest), manifest["normalize"],
                           **common), "wds")
     if fmt != "jpg":

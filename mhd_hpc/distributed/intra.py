@@ -15,7 +15,10 @@ Backends (``backend.intra``), imported lazily so that a job that does not use on
 - ``torch``: ``torch.distributed`` over all ranks (rendezvous address and port chosen by rank 0
   and sent by MPI), one ``new_group`` per client; NCCL on GPU, gloo on CPU; gradients go in one
   flat buffer per allreduce.
-- ``auto``: Horovod when importable, else torch; the choice is printed.
+- ``auto``: torch.distributed. Horovod is unmaintained in practice (last release 0.28.1, June
+  2023; it builds against torch >= 2.1 only with the C++17 patch of tools/install_horovod.sh;
+  Ray, Lightning and Databricks moved to torch.distributed), so it is used only when named.
+  The choice is printed.
 
 The gradient average is called explicitly after ``backward`` rather than hidden in a wrapped
 optimizer (Horovod's ``DistributedOptimizer``, DDP): the supervised baseline averages again over
@@ -202,11 +205,8 @@ def make_intra(kind: str, world: World, device: torch.device) -> tuple[IntraBack
         shared = clients_sharing_a_gpu([list(r) for r in world.layout.ranks_of_client],
                                        [h for h, _ in places], [n for _, n in places],
                                        torch.cuda.device_count())
-    if kind == "auto":  # every rank must choose the same: Horovod where it imports on all
-        problem = next((p for p in world.allgather(horovod_import_error()) if p), None)
-        kind = "torch" if problem else "horovod"
-        why = (f"backend.intra=auto: Horovod not importable ({problem})" if problem
-               else "backend.intra=auto: Horovod is importable")
+    if kind == "auto":  # the maintained backend; Horovod only when asked for by name
+        kind, why = "torch", "backend.intra=auto"
     else:
         why = f"backend.intra={kind}"
     if kind == "horovod":

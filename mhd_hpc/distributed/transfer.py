@@ -24,7 +24,7 @@ class _PendingReceive:
     source: int
     due: int  # the step at which the receiver waits for it and inserts it
     buffer: np.ndarray
-    request: object
+    request: object | None  # None: arrived already (settled, or restored from a checkpoint)
 
 
 class WeightTransfer(TrafficCounters):
@@ -61,24 +61,49 @@ class WeightTransfer(TrafficCounters):
     def poll(self) -> None:
         """Let MPI progress the transfers (large messages advance only inside MPI calls) and
         release finished sends."""
-        if self._receives:
-            MPI.Request.Testall([r.request for r in self._receives])
+        requests = [r.request for r in self._receives if r.request is not None]
+        if requests:
+            MPI.Request.Testall(requests)
         self._sends = [s for s in self._sends if not s[0].Test()]
 
-    def complete(self, step: int, everything: bool = False) -> list[tuple[int, int, np.ndarray]]:
-        """Wait for the receives due by ``step`` (all of them with ``everything``) and the
-        sends; returns (source client, source step, weights) in a deterministic order."""
-        due = [r for r in self._receives if everything or r.due <= step]
+    def settle(self, step: int) -> None:
+        """Wait until everything in flight has arrived or left (before a checkpoint), without
+        handing anything over: an arrival still falls due at its own step, so when the pool
+        changes does not depend on when checkpoints are taken."""
+        t0 = time.perf_counter()
+        for r in self._receives:
+            if r.request is not None:
+                self._wait(r.request, f"receive a checkpoint from client {r.source} "
+                                      f"(rank {self.world.rank_of_client(r.source)})", step)
+                r.request = None
+        for request, _, dest in self._sends:
+            self._wait(request, f"send a checkpoint to client {dest} "
+                                f"(rank {self.world.rank_of_client(dest)})", step)
+        self._sends = []
+        self.wait_seconds += time.perf_counter() - t0
+
+    def state(self) -> list[dict]:
+        """The arrived, not yet due transfers (after ``settle``), for the checkpoint."""
+        assert all(r.request is None for r in self._receives), "settle() first"
+        return [{"source": r.source, "due": r.due, "buffer": r.buffer} for r in self._receives]
+
+    def load_state(self, pending: list[dict]) -> None:
+        """Restore the transfers that had arrived but were not due when the checkpoint was
+        taken; they fall due at their own steps."""
+        self._receives = [_PendingReceive(int(p["source"]), int(p["due"]),
+                                          np.asarray(p["buffer"], dtype=np.uint8), None)
+                          for p in pending]
+
+    def complete(self, step: int) -> list[tuple[int, int, np.ndarray]]:
+        """Wait for the receives due by ``step``; returns (source client, source step, weights)
+        in a deterministic order."""
+        due = [r for r in self._receives if r.due <= step]
         self._receives = [r for r in self._receives if r not in due]
         t0 = time.perf_counter()
         for r in due:
-            self._wait(r.request, f"receive a checkpoint from client {r.source} "
-                                  f"(rank {self.world.rank_of_client(r.source)})", step)
-        if everything:
-            for request, _, dest in self._sends:
-                self._wait(request, f"send a checkpoint to client {dest} "
-                                    f"(rank {self.world.rank_of_client(dest)})", step)
-            self._sends = []
+            if r.request is not None:
+                self._wait(r.request, f"receive a checkpoint from client {r.source} "
+                                      f"(rank {self.world.rank_of_client(r.source)})", step)
         self.wait_seconds += time.perf_counter() - t0
         out = []
         for r in sorted(due, key=lambda r: (r.due, r.source)):

@@ -9,6 +9,7 @@ leader, evaluates, checkpoints and speaks for the client where a message concern
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -153,10 +154,14 @@ class World:
         return self.comm.allgather(obj)
 
     # -- tensor collectives (contiguous buffers, no pickle) ----------------------------------
-    def allreduce_mean_(self, tensors: Sequence[torch.Tensor]) -> int:
-        """Average ``tensors`` in place over all ranks with one MPI Allreduce of a flat float32
-        buffer (FedAvg weights, supervised-baseline gradients). Returns bytes sent."""
-        return _mean_over(self.comm, tensors)
+    def clients_mean_(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Make ``tensors`` (the same on every rank of a client, or its ranks' shares of one
+        batch) the mean over *clients*, in place, on every rank: one MPI Allreduce of a flat
+        float32 buffer (FedAvg weights, supervised-baseline gradients). Each rank contributes
+        its value / its client's rank count, so a client weighs the same whatever its rank
+        count. Returns the bytes this rank sent (see ``_mean_over``)."""
+        return _mean_over(self.comm, tensors, share=1.0 / self.local_size,
+                          divisor=self.layout.num_clients if self.layout else self.size)
 
     def across_clients_mean_(self, tensors: Sequence[torch.Tensor]) -> int:
         """Average ``tensors`` in place over the ranks with this rank's client-local rank, one
@@ -194,17 +199,38 @@ class World:
             raise
 
 
-def _mean_over(comm, tensors: Sequence[torch.Tensor]) -> int:
-    """Average ``tensors`` in place over ``comm`` with one Allreduce of a flat float32 buffer;
-    returns the bytes sent."""
+def _mean_over(comm, tensors: Sequence[torch.Tensor], share: float = 1.0,
+               divisor: int | None = None) -> int:
+    """``sum over comm of (tensors * share) / divisor`` (default: the plain mean over ``comm``)
+    in place, with one Allreduce of a flat float32 buffer. Returns the bytes this rank sends
+    with the bandwidth-optimal (ring) allreduce of N bytes over P ranks, 2 (P - 1) / P * N: the
+    upload of its part and the download of the result, what a parameter server would also
+    move per client."""
     if not tensors:
         return 0
     # Through host memory: MPI sees plain CPU buffers whatever device the tensors are on.
     flat = flatten(tensors, "cpu")
+    if share != 1.0:
+        flat *= share
     comm.Allreduce(MPI.IN_PLACE, [flat.numpy(), MPI.FLOAT], op=MPI.SUM)
-    flat /= comm.Get_size()
+    flat /= comm.Get_size() if divisor is None else divisor
     unflatten_into(flat, tensors)
-    return flat.numel() * flat.element_size()
+    p = comm.Get_size()
+    return int(2 * (p - 1) * flat.numel() * flat.element_size() / p)
+
+
+def launcher_tasks() -> tuple[str, int | None]:
+    """Who started this process and how many processes it started, from the launcher's
+    environment: ``srun`` (a job step), ``sbatch`` (a batch script run without srun), ``mpirun``
+    or unknown; for the world-size error's advice."""
+    env = os.environ
+    for var, name in (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"),
+                      ("PMIX_SIZE", "mpirun"), ("PMI_SIZE", "mpirun")):
+        if env.get(var, "").isdigit():
+            return name, int(env[var])
+    if env.get("SLURM_NTASKS", "").isdigit():  # inside an allocation, but not in a step
+        return "sbatch", None
+    return "mpirun", None
 
 
 def init_world() -> World:

@@ -10,7 +10,7 @@ from typing import Callable
 
 from torch import nn
 
-from mhd_hpc.models.cnn import SmallCNN, cnn_small
+from mhd_hpc.models.cnn import SmallCNN, cnn_mnist, cnn_small
 from mhd_hpc.models.multihead import MultiHeadModel, _check_int
 from mhd_hpc.models.resnet import SMALL_IMAGE_MAX, ResNet, resnet18, resnet34, resnet50
 
@@ -26,7 +26,7 @@ __all__ = [
     "native_embedding_dim",
 ]
 
-ARCHS: tuple[str, ...] = ("cnn_small", "resnet18", "resnet34", "resnet50")
+ARCHS: tuple[str, ...] = ("cnn_small", "cnn_mnist", "resnet18", "resnet34", "resnet50")
 
 #: Smallest supported image side. The CIFAR-style ResNet stem halves the resolution
 #: three times (8 -> 1 at the last stage) and cnn_small pools once, so below 8 px
@@ -35,12 +35,14 @@ MIN_IMAGE_SIZE = 8
 
 _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "cnn_small": cnn_small,
+    "cnn_mnist": cnn_mnist,
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
 }
 
-_NATIVE_DIMS: dict[str, int] = {"cnn_small": 128, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
+_NATIVE_DIMS: dict[str, int] = {"cnn_small": 128, "cnn_mnist": 64, "resnet18": 512,
+                                "resnet34": 512, "resnet50": 2048}
 
 
 def _check_arch(arch: str) -> None:

@@ -101,6 +101,7 @@ class RunLock:
         self.path = run_dir / LOCK_NAME
         self.fd: int | None = None
         self.text_only = False  # no flock here: the holder's text is the lock
+        self._previous = b""  # text-only: what the file held before this job took it
 
     @staticmethod
     def _holder(text: str) -> str:
@@ -125,17 +126,29 @@ class RunLock:
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 os.close(fd)
                 raise
-            problem = self._stale_check(os.pread(fd, 4096, 0).decode(errors="replace"))
+            previous = os.pread(fd, 4096, 0)
+            problem = self._stale_check(previous.decode(errors="replace"))
             if problem:
                 os.close(fd)
                 return problem
-            self.text_only = True
-        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, me.encode(), 0)
-        os.fsync(fd)
+            self.text_only, self._previous = True, previous
         self.fd = fd
+        if self.text_only:  # the text is the lock: written now (restored if the job is refused)
+            self._write_holder()
         return None
+
+    def announce(self) -> None:
+        """Write this job's name (host, pid, start time) into the lock file, for the message
+        another job gets. Called when the job starts training: a job that is refused, or that
+        finds its run complete, leaves the folder as it found it."""
+        if self.fd is not None and not self.text_only:
+            self._write_holder()
+
+    def _write_holder(self) -> None:
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, me.encode(), 0)
+        os.fsync(self.fd)
 
     def _stale_check(self, text: str) -> str | None:
         """Without flock: refuse unless the recorded holder is gone (same host, dead pid)."""
@@ -154,12 +167,15 @@ class RunLock:
                 f"system has no flock, so a holder on another host cannot be checked): if that "
                 f"job is gone, delete {self.path}")
 
-    def release(self) -> None:
-        """Give the folder up (the job ended): close the descriptor, which drops the flock;
-        without flock, also clear the holder's text, which is the lock there."""
+    def release(self, refused: bool = False) -> None:
+        """Give the folder up: close the descriptor, which drops the flock; without flock, also
+        clear the holder's text, which is the lock there (or, for a refused job, put back what
+        it found)."""
         if self.fd is not None:
             if self.text_only:
                 os.ftruncate(self.fd, 0)
+                if refused and self._previous:
+                    os.pwrite(self.fd, self._previous, 0)
             os.close(self.fd)
             self.fd = None
 
@@ -248,7 +264,7 @@ def claim_run_dir(cfg: JobConfig, dataset_digest: str, partition: dict,
     if not problem:
         problem = _check_files(run_dir, accepted)
     if problem:
-        lock.release()
+        lock.release(refused=True)
         return None, problem
     _write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     _write_atomic(run_dir / DATASET_RECORD, json.dumps(
@@ -258,6 +274,13 @@ def claim_run_dir(cfg: JobConfig, dataset_digest: str, partition: dict,
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, and not at all when it already holds it (a rerun
+    of a finished job reads its folder and writes nothing)."""
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -1,6 +1,7 @@
-"""Seeing the results (issue 13): every figure from short real runs, the side-by-side
-comparison, TensorBoard event files without duplicated steps after a resume, and the progress
-line's throughput and ETA."""
+"""Seeing the results under real mpirun (issue 13): figures, comparison, TensorBoard, ETA."""
+
+# Every figure from short real runs, the side-by-side comparison, TensorBoard event files without
+# duplicated steps after a resume, and the progress line's throughput and ETA.
 
 import json
 
@@ -32,6 +33,7 @@ def runs(tmp_path_factory, data_root):
     return live, pool, res.stdout
 
 
+@pytest.mark.slow
 def test_every_figure_is_drawn(runs, tmp_path, capsys):
     live, pool, _ = runs
     assert report_main([str(live), "--plot", str(tmp_path / "live")]) == 0
@@ -48,6 +50,7 @@ def test_every_figure_is_drawn(runs, tmp_path, capsys):
     assert "linear probe on the frozen embedding" in out
 
 
+@pytest.mark.slow
 def test_runs_side_by_side(runs, tmp_path, capsys):
     live, pool, _ = runs
     assert report_main([str(live), str(pool), "--json"]) == 0
@@ -62,12 +65,14 @@ def test_runs_side_by_side(runs, tmp_path, capsys):
     assert (tmp_path / "compare.png").read_bytes().startswith(PNG)
 
 
+@pytest.mark.slow
 def test_progress_line_has_throughput_and_eta(runs):
     _, _, stdout = runs
     line = next(l for l in stdout.splitlines() if "step      5/20" in l)
     assert "samples/s per client" in line and "| ETA " in line
 
 
+@pytest.mark.slow
 def test_tensorboard_resumes_without_duplicated_steps(tmp_path, data_root):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

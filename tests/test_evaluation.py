@@ -1,0 +1,56 @@
+"""Evaluation math (mhd_hpc/evaluation.py): accuracies, the health rule, the linear probe."""
+
+import numpy as np
+
+from mhd_hpc.evaluation import (accuracy_summary, chance_accuracy, check_health, health_after,
+                                linear_probe, per_class_accuracy, prior_entropy)
+from mhd_hpc.schedules import distill_ramp
+
+
+def test_accuracy_math_on_hand_made_predictions():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 1, 1, 1, 0, 0])
+    acc = per_class_accuracy(preds, labels, 4)
+    np.testing.assert_allclose(acc[:3], [0.5, 1.0, 0.0])
+    assert np.isnan(acc[3])
+    # Two clients, one head; client 0's private data is all class 0, client 1's half 1 half 2.
+    per_class = np.array([[[0.5, 1.0, 0.0]], [[1.0, 0.0, 1.0]]])
+    dist = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    s = accuracy_summary(per_class, dist)
+    np.testing.assert_allclose(s["beta_sh"], [[0.5], [2 / 3]])
+    np.testing.assert_allclose(s["beta_priv"], [[0.5], [0.5]])
+    np.testing.assert_allclose(s["cross_acc"][0, 0], [0.5, 0.5])   # client 0 on tasks 0, 1
+    np.testing.assert_allclose(s["cross_acc"][1, 0], [1.0, 0.5])
+
+
+def test_health_rule_on_hand_made_numbers():
+    dist = np.array([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    np.testing.assert_allclose(chance_accuracy(dist), [0.5, 0.25])
+    np.testing.assert_allclose(prior_entropy(dist), [np.log(2), np.log(4)])
+    # Client 0 learns (0.9 > 0.75); client 1 sits at chance with CE at its prior's: fails.
+    ok, reasons = check_health(np.array([0.9, 0.3]), dist, np.array([0.1, 1.38]))
+    assert ok.tolist() == [True, False]
+    assert len(reasons) == 1 and reasons[0].startswith("client 1 is not learning")
+    # Low accuracy but a CE far below the prior's is a slow learner, not a failure.
+    ok, _ = check_health(np.array([0.9, 0.3]), dist, np.array([0.1, 0.2]))
+    assert ok.all()
+    # Without a training CE the accuracy alone decides.
+    assert check_health(np.array([0.9, 0.3]), dist, None)[0].tolist() == [True, False]
+
+
+def test_when_the_check_starts_and_the_distillation_ramp():
+    assert health_after(600, 0, 100, 0) == 150
+    assert health_after(600, 0, 300, 0) == 300
+    assert health_after(600, 50, 300, 0) == 50
+    assert [distill_ramp(s, 4) for s in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert distill_ramp(1, 0) == 1.0
+
+
+def test_linear_probe_on_separable_embeddings():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 5
+    y = rng.integers(0, 4, 400)
+    x = centres[y] + rng.normal(size=(400, 16))
+    assert linear_probe(x[:300], y[:300], x[300:], y[300:], 4) == 1.0
+    noise = rng.normal(size=(400, 16))  # labels unrelated to the features: about chance
+    assert linear_probe(noise[:300], y[:300], noise[300:], y[300:], 4) < 0.5

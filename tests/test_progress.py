@@ -1,0 +1,23 @@
+"""Progress rows (mhd_hpc/progress.py): rows merged over ranks, interval averages, the line."""
+
+from mhd_hpc.progress import Interval, merge_client_rows, train_line
+
+
+def test_client_rows_are_means_over_ranks_and_bytes_are_summed():
+    rows = [(0, {"loss_ce": 1.0, "bytes_sent": 10.0}), (0, {"loss_ce": 3.0, "bytes_sent": 5.0}),
+            (1, {"loss_ce": 2.0, "bytes_sent": 7.0, "staleness": 4.0})]
+    merged = merge_client_rows(rows, 2)
+    assert merged[0] == {"loss_ce": 2.0, "bytes_sent": 15.0}
+    assert merged[1] == {"loss_ce": 2.0, "bytes_sent": 7.0, "staleness": 4.0}
+
+
+def test_interval_rows_average_and_reset():
+    interval = Interval()
+    interval.add({"loss_ce": 1.0})
+    interval.add({"loss_ce": 3.0})
+    row = interval.row(sent=100, received=50, waited=0.5, lr=0.1)
+    assert row["loss_ce"] == 2.0 and row["exchange_wait_s"] == 0.25
+    assert row["bytes_sent"] == 100 and row["lr"] == 0.1 and row["step_time_s"] >= 0
+    assert interval.steps == 0 and interval.sums == {}
+    line = train_line(20, 600, [dict(row, loss_total=2.0)])
+    assert line.startswith("step     20/600 | ce 2.000 total 2.000 |")
