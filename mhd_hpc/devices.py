@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mhd_hpc.data.batches import normalize_tensor
+
 if TYPE_CHECKING:
     from mhd_hpc.data.batches import Batch
 
-__all__ = ["DEVICES", "PRECISIONS", "Precision", "pick_device", "to_device",
+__all__ = ["DEVICES", "PRECISIONS", "Precision", "pick_device", "to_device", "BatchFeed",
            "resolve_precision", "resolve_channels_last", "gpu_of", "clients_sharing_a_gpu"]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -101,10 +103,70 @@ def clients_sharing_a_gpu(ranks_of_client: list[list[int]], hosts: list[str],
 
 def to_device(batch: Batch, device: torch.device,
               memory_format: torch.memory_format = torch.contiguous_format) -> Batch:
-    """A new batch with images (in ``memory_format``) and labels on the device (the given one is
-    left as it is); pinned memory makes the copy asynchronous."""
+    """A new batch on the device, ready for the model (the given one is left as it is): uint8
+    images are copied as uint8 (a quarter of the bytes of floats) and normalised and mirrored
+    there, in ``memory_format``. Pinned host memory makes the copy asynchronous."""
     images, labels = batch.images, batch.labels
-    if device.type != "cpu" and not images.is_cuda:  # DALI's GPU pipeline is already there
-        images, labels = images.pin_memory(), labels.pin_memory()
-    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-    return dataclasses.replace(batch, images=images, labels=labels.to(device, non_blocking=True))
+    if device.type != "cpu" and not images.is_cuda and not images.is_pinned():
+        images, labels = images.pin_memory(), labels.pin_memory()  # loaders pin: seldom here
+    images = images.to(device, non_blocking=True)
+    if batch.normalize is not None:
+        images = normalize_tensor(images, batch.normalize)
+    if batch.flip is not None:
+        flip = batch.flip.to(device, non_blocking=True)[:, None, None, None]
+        images = torch.where(flip, images.flip(-1), images)
+    return dataclasses.replace(batch, images=images.contiguous(memory_format=memory_format),
+                               labels=labels.to(device, non_blocking=True), normalize=None,
+                               flip=None)
+
+
+class BatchFeed:
+    """A stream's batches on the device, one step ahead: while step t trains, a background
+    thread reads batch t + 1 (the stream's workers fill it) and, on a GPU, copies it (uint8)
+    to the device on a side CUDA stream, with an event the compute stream waits for; the
+    normalisation runs on the compute stream when the batch is taken. The training thread
+    only hands over and waits for what is ready. Batches stay a pure function of the step:
+    the feed prefetches the step after the one asked for, and a jump (a resume) reads directly.
+    """
+
+    def __init__(self, stream, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.stream, self.device, self.memory_format = stream, device, memory_format
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-feed")
+        self._ahead: tuple[int, object] | None = None  # (step, future)
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _prepare(self, step: int) -> tuple[Batch, object]:
+        """Background: the host batch of ``step`` and, on a GPU, its copy in flight."""
+        batch = self.stream.batch(step)
+        if self._side is None:
+            return batch, None
+        with torch.cuda.stream(self._side):
+            images = batch.images.to(self.device, non_blocking=True)
+            labels = batch.labels.to(self.device, non_blocking=True)
+            flip = (batch.flip.to(self.device, non_blocking=True) if batch.flip is not None
+                    else None)
+            copied = torch.cuda.Event()
+            copied.record(self._side)
+        return dataclasses.replace(batch, images=images, labels=labels, flip=flip), copied
+
+    def batch(self, step: int) -> Batch:
+        """Batch ``step`` on the device (normalised, in the memory format)."""
+        if self._ahead is not None and self._ahead[0] == step:
+            batch, copied = self._ahead[1].result()
+        else:
+            batch, copied = self._prepare(step)
+        self._ahead = (step + 1, self._pool.submit(self._prepare, step + 1))
+        if copied is not None:  # the compute stream waits for the copy, the host does not
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(copied)
+            for t in (batch.images, batch.labels, batch.flip):
+                if t is not None:
+                    t.record_stream(current)  # allocated on the side stream, used here
+        return to_device(batch, self.device, self.memory_format)
+
+    def close(self) -> None:
+        self._ahead = None
+        self._pool.shutdown(wait=True)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mhd_hpc.devices import Precision
+from mhd_hpc.devices import Precision, to_device
 
-__all__ = ["per_class_accuracy", "beta_shared", "weighted_accuracy", "accuracy_summary", "evaluate", "linear_probe", "check_health", "health_after", "chance_accuracy", "prior_entropy",
-           "HEALTH_HINT"]
+__all__ = ["per_class_accuracy", "beta_shared", "weighted_accuracy", "accuracy_summary",
+           "evaluate", "linear_probe", "check_health", "health_after", "chance_accuracy",
+           "prior_entropy", "HEALTH_HINT"]
 
 
 # ----------------------------------------------------------------------------- accuracy math
@@ -58,10 +59,11 @@ def evaluate(model: torch.nn.Module, test, num_classes: int, device: torch.devic
     model.eval()
     preds, labels, embs = [], [], []
     for batch in test.eval_batches():
+        batch = to_device(batch, device, memory_format)
         with precision.autocast(device):
-            emb, logits = model(batch.images.to(device).contiguous(memory_format=memory_format))
+            emb, logits = model(batch.images)
         preds.append(torch.stack([l.argmax(1) for l in logits]).cpu().numpy())
-        labels.append(batch.labels.numpy())
+        labels.append(batch.labels.cpu().numpy())
         if probe_train is not None:
             embs.append(emb.float().cpu().numpy())
     probe = None
@@ -78,10 +80,11 @@ def evaluate(model: torch.nn.Module, test, num_classes: int, device: torch.devic
 def _embed(model, stream, device, precision, memory_format) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for batch in stream.eval_batches():
+        batch = to_device(batch, device, memory_format)
         with precision.autocast(device):
-            emb, _ = model(batch.images.to(device).contiguous(memory_format=memory_format))
+            emb, _ = model(batch.images)
         xs.append(emb.float().cpu().numpy())
-        ys.append(batch.labels.numpy())
+        ys.append(batch.labels.cpu().numpy())
     return np.concatenate(xs), np.concatenate(ys)
 
 

@@ -201,7 +201,8 @@ def mhd_loss(
     batch (:func:`main_ce_loss`; None on a step that does not train on private data).
 
     ``pub_logits`` (B, C) per head and ``pub_emb`` (B, D) on the public batch; ``peers`` what this
-    step's peers sent (dense probabilities per head, normalised embedding). With no peers the aux heads distill from the client itself (the
+    step's peers sent (dense probabilities per head, normalised embedding). With no peers the
+    aux heads distill from the client itself (the
     baselines' self-distillation) and there is no embedding term. Returns (loss, terms, parts):
     the unweighted loss terms (``loss_ce``, ``loss_emb``, ``loss_auxK``, ``loss_total``) detached,
     per aux head the fraction of targets that were the client itself and of samples skipped; and

@@ -152,8 +152,9 @@ def is_finished(run: Run) -> bool:
 def train_command(spec: SweepSpec, run: Run, launcher: str = "mpirun") -> list[str]:
     """The command of one run: ``mpirun --oversubscribe -np N`` (a workstation, CI) or
     ``srun --ntasks N --kill-on-bad-exit=1`` (inside a SLURM allocation)."""
-    if Path(launcher).name == "srun":
-        launch = [launcher, "--ntasks", str(run.ranks), "--kill-on-bad-exit=1"]
+    if Path(launcher).name == "srun":  # PMIx unless the site says otherwise (run_with_requeue.sh)
+        launch = [launcher, "--ntasks", str(run.ranks), "--kill-on-bad-exit=1",
+                  f"--mpi={os.environ.get('MHD_SRUN_MPI', 'pmix')}"]
     else:
         launch = [launcher, "--oversubscribe", "-np", str(run.ranks)]
     return [*launch, sys.executable, "-m", "mhd_hpc.train", str(spec.base), *run.overrides]

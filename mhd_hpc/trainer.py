@@ -25,8 +25,8 @@ from mhd_hpc.data.sources import DatasetFileError
 from mhd_hpc.data.manifest import client_split, content_digest, load_manifest, verify_shards
 from mhd_hpc.data.stream_factory import open_stream
 from mhd_hpc.data.streams import BatchStream
-from mhd_hpc.devices import (Precision, pick_device, resolve_channels_last,
-                             resolve_precision, to_device)
+from mhd_hpc.devices import (BatchFeed, Precision, pick_device, resolve_channels_last,
+                             resolve_precision)
 from mhd_hpc.distributed.exchange import ClientExchange
 from mhd_hpc.distributed.intra import IntraBackend, make_intra
 from mhd_hpc.distributed.world import ClientLayout, World
@@ -153,11 +153,12 @@ def verify_dataset(world: World, setup: RunSetup, log: Log) -> None:
     log(f"data.verify_shards: {sum(n for n, _ in reports)} shards match their sha256")
 
 
-def open_data(cfg: JobConfig, world: World, setup: RunSetup) -> Data:
+def open_data(cfg: JobConfig, world: World, setup: RunSetup, device: torch.device) -> Data:
     """This rank's slice (client-local rank) of its client's streams, and the test stream on
     leaders."""
     folder, manifest, d = setup.dataset_dir, setup.manifest, cfg.data
-    opts = {"loader": d.loader, "threads": d.loader_threads, "manifest": manifest}
+    opts = {"loader": d.loader, "threads": d.loader_threads, "manifest": manifest,
+            "pin": device.type == "cuda", "prefetch": d.prefetch}
     mine = {"part": world.local_rank, "num_parts": world.local_size, **opts}
     private, loader = open_stream(folder, client_split(world.client), d.batch_size,
                                   seed_of(cfg.run.seed, PRIVATE_ORDER, world.client), "train",
@@ -358,7 +359,7 @@ def run(cfg: JobConfig, world: World) -> int:
         if cfg.data.verify_shards:
             verify_dataset(world, setup, log)
         device = pick_device(cfg.backend.device, world.node_local_rank())  # DALI decodes there
-        data = open_data(cfg, world, setup)
+        data = open_data(cfg, world, setup, device)
         held.callback(data.close)
         client = build_client(cfg, world, data, device, log)
         held.push(lambda failed, *_: None if failed else client.intra.shutdown())
@@ -378,9 +379,23 @@ def run(cfg: JobConfig, world: World) -> int:
 
 def train(s: Session, start: int) -> int:
     """The loop, from the step after ``start`` to ``run.steps``; returns the exit code."""
-    cfg, world, client, r, o = s.cfg, s.world, s.client, s.cfg.run, s.cfg.optim
+    o, client = s.cfg.optim, s.client
+    lr = learning_rate(o.lr, s.cfg.run.steps, o.warmup_steps, o.schedule)
+    # Batches on the device one step ahead (read, and on a GPU copied, while a step trains).
+    private, public = (BatchFeed(stream, s.device, client.memory_format)
+                       for stream in (s.data.private, s.data.public))
+    try:
+        return _loop(s, start, lr, private, public)
+    finally:
+        private.close()
+        public.close()
+
+
+def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: BatchFeed,
+          public_feed: BatchFeed) -> int:
+    """The steps after ``start``; returns the exit code."""
+    cfg, world, client, r = s.cfg, s.world, s.client, s.cfg.run
     model, opt, fault = client.model, client.opt, s.fault
-    lr = learning_rate(o.lr, r.steps, o.warmup_steps, o.schedule)
     client.strategy.start(model, resumed=start > 0)
     floats = [b for b in model.buffers() if b.is_floating_point()]  # BatchNorm statistics
     interval = Interval()
@@ -389,8 +404,7 @@ def train(s: Session, start: int) -> int:
             fault.at_step_start(step)
         for group in opt.param_groups:
             group["lr"] = lr(step)
-        private = to_device(s.data.private.batch(step), s.device, client.memory_format)
-        public = to_device(s.data.public.batch(step), s.device, client.memory_format)
+        private, public = private_feed.batch(step), public_feed.batch(step)
         last = step == r.steps
         logging = step % r.log_every == 0 or last
         interval.add(client.train_step(step, private, public,

@@ -64,6 +64,12 @@ def run_mpi(np_: int, args: list[str], timeout: float = 240, env: dict | None = 
                     f"stdout:\n{exc.stdout}\nstderr:\n{exc.stderr}")
 
 
+#: The small job most MPI tests run: 2 clients, 30 steps, evaluation and checkpoints every 10.
+#: Tests that need something else add overrides after it (later overrides win).
+SMALL = ("clients.count=2", "run.steps=30", "run.eval_every=10", "run.log_every=10",
+         "run.checkpoint_every=10", "data.labels_per_client=5", "data.public_batch_size=32")
+
+
 def train_args(out_dir: Path, data_root: Path, *overrides: str) -> list[str]:
     return ["-m", "mhd_hpc.train", str(ROOT / "jobs" / "digits.yaml"), f"run.out_dir={out_dir}",
             f"data.root={data_root}", *overrides]

@@ -13,8 +13,9 @@ def test_model_and_optimizer_state_round_trip(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(4, 1, 8, 8))[1][1].sum().backward()
     opt.step()
+    rng = torch.get_rng_state()
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7,
-             "torch_rng": torch.get_rng_state(), "misc": (1, "a/b", None, [0.5])}
+             "torch_rng": rng, "misc": (1, "a/b", None, [0.5])}
     save_atomic(tmp_path / "c.h5", state, {"arch": "cnn_small"})
     loaded, meta = load(tmp_path / "c.h5")
     assert meta == {"arch": "cnn_small"} and loaded["step"] == 7
@@ -25,7 +26,15 @@ def test_model_and_optimizer_state_round_trip(tmp_path):
     opt2 = torch.optim.SGD(build_model("cnn_small", 10, 2, 1, 8).parameters(), lr=0.1,
                            momentum=0.9)
     opt2.load_state_dict(loaded["optimizer"])
-    assert torch.equal(loaded["torch_rng"], torch.get_rng_state()) or loaded["torch_rng"].numel()
+    # The optimizer state comes back exactly: every momentum buffer and every hyperparameter.
+    want, got = opt.state_dict(), opt2.state_dict()
+    assert want["param_groups"] == got["param_groups"]
+    assert set(want["state"]) == set(got["state"]) and want["state"]
+    for i, entry in want["state"].items():
+        assert set(entry) == set(got["state"][i])
+        for name, value in entry.items():
+            assert torch.equal(got["state"][i][name], value), (i, name)
+    assert torch.equal(loaded["torch_rng"], rng) and loaded["torch_rng"].dtype == rng.dtype
 
 
 def test_corrupt_or_partial_checkpoints_are_named(tmp_path):

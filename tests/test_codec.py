@@ -56,3 +56,22 @@ def test_densify_topk_keeps_argmax_and_sums_to_one():
                           atol=1e-3)
     full = densify_topk(torch.tensor([[0.1, 0.7, 0.2]]), torch.tensor([[2, 0, 1]]), 3)
     assert torch.allclose(full, torch.tensor([[0.7, 0.2, 0.1]]))
+
+
+def test_embedding_only_message_and_the_top_k_bound():
+    """A job with one aux head sends the main head; with none, only the embedding (the last
+    head is nobody's target, so it never travels): a message of 0 heads is valid."""
+    from mhd_hpc.codec import top_k_problem
+
+    emb = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
+    codec = MessageCodec(0, 10, 5, 3, 4)
+    assert codec.payload_bytes == 5 * 4 * 2
+    payload, finite = codec.encode_payload([], emb)
+    heads, got = codec.decode_payload(payload)
+    assert heads == [] and bool(finite) and torch.allclose(got, emb, atol=2e-3)
+    # What one head costs: fp16 values and int16 indices of the top 3 for 5 samples.
+    assert MessageCodec(1, 10, 5, 3, 4).payload_bytes - codec.payload_bytes == 5 * 3 * 4
+    assert top_k_problem(3, 10) is None and top_k_problem(0, 10) is None
+    assert "got 11" in top_k_problem(11, 10) and "got -1" in top_k_problem(-1, 10)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        MessageCodec(2, 10, 5, 11, 4)

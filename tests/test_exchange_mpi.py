@@ -27,3 +27,12 @@ def test_missing_message_times_out_naming_the_peer():
     assert res.returncode != 0
     assert "timed out after 3 s" in res.stderr
     assert "receive from client 1 (rank 1)" in res.stderr
+
+
+@pytest.mark.parametrize("mode", ["relay", "mean"])
+def test_clients_of_different_rank_counts(mode):
+    """Rows relayed through the leaders arrive as the sender computed them for each rank's own
+    slice; averages over clients weigh clients, not ranks."""
+    res = run_mpi(4, [SCRIPT, mode], timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(f"{mode} ok") == 4

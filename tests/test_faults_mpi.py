@@ -9,10 +9,8 @@ import pytest
 
 from mhd_hpc.run.checkpoint_files import pool_files
 
-from conftest import run_mpi, train_args
+from conftest import SMALL, run_mpi, train_args
 
-SMALL = ["clients.count=2", "run.steps=30", "run.eval_every=10", "run.log_every=10",
-         "run.checkpoint_every=10", "data.labels_per_client=5", "data.public_batch_size=32"]
 POOL = ["exchange.mode=pool", "exchange.pool_every=5", "exchange.pool_transfer_steps=2",
         "exchange.pool_size=2"]
 
@@ -91,7 +89,8 @@ def test_corrupt_checkpoint_is_named_and_kept(tmp_path, data_root):
     # Issue 9 changed this contract: a corrupt newest checkpoint no longer stops the job; it is
     # named, kept (moved aside), and every client resumes from the previous intact step.
     run = tmp_path / "run"
-    assert run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"), timeout=120).returncode == 0
+    res = run_mpi(2, train_args(run, data_root, *SMALL, "run.steps=20"), timeout=120)
+    assert res.returncode == 0
     bad = run / "checkpoints" / "client_001" / "step_000000020.h5"
     bad.write_bytes(b"\x89HDF garbage")
     res = run_mpi(2, train_args(run, data_root, *SMALL), timeout=120)
@@ -137,11 +136,15 @@ def test_failing_rank_brings_the_job_down(tmp_path, data_root):
     assert "injected fault at step 5" in res.stderr
 
 
+def folder_state(run_dir):
+    """Every file of a run folder with its bytes and modification time."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_resume_after_crash_continues_exactly(tmp_path, data_root):
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    res = run_mpi(2, train_args(straight, data_root, *SMALL), timeout=180)
-    assert res.returncode == 0, res.stderr
+def test_resume_after_crash_continues_exactly(tmp_path, data_root, straight):
+    crashed = tmp_path / "crashed"
     # Crash on rank 1 at step 25: the checkpoint of step 20 and metrics up to 20 survive.
     res = run_mpi(2, train_args(crashed, data_root, *SMALL),
                   env={"MHD_INJECT_FAULT": "1:25"}, timeout=180)
@@ -150,14 +153,52 @@ def test_resume_after_crash_continues_exactly(tmp_path, data_root):
     res = run_mpi(2, train_args(crashed, data_root, *SMALL), timeout=180)
     assert res.returncode == 0, res.stderr
     assert "resuming every client from step 20" in res.stdout
-    steps_a, acc_a, train_a = eval_rows(straight)
+    steps_a, acc_a, train_a = straight["predictions"]
     steps_b, acc_b, train_b = eval_rows(crashed)
     assert list(steps_b) == [10, 20, 30] and list(train_b) == [10, 20, 30]
     # Everything random derives from (seed, step, client): the resumed run is the same run.
     np.testing.assert_allclose(acc_b, acc_a, atol=1e-6)
-    # A finished run rerun is a no-op, and a different job refuses to reuse the folder.
+    # A finished run rerun is a no-op that only reads its folder (metrics, their sequence
+    # number, the lock's note: nothing is rewritten), and a different job refuses to reuse the
+    # folder and leaves it as it was.
+    before = folder_state(crashed)
     res = run_mpi(2, train_args(crashed, data_root, *SMALL), timeout=120)
     assert res.returncode == 0 and "already complete" in res.stdout
+    assert folder_state(crashed) == before
     res = run_mpi(2, train_args(crashed, data_root, *SMALL, "distill.nu_aux=1"), timeout=120)
     assert res.returncode == 2
     assert "config error at 'run.out_dir'" in res.stderr and "distill.nu_aux" in res.stderr
+    assert folder_state(crashed) == before
+
+
+def pool_metrics(run_dir):
+    with h5py.File(run_dir / "metrics.h5", "r") as f:
+        return {k: f[k][()] for k in ("eval/per_class_acc", "train/loss_total",
+                                      "train/staleness", "train/pool_entries")}
+
+
+@pytest.mark.slow
+def test_pool_results_do_not_depend_on_when_checkpoints_are_taken(tmp_path, data_root):
+    """Pool arrivals fall due at fixed steps: checkpoints every 40 or every 70 steps, or a stop
+    on SIGUSR1 between a transfer's posting (step 30) and its due step (35), and a resume, give
+    the same run. Before, a checkpoint inserted the in-flight transfers at once."""
+    pool = ["exchange.mode=pool", "exchange.pool_every=10", "exchange.pool_transfer_steps=5",
+            "exchange.pool_size=2", "run.steps=80", "run.eval_every=40", "run.log_every=4"]
+    runs = {}
+    for name, every in (("every40", 40), ("every70", 70)):
+        runs[name] = tmp_path / name
+        res = run_mpi(2, train_args(runs[name], data_root, *SMALL, *pool,
+                                    f"run.checkpoint_every={every}"), timeout=240)
+        assert res.returncode == 0, res.stderr
+    stopped = tmp_path / "stopped"
+    res = run_mpi(2, train_args(stopped, data_root, *SMALL, *pool, "run.checkpoint_every=40"),
+                  env={"MHD_INJECT_FAULT": "0:31:signal"}, timeout=240)
+    assert res.returncode == 3 and "stopping at step 32" in res.stdout, res.stdout
+    res = run_mpi(2, train_args(stopped, data_root, *SMALL, *pool, "run.checkpoint_every=40"),
+                  timeout=240)
+    assert res.returncode == 0 and "resuming every client from step 32" in res.stdout
+    want = pool_metrics(runs["every40"])
+    for name, run in (("every70", runs["every70"]), ("stopped", stopped)):
+        got = pool_metrics(run)
+        for key, value in want.items():
+            np.testing.assert_allclose(got[key], value, atol=1e-6, err_msg=f"{name} {key}")

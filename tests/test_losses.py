@@ -169,21 +169,56 @@ def test_selection_survives_nan_outputs():
     assert stats[0].chosen_self_fraction == 1.0 and torch.isnan(stats[0].loss)
 
 
-def test_mhd_loss_assembles_the_paper_objective():
+def _reference_objective(ce, logits, emb, peers, nu_aux, nu_emb, skip):
+    """Eq. 1-5 written out per sample and candidate with Python floats, nothing shared with
+    mhd_hpc.losses: embedding term, then for each aux head k the most confident of {self head
+    k-1, peers' heads k-1} (ties to self, then to the lower peer), soft CE of head k."""
+    def softmax(row):
+        m = max(row)
+        e = [math.exp(x - m) for x in row]
+        return [x / sum(e) for x in e]
+
+    def unit(row):
+        n = math.sqrt(sum(x * x for x in row))
+        return [x / n for x in row]
+
+    b, heads = len(logits[0]), len(logits)
+    total = ce
+    for p in peers:
+        total += nu_emb * sum(sum((x - y) ** 2 for x, y in zip(unit(emb[i]), p["emb"][i]))
+                              for i in range(b)) / b
+    for k in range(1, heads):
+        head = 0.0
+        for i in range(b):
+            candidates = [softmax(logits[k - 1][i])] + [p["probs"][k - 1][i] for p in peers]
+            best = 0
+            for j, cand in enumerate(candidates):
+                if max(cand) > max(candidates[best]):
+                    best = j
+            target, student = candidates[best], softmax(logits[k][i])
+            if skip and max(student) > max(target):
+                continue
+            head += -sum(t * math.log(q) for t, q in zip(target, student))
+        total += nu_aux * head / b
+    return total
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_mhd_loss_assembles_the_paper_objective(skip):
     torch.manual_seed(0)
     b, c = 5, 4
-    pub_logits = [torch.randn(b, c, requires_grad=True) for _ in range(3)]
+    pub_logits = [(2 * torch.randn(b, c)).requires_grad_(True) for _ in range(3)]
     pub_emb = torch.randn(b, 6, requires_grad=True)
     ce = torch.tensor(1.5)
-    peer = losses.PeerOutputs(1, [torch.softmax(torch.randn(b, c), 1) for _ in range(3)],
-                              losses.normalize_embedding(torch.randn(b, 6)))
-    loss, terms, parts = losses.mhd_loss(ce, pub_logits, pub_emb, [peer], nu_aux=3.0,
-                                         nu_emb=0.5)
-    stacked = [peer.head_probs[h][None] for h in range(3)]
-    aux = losses.aux_chain_losses(pub_logits, stacked, "confidence", False)
-    want = ce + 0.5 * losses.embedding_loss(pub_emb, [peer.embedding]) \
-        + 3.0 * (aux[0].loss + aux[1].loss)
-    assert loss.item() == pytest.approx(want.item())
+    peers = [losses.PeerOutputs(j, [torch.softmax(2 * torch.randn(b, c), 1) for _ in range(3)],
+                                losses.normalize_embedding(torch.randn(b, 6))) for j in (1, 2)]
+    loss, terms, parts = losses.mhd_loss(ce, pub_logits, pub_emb, peers, nu_aux=3.0,
+                                         nu_emb=0.5, skip_less_confident=skip)
+    want = _reference_objective(
+        1.5, [l.tolist() for l in pub_logits], pub_emb.tolist(),
+        [{"probs": [h.tolist() for h in p.head_probs], "emb": p.embedding.tolist()}
+         for p in peers], 3.0, 0.5, skip)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
     assert set(terms) >= {"loss_ce", "loss_emb", "loss_aux1", "loss_aux2", "loss_total",
                           "self_target_aux1", "skipped_aux2"}
     assert set(parts) == {"ce", "emb", "aux1", "aux2"}
@@ -191,3 +226,35 @@ def test_mhd_loss_assembles_the_paper_objective():
     # Without peers: no embedding term, the aux heads distill from the client itself.
     loss0, terms0, _ = losses.mhd_loss(ce, pub_logits, pub_emb, [], nu_aux=3.0, nu_emb=0.5)
     assert "loss_emb" not in terms0 and terms0["self_target_aux1"] == 1.0
+
+
+def test_aux_weighting_chain_divides_by_the_chain_length_and_per_head_does_not():
+    assert losses.aux_head_weight(3.0, 1, "chain") == losses.aux_head_weight(3.0, 1, "per_head")
+    assert losses.aux_head_weight(3.0, 4, "chain") == pytest.approx(0.75)
+    assert losses.aux_head_weight(3.0, 4, "per_head") == 3.0
+    assert losses.aux_head_weight(3.0, 0, "chain") == 3.0  # no head: nothing to divide
+    with pytest.raises(ValueError, match="aux weighting"):
+        losses.aux_head_weight(3.0, 2, "sum")
+
+
+def test_random_selection_with_peers_in_the_production_chain():
+    """The batched aux chain's random path: every candidate (self + 2 peers) is drawn about a
+    third of the time for every head, the same draws for the same generator seed, and the loss
+    is the soft CE toward exactly the drawn candidates."""
+    torch.manual_seed(1)
+    b, c, m = 3000, 4, 2
+    logits = [torch.randn(b, c) for _ in range(m + 1)]
+    peers = torch.softmax(torch.randn(m, 2, b, c), dim=3)  # (heads, P=2, B, C)
+    first, again = (losses.aux_chain_losses(logits, peers, "random", False,
+                                            torch.Generator().manual_seed(3)) for _ in range(2))
+    for s1, s2 in zip(first, again):
+        assert torch.equal(s1.loss, s2.loss)
+        assert abs(float(s1.chosen_self_fraction) - 1 / 3) < 0.03  # 3000 draws: sd 0.009
+    gen = torch.Generator().manual_seed(3)
+    own = torch.softmax(torch.stack(logits[:m]), dim=2)
+    cand = torch.cat([own[:, None], peers], dim=1)  # (m, 3, B, C)
+    chosen = torch.randint(0, 3, (m, b), generator=gen)  # the same single draw
+    for k in range(m):
+        target = cand[k, chosen[k], torch.arange(b)]
+        want = -(target * torch.log_softmax(logits[k + 1], dim=1)).sum(1).mean()
+        assert torch.allclose(first[k].loss, want, atol=1e-6)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("PIL", reason="Pillow is needed to build JPEG shards (pip install pillow)")
 
@@ -47,12 +48,18 @@ def _run(src: Path, out: Path, *extra: str) -> dict:
 
 
 def _members(tar_path: Path) -> dict[str, bytes]:
+    """A shard's members; a decoded record shard (public, test) as ``{key}.cls`` entries."""
+    if tar_path.suffix == ".npy":
+        meta = json.loads(tar_path.with_suffix(".json").read_text())
+        return {f"{k}.cls": str(label).encode() for k, label in zip(meta["keys"], meta["labels"])}
     with tarfile.open(tar_path) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
 
 
-def _shards(out: Path) -> list[Path]:
-    return sorted(out.glob("*/shard-*.tar"))
+def _shards(out: Path, kind: str = "*") -> list[Path]:
+    """Every shard (``tar``: the JPEG ones; ``npy``: the decoded record shards)."""
+    return sorted(p for p in out.glob("*/shard-*.*") if p.suffix in (
+        (".tar", ".npy") if kind == "*" else (f".{kind}",)))
 
 
 def _mtimes(out: Path) -> dict[str, int]:
@@ -106,14 +113,14 @@ def test_counts_partition_and_manifest(built) -> None:
 def test_index_files_match_wds2idx(built) -> None:
     _, out, _, _ = built
     wds2idx = Path(sys.executable).parent / "wds2idx"
-    for shard in _shards(out):
+    for shard in _shards(out, "tar"):
         entries = read_index(index_path(str(shard)))
         assert entries == index_tar(str(shard))
         keys = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in _members(shard)))
         assert [e.key for e in entries] == keys
     if not wds2idx.exists() or shutil.which("tar") is None:
         pytest.skip("DALI's wds2idx (or GNU tar) not available for a byte comparison")
-    shard = _shards(out)[0]
+    shard = _shards(out, "tar")[0]
     ref = out / "ref.idx"
     subprocess.run([str(wds2idx), str(shard), str(ref)], check=True, capture_output=True)
     assert ref.read_text() == Path(index_path(str(shard))).read_text()
@@ -132,8 +139,11 @@ def test_dali_reader_accepts_index_files(built) -> None:
     assert images.shape == (n, 3, 32, 32) and labels.tolist() == expected
 
 
-def test_gray_and_cmyk_keep_original_bytes(built) -> None:
-    _, out, special, _ = built
+def test_gray_and_cmyk_keep_original_bytes(built, tmp_path: Path) -> None:
+    src, _, special, _ = built
+    out = tmp_path / "jpeg"
+    m = _run(src, out, "--no-decode-public")  # every split JPEG, as datasets built before
+    assert "split_formats" not in m or not m["split_formats"]
     stored = {k: v for s in _shards(out) for k, v in _members(s).items() if k.endswith(".jpg")}
     for mode in ("L", "CMYK"):
         src = Path(special[mode])
@@ -142,7 +152,8 @@ def test_gray_and_cmyk_keep_original_bytes(built) -> None:
 
 def test_max_side_reencodes_to_rgb(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "src", classes=3, per_class=4, val_per_class=1)
-    m = _run(tmp_path / "src", tmp_path / "out", "--max-side", "40", "--labels-per-client", "1")
+    m = _run(tmp_path / "src", tmp_path / "out", "--max-side", "40", "--labels-per-client", "1",
+             "--no-decode-public")
     assert len(m["corrupt"]) == 1
     assert m["converted"] == sum(m["counts"].values())  # every source is wider than 40 px
     for shard in _shards(tmp_path / "out"):
@@ -187,4 +198,28 @@ def test_cli_subprocess_pool_and_label_file(tmp_path: Path) -> None:
     assert "client_002" in res.stdout and "1 corrupt" in res.stdout
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["counts"]["test"] == 12 and m["settings"]["val_labels"] is None
-    assert all(os.path.exists(index_path(str(p))) for p in _shards(tmp_path / "out"))
+    assert all(os.path.exists(index_path(str(p))) for p in _shards(tmp_path / "out", "tar"))
+
+
+def test_public_and_test_splits_are_stored_decoded(built) -> None:
+    """Every client reads the public split with the deterministic transform: decoded once, at
+    build time, into raw uint8 records of the training size (no JPEG decode at training time),
+    pixel for pixel what the PIL loader computes from the source."""
+    from mhd_hpc.data.pil_stream import decode_pil
+    from mhd_hpc.data.stream_factory import open_stream
+
+    src, out, special, m = built
+    assert m["split_formats"] == {"public": "u8", "test": "u8"}
+    assert all(f.endswith(".npy") for split in ("public", "test") for f in m["splits"][split])
+    assert all(f.endswith(".tar") for f in m["splits"]["client_000"])
+    for rel in m["splits"]["test"] + m["splits"]["public"]:
+        assert rel in m["shard_sha256"] and rel.replace(".npy", ".json") in m["shard_sha256"]
+    stream, name = open_stream(str(out), "test", 5, 0, "eval", loader="auto", threads=0)
+    assert name == "raw"
+    first = next(stream.eval_batches())
+    assert first.images.dtype == torch.uint8 and first.images.shape == (5, 3, 32, 32)
+    for i, key in enumerate(first.keys):  # val_<class>_<file>: the source of each sample
+        cls, rest = key.removeprefix("val_").split("_", 1)
+        path = src / "val" / cls / f"{rest}.JPEG"
+        want = decode_pil(path.read_bytes(), 32, False, None)[0]
+        assert np.array_equal(first.images[i].numpy(), want), key

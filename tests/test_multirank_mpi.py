@@ -9,10 +9,10 @@ import pytest
 
 from mhd_hpc.report import main as report_main
 
-from conftest import ROOT, run_mpi, train_args
+from conftest import ROOT, SMALL, run_mpi, train_args
 
-JOB = ["clients.count=2", "run.steps=40", "run.eval_every=20", "run.log_every=10",
-       "run.checkpoint_every=20", "data.labels_per_client=5"]
+JOB = [*SMALL, "run.steps=40", "run.eval_every=20", "run.checkpoint_every=20",
+       "data.public_batch_size=64"]
 
 
 def mean_betas(run_dir, capsys) -> dict:

@@ -9,10 +9,9 @@ from mhd_hpc import topology
 from mhd_hpc.run.metrics_file import read_metrics
 from mhd_hpc.report import main as report_main
 
-from conftest import ROOT, run_mpi, train_args
+from conftest import ROOT, SMALL, run_mpi, train_args
 
-SMALL = ["clients.count=2", "run.steps=20", "run.eval_every=10", "run.log_every=10",
-         "run.checkpoint_every=20", "data.labels_per_client=5", "data.public_batch_size=32"]
+SHORT = [*SMALL, "run.steps=20", "run.checkpoint_every=20"]
 
 
 def test_fedmd_consensus_averages_slices_over_clients():
@@ -24,7 +23,7 @@ def test_fedmd_consensus_averages_slices_over_clients():
 @pytest.mark.slow
 def test_fedmd_probe_and_a_resampled_random_graph_train(tmp_path, data_root, capsys):
     fedmd = tmp_path / "fedmd"
-    res = run_mpi(2, train_args(fedmd, data_root, *SMALL, "method=fedmd", "eval.probe=true",
+    res = run_mpi(2, train_args(fedmd, data_root, *SHORT, "method=fedmd", "eval.probe=true",
                                 "clients.arch=[cnn_small, resnet18]", "model.embedding_dim=32"),
                   timeout=300)
     assert res.returncode == 0, res.stderr
@@ -37,7 +36,7 @@ def test_fedmd_probe_and_a_resampled_random_graph_train(tmp_path, data_root, cap
     assert report_main([str(fedmd), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["linear_probe"]["mean"] > 0.2
     rnd = tmp_path / "random"
-    res = run_mpi(4, train_args(rnd, data_root, *SMALL, "clients.count=4",
+    res = run_mpi(4, train_args(rnd, data_root, *SHORT, "clients.count=4",
                                 "topology.kind=random", "topology.degree=1",
                                 "topology.resample_every=10"), timeout=300)
     assert res.returncode == 0, res.stderr

@@ -152,3 +152,22 @@ def test_validation_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         make_partition(**args)
+
+
+@pytest.mark.parametrize("classes, clients, size", [(1000, 8, 250), (10, 4, 5), (10, 10, 3),
+                                                    (8, 8, 4)])
+def test_even_assignment_gives_distinct_tasks(classes, clients, size):
+    """Tiling one permutation gave pairs of clients identical primary sets whenever the set size
+    divides the classes (1000 labels, 8 x 250: four identical pairs): every set must differ,
+    hold distinct labels, and every label must be primary exactly m times."""
+    for seed in range(5):
+        sets = assign_primary_labels(classes, clients, size, "even", np.random.default_rng(seed))
+        assert len({tuple(s) for s in sets}) == clients
+        assert all(len(set(s.tolist())) == size for s in sets)
+        counts = np.bincount(np.concatenate(sets), minlength=classes)
+        assert set(counts.tolist()) == {clients * size // classes}
+
+
+def test_even_assignment_says_when_distinct_sets_do_not_exist():
+    with pytest.raises(ValueError, match="distinct sets"):  # only {0} and {1} exist
+        assign_primary_labels(2, 4, 1, "even", np.random.default_rng(0))

@@ -8,10 +8,8 @@ import torch
 from mhd_hpc.run.checkpoint_files import ClientCheckpoints
 from mhd_hpc.run.metrics_file import read_metrics
 
-from conftest import run_mpi, train_args
+from conftest import SMALL, run_mpi, train_args
 
-SMALL = ["clients.count=2", "run.steps=30", "run.eval_every=10", "run.log_every=10",
-         "run.checkpoint_every=10", "data.labels_per_client=5", "data.public_batch_size=32"]
 
 
 def beta_sh(run_dir):

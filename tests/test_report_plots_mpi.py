@@ -11,10 +11,9 @@ pytest.importorskip("matplotlib", reason="pip install -e '.[plot]'")
 
 from mhd_hpc.report import main as report_main  # noqa: E402
 
-from conftest import run_mpi, train_args  # noqa: E402
+from conftest import SMALL, run_mpi, train_args  # noqa: E402
 
-SMALL = ["clients.count=2", "run.steps=20", "run.eval_every=10", "run.log_every=5",
-         "run.checkpoint_every=10", "data.labels_per_client=5", "data.public_batch_size=32"]
+SHORT = [*SMALL, "run.steps=20", "run.log_every=5"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -23,10 +22,10 @@ def runs(tmp_path_factory, data_root):
     """A prediction-mode run (cycle, probe, TensorBoard) and a pool-mode run."""
     base = tmp_path_factory.mktemp("runs")
     live, pool = base / "live", base / "pool"
-    res = run_mpi(2, train_args(live, data_root, *SMALL, "topology.kind=cycle",
+    res = run_mpi(2, train_args(live, data_root, *SHORT, "topology.kind=cycle",
                                 "eval.probe=true", "run.tensorboard=true"), timeout=240)
     assert res.returncode == 0, res.stderr
-    res_pool = run_mpi(2, train_args(pool, data_root, *SMALL, "exchange.mode=pool",
+    res_pool = run_mpi(2, train_args(pool, data_root, *SHORT, "exchange.mode=pool",
                                      "exchange.pool_every=5", "exchange.pool_transfer_steps=2"),
                        timeout=240)
     assert res_pool.returncode == 0, res_pool.stderr
@@ -78,7 +77,7 @@ def test_tensorboard_resumes_without_duplicated_steps(tmp_path, data_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    job = [*SMALL, "run.steps=30", "run.tensorboard=true"]
+    job = [*SHORT, "run.steps=30", "run.tensorboard=true"]
     res = run_mpi(2, train_args(run, data_root, *job), env={"MHD_INJECT_FAULT": "1:28"},
                   timeout=240)
     assert res.returncode != 0  # logged 5..25, checkpointed 10 and 20, died at 28

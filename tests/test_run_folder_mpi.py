@@ -15,10 +15,8 @@ import pytest
 from mhd_hpc.run.metrics_file import MetricsError, read_metrics
 from mhd_hpc.report import main as report_main
 
-from conftest import ROOT, mpi_env, mpirun_exe, run_mpi, train_args
+from conftest import ROOT, SMALL, mpi_env, mpirun_exe, run_mpi, train_args
 
-SMALL = ["clients.count=2", "run.steps=30", "run.eval_every=10", "run.log_every=10",
-         "run.checkpoint_every=10", "data.labels_per_client=5", "data.public_batch_size=32"]
 
 
 def start_mpi(np_: int, args: list[str]) -> subprocess.Popen:

@@ -18,6 +18,7 @@ from mhd_hpc.data.embedded import build_digits_shards  # noqa: E402
 from mhd_hpc.data.manifest import load_manifest  # noqa: E402
 from mhd_hpc.data.shards import Samples  # noqa: E402
 from mhd_hpc.data.stream_factory import LOADERS, dali_available, open_stream  # noqa: E402
+from mhd_hpc.devices import to_device  # noqa: E402
 from mhd_hpc.data.streams import (  # noqa: E402
     SplitTable, centre_offset, resize_shorter_to, resized_size,
 )
@@ -43,6 +44,12 @@ def _expected_keys(ds: str, manifest: dict, split: str, bs: int, seed: int, step
     return [table.keys[i] for i in order.indices(step)]
 
 
+def ready(batch):
+    """What the model gets: the batch normalised (and mirrored) where it is used, here the CPU
+    (loaders hand over raw uint8; devices.to_device finishes the job)."""
+    return to_device(batch, torch.device("cpu"))
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     """Same image up to resampler rounding (DALI float vs PIL fixed point): <= 2 uint8 levels."""
     d = (a - b).abs().flatten() * STD255
@@ -55,13 +62,13 @@ def test_wds_order_matches_step_batches_and_resumes(dataset) -> None:
                                threads=0)
     assert name == "wds"
     steps = [0, 1, 2, 9, 3, 3]  # consecutive, a jump forward, a jump back (resume), a repeat
-    got = {s: stream.batch(s) for s in steps}
+    got = {s: ready(stream.batch(s)) for s in steps}
     for s, b in got.items():
         assert b.keys == _expected_keys(ds, m, "client_000", 5, 7, s)
         assert b.images.shape == (5, 3, 32, 32) and b.images.dtype == torch.float32
         assert b.labels.dtype == torch.int64
     fresh, _ = open_stream(ds, "client_000", 5, seed=7, kind="public", loader="wds", threads=0)
-    assert torch.equal(fresh.batch(3).images, got[3].images)
+    assert torch.equal(ready(fresh.batch(3)).images, got[3].images)
     # Parts of a client's ranks concatenate to the global batch.
     parts = [open_stream(ds, "public", 3, seed=1, kind="public", loader="wds", part=p,
                          num_parts=2, threads=0)[0].batch(4).keys for p in range(2)]
@@ -99,7 +106,7 @@ def test_reference_decode_of_gray_and_cmyk(dataset) -> None:
         found = None
         for split in [s for s in m["splits"] if s != "test"]:
             stream, _ = open_stream(ds, split, 4, seed=0, kind="eval", loader="wds", threads=0)
-            for b in stream.eval_batches():
+            for b in map(ready, stream.eval_batches()):
                 if key in b.keys:
                     found = b.images[b.keys.index(key)]
         assert found is not None, key
@@ -121,7 +128,7 @@ def test_dali_and_wds_agree_on_public_kind(dataset, split: str) -> None:
     wds, _ = open_stream(ds, split, 3, seed=5, kind="public", loader="wds", threads=0)
     assert name == auto_name == "dali"
     for step in [0, 1, 2, 6, 1]:  # includes a jump forward and a resume backwards
-        a, b = dali.batch(step), wds.batch(step)
+        a, b = ready(dali.batch(step)), ready(wds.batch(step))
         assert a.keys == b.keys == _expected_keys(ds, m, split, 3, 5, step)
         assert torch.equal(a.labels, b.labels)
         _close(a.images, b.images)
@@ -137,7 +144,7 @@ def test_dali_and_wds_agree_on_eval_over_every_split(dataset) -> None:
         out = {}
         for backend in ("dali", "wds"):
             stream, _ = open_stream(ds, split, 5, seed=0, kind="eval", loader=backend, threads=1)
-            out[backend] = list(stream.eval_batches())
+            out[backend] = [ready(b) for b in stream.eval_batches()]
         keys = [k for b in out["wds"] for k in b.keys]
         assert keys == SplitTable.load(ds, split, m).keys and len(keys) == count
         assert [len(b) for b in out["wds"]][-1] == (count % 5 or 5)
@@ -152,7 +159,7 @@ def test_dali_train_kind_shapes(dataset) -> None:
     dali, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", loader="dali", threads=1)
     wds, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", loader="wds", threads=0)
     for step in (0, 1, 5):
-        a, b = dali.batch(step), wds.batch(step)
+        a, b = ready(dali.batch(step)), ready(wds.batch(step))
         assert a.keys == b.keys and torch.equal(a.labels, b.labels)
         assert a.images.shape == b.images.shape == (4, 3, 32, 32)
         assert a.images.dtype == b.images.dtype == torch.float32
@@ -169,7 +176,7 @@ def test_npy_dataset_through_open_stream(tmp_path: Path) -> None:
     norm = load_manifest(ds)["normalize"]
     ref = StepBatches(samples, 8, norm, seed=4)
     for step in (0, 3, 1):
-        a, b = stream.batch(step), ref.batch(step)
+        a, b = ready(stream.batch(step)), ref.batch(step)
         assert a.keys == b.keys and torch.equal(a.images, b.images)
     test, _ = open_stream(ds, "test", 50, seed=0, kind="eval", loader="wds")
     got = list(test.eval_batches())

@@ -8,11 +8,9 @@ import pytest
 from mhd_hpc.run.checkpoint_files import ClientCheckpoints
 from mhd_hpc.report import main as report_main
 
-from conftest import run_mpi, train_args
+from conftest import SMALL, run_mpi, train_args
 
 # A small, quick job: 2 clients, few steps, frequent evaluation and checkpoints.
-SMALL = ["clients.count=2", "run.steps=30", "run.eval_every=10", "run.log_every=10",
-         "run.checkpoint_every=10", "data.labels_per_client=5", "data.public_batch_size=32"]
 
 
 def test_config_error_stops_every_rank_before_training(tmp_path, data_root):

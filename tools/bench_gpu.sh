@@ -24,4 +24,4 @@ run timeout 300 mpirun --oversubscribe -np 4 $DIG run.out_dir=/tmp/bench-gpu/dig
 run timeout 200 mpirun --oversubscribe -np 4 $DIG run.out_dir=/tmp/bench-gpu/fp16 backend.device=cuda backend.precision=fp16 run.steps=300
 run timeout 200 mpirun --oversubscribe -np 4 $DIG run.out_dir=/tmp/bench-gpu/shared clients.count=2 clients.ranks_per_client=2 backend.intra=torch backend.device=cuda run.steps=200
 run python3 -m mhd_hpc.report /tmp/bench-gpu/digits --json
-run timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_precision.py tests/test_exchange_mpi.py
+run timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_codec.py tests/test_devices.py tests/test_precision_mpi.py tests/test_exchange_mpi.py

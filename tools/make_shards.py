@@ -7,7 +7,7 @@ Usage (from the repository root)::
         --val /data/imagenet/val --clients 8 --labels-per-client 250 --skew 100 --workers 16
     mpirun -np 4 python tools/make_shards.py imagefolder ...     # shards spread over ranks
     python tools/make_shards.py idx /usr/share/datasets/fashion-mnist /scratch/fmnist \
-        --clients 8 --labels-per-client 3 --skew 100             # MNIST, Fashion-MNIST, KMNIST, EMNIST
+        --clients 8 --labels-per-client 3 --skew 100     # MNIST, Fashion-MNIST, KMNIST, EMNIST
     python tools/make_shards.py cifar /data/cifar-100-python /scratch/c100 --cifar-labels coarse
 
 ``imagefolder`` writes JPEG WebDataset shards (photographs: decoded at training time);
@@ -86,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--public-source", choices=("split", "all"), default="split",
                    help="all: the public split is the whole training pool (the paper's MHD+); "
                         "recorded in the manifest (data.public_source must match)")
+    p.add_argument("--no-decode-public", dest="decode_public", action="store_false",
+                   help="imagefolder: keep the public and test splits as JPEG shards (by "
+                        "default they are stored decoded at the training size, raw uint8, so "
+                        "that no client decodes them; what datasets built before did)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="writer processes per rank")
     return p.parse_args(argv)
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         clients=args.clients, public_fraction=args.public_fraction,
         label_assignment=args.label_assignment, labels_per_client=args.labels_per_client,
         skew=args.skew, seed=args.seed, image_size=args.image_size, max_side=args.max_side,
-        samples_per_shard=args.samples_per_shard or 1000, public_source=args.public_source)
+        samples_per_shard=args.samples_per_shard or 1000, public_source=args.public_source,
+        decode_public=args.decode_public)
     rank, size, barrier = mpi_world()
     os.makedirs(args.out_dir, exist_ok=True)
     manifest = build_imagefolder_shards(settings, args.out_dir, workers=args.workers, rank=rank,

@@ -44,21 +44,27 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
 @dataclass
 class RunConfig:
     out_dir: str = doc("Run folder: resolved config, partition manifest, metrics.h5, checkpoints. "
-                       "Rerunning a job on the same folder resumes it.", "runs/digits", on_resume=BOOKKEEPING)
+                       "Rerunning a job on the same folder resumes it.", "runs/digits",
+                       on_resume=BOOKKEEPING)
     seed: int = doc("Seed of everything: partition, init, public-batch order, peer schedule.", 0)
     steps: int = doc("Total training steps per client.", 600, on_resume=MAY_CHANGE)
     eval_every: int = doc("Evaluate every head of every client on the test set every N steps "
                           "(and at the last step).", 100, on_resume=MAY_CHANGE)
-    log_every: int = doc("Print and record training metrics every N steps.", 20, on_resume=BOOKKEEPING)
+    log_every: int = doc("Print and record training metrics every N steps.", 20,
+                         on_resume=BOOKKEEPING)
     checkpoint_every: int = doc("Save a resumable checkpoint of every client every N steps "
                                 "(and at the last step).", 200, on_resume=BOOKKEEPING)
-    keep_checkpoints: int = doc("How many checkpoints each client keeps (older ones are deleted).", 2, on_resume=BOOKKEEPING)
+    keep_checkpoints: int = doc("How many checkpoints each client keeps (older ones are "
+                                "deleted).", 2,
+                                on_resume=BOOKKEEPING)
     threads: int = doc("torch intra-op threads per rank (0 = leave torch's default). One thread "
-                       "per rank avoids oversubscribing cores when several ranks share a node.", 1, on_resume=BOOKKEEPING)
+                       "per rank avoids oversubscribing cores when several ranks share a node.", 1,
+                       on_resume=BOOKKEEPING)
     tensorboard: bool = doc("The root rank also writes TensorBoard event files under "
                             "RUN_DIR/tensorboard/ (every train row and evaluation, per client and "
                             "mean; a resumed run purges what came after its checkpoint). Needs "
-                            "the tensorboard extra: pip install -e '.[tensorboard]'.", False, on_resume=MAY_CHANGE, added=False)
+                            "the tensorboard extra: pip install -e '.[tensorboard]'.", False,
+                            on_resume=MAY_CHANGE, added=False)
 
 
 @dataclass
@@ -70,8 +76,9 @@ class ClientSpec:
 @dataclass
 class ClientsConfig:
     count: int = doc("Number of clients K.", 4)
-    arch: Union[str, list[str]] = doc("Backbone of every client (one name) or one name per client: "
-                                      "cnn_small | cnn_mnist | resnet18 | resnet34 | resnet50.", "cnn_small")
+    arch: Union[str, list[str]] = doc("Backbone of every client (one name) or one name per "
+                                      "client: cnn_small | cnn_mnist | resnet18 | resnet34 | "
+                                      "resnet50.", "cnn_small")
     ranks_per_client: int = doc("MPI ranks (data-parallel replicas, e.g. GPUs) per client. "
                                 "Ranks are assigned to clients in contiguous blocks.", 1)
     per_client: list[ClientSpec] = doc("Optional list of clients.count entries {arch, ranks}, "
@@ -90,9 +97,11 @@ class BackendConfig:
     precision: str = doc("Number format of the forward pass: auto (bf16 autocast on CUDA "
                          "devices that support it, fp32 elsewhere) | fp32 | bf16 | fp16 "
                          "(autocast + a gradient scaler, saved in checkpoints). Losses, "
-                         "softmax targets and the confidence selection stay in fp32.", "auto", added="fp32")
+                         "softmax targets and the confidence selection stay in fp32.", "auto",
+                         added="fp32")
     channels_last: Union[bool, str] = doc("NHWC memory layout for convolutions: auto (on for "
-                                          "CUDA) | true | false.", "auto", on_resume=MAY_CHANGE, added=False)
+                                          "CUDA) | true | false.", "auto",
+                                          on_resume=MAY_CHANGE, added=False)
 
 
 @dataclass
@@ -112,7 +121,8 @@ class DataConfig:
     public_source: str = doc("The public set: 'split' = the public_fraction held out of the "
                              "training pool (default), or 'all' = the whole training pool, the "
                              "clients' private samples included (the paper's MHD+: plentiful "
-                             "public data; the private split is unchanged).", "split", added="split")
+                             "public data; the private split is unchanged).", "split",
+                             added="split")
     label_assignment: str = doc("Primary labels per client: 'random' subsets of fixed size, or "
                                 "'even' (every label has the same number of primary clients).",
                                 "random")
@@ -126,7 +136,11 @@ class DataConfig:
                       "present, CPU pipeline otherwise; JPEG shards) | wds (tar reader + PIL in "
                       "DataLoader workers) | auto (dali when importable and the shards are JPEG).",
                       "auto")
-    loader_threads: int = doc("Decoding threads (DALI) or worker processes (wds) per rank.", 2, on_resume=BOOKKEEPING, became_resumable=True)
+    prefetch: int = doc("Batches each loader prepares ahead of the step that uses them (per "
+                        "DataLoader worker for wds, DALI's prefetch_queue_depth).", 2,
+                        on_resume=BOOKKEEPING, added=2)
+    loader_threads: int = doc("Decoding threads (DALI) or worker processes (wds) per rank.", 2,
+                              on_resume=BOOKKEEPING, became_resumable=True)
     verify_shards: bool = doc("Check every shard against the sha256 in the dataset manifest "
                               "before training (the ranks share the work); a mismatch stops the "
                               "job naming the file. Also: python tools/verify_shards.py DIR.",
@@ -173,7 +187,8 @@ class EvalConfig:
                              "a failing client gets a WARNING in the log, eval/health in "
                              "metrics.h5 and the report.", True, on_resume=MAY_CHANGE, added=False)
     health_after: int = doc("First step the health check judges (0 = a quarter of run.steps, "
-                            "at least the distillation and lr warm-ups).", 0, on_resume=MAY_CHANGE, added=0)
+                            "at least the distillation and lr warm-ups).", 0,
+                            on_resume=MAY_CHANGE, added=0)
     probe: bool = doc("Linear probe (the paper's Fig. 6 upper bound): at evaluation steps fit a "
                       "linear classifier on each client's frozen embedding with the labels of "
                       "the public set (all classes; an evaluation-only oracle, never used in "
@@ -181,7 +196,8 @@ class EvalConfig:
                       "classes).", False, on_resume=MAY_CHANGE, added=False)
     grad_norms: bool = doc("Diagnostics: at log steps record the gradient norm that each loss "
                            "term (ce, emb, auxK) puts on the backbone (train/gradnorm_<term>); "
-                           "costs one extra backward pass per term at those steps.", False, on_resume=MAY_CHANGE, added=False)
+                           "costs one extra backward pass per term at those steps.", False,
+                           on_resume=MAY_CHANGE, added=False)
 
 
 @dataclass

@@ -85,6 +85,7 @@ def _check_data(cfg: JobConfig) -> None:
     _choice("data.label_assignment", d.label_assignment, LABEL_ASSIGNMENTS)
     _choice("data.public_source", d.public_source, PUBLIC_SOURCES)
     _positive("data.loader_threads", d.loader_threads)
+    _positive("data.prefetch", d.prefetch)
     num_classes = _num_classes(cfg)
     if d.dataset in BUILTIN_CLASSES:  # built here: the partition keys must make sense
         if not 0.0 <= d.public_fraction < 1.0:

@@ -126,6 +126,7 @@ def build_array_shards(data: ArraySplits, out_dir: str, s: PartitionSettings, *,
         if os.path.isfile(os.path.join(out_dir, MANIFEST_NAME)):
             manifest = load_manifest(out_dir)
             if manifest.get("settings") == settings:
+                log(f"{data.name}: complete already, nothing written ({out_dir})")
                 return manifest
             raise ValueError(f"{os.path.join(out_dir, MANIFEST_NAME)} was built with other "
                              f"settings ({manifest.get('settings')}) than requested ({settings})")

@@ -33,11 +33,20 @@ __all__ = ["Batch", "load_split", "key_hash", "normalize_images", "StepBatches",
 
 @dataclass
 class Batch:
-    """A batch: sample keys, ``float32 (B, C, H, W)`` normalised images, ``int64 (B,)`` labels."""
+    """A batch: sample keys, images ``(B, C, H, W)``, ``int64 (B,)`` labels.
+
+    Loaders hand over raw ``uint8`` images with the ``normalize`` that turns them into the
+    model's input and, for training batches decoded on the CPU, the per-sample horizontal
+    ``flip`` to apply: both happen where the batch is used (on the GPU when there is one;
+    ``devices.to_device``), so a quarter of the bytes cross to the device and no worker spends
+    time on floats. Batches already normalised (DALI's GPU pipeline) carry ``normalize=None``.
+    """
 
     keys: list[str]
     images: torch.Tensor
     labels: torch.Tensor
+    normalize: dict | None = None  # {"scale", "mean", "std"}: uint8 images still to normalise
+    flip: torch.Tensor | None = None  # bool (B,): mirror these samples (applied with normalize)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -46,7 +55,7 @@ class Batch:
 def load_split(dataset_dir: str, split: str, manifest: dict | None = None) -> Samples:
     """Read one ``.npy`` split (``test``, ``public``, ``client_000``, ...) of a built dataset into
     memory; ``manifest`` is the dataset's manifest when the caller has already read it."""
-    from mhd_hpc.data.manifest import MANIFEST_NAME, load_manifest
+    from mhd_hpc.data.manifest import MANIFEST_NAME, load_manifest, split_format
     from mhd_hpc.data.records import RECORDS_FORMAT, read_records
     from mhd_hpc.data.shards import read_shards
 
@@ -57,7 +66,7 @@ def load_split(dataset_dir: str, split: str, manifest: dict | None = None) -> Sa
             f"split {split!r} not in {manifest_path}; splits: {', '.join(manifest['splits'])}"
         )
     paths = [os.path.join(dataset_dir, f) for f in manifest["splits"][split]]
-    if manifest.get("format") == RECORDS_FORMAT:
+    if split_format(manifest, split) == RECORDS_FORMAT:
         samples = read_records(paths, tuple(manifest["image_shape"]))
     else:
         samples = read_shards(paths)
@@ -83,21 +92,27 @@ def key_hash(keys: Sequence[str]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def normalize_images(images: np.ndarray, normalize: dict) -> torch.Tensor:
-    """``uint8 (B, C, H, W)`` -> ``float32``: ``(x * scale - mean[c]) / std[c]``."""
+def normalize_tensor(images: torch.Tensor, normalize: dict) -> torch.Tensor:
+    """``uint8 (B, C, H, W)`` -> ``float32`` where the tensor is (CPU or GPU):
+    ``(x * scale - mean[c]) / std[c]``. The one definition of the normalisation."""
     channels = images.shape[1]
-    mean = np.asarray(normalize["mean"], dtype=np.float32)
-    std = np.asarray(normalize["std"], dtype=np.float32)
+    mean = torch.tensor(normalize["mean"], dtype=torch.float32)
+    std = torch.tensor(normalize["std"], dtype=torch.float32)
     if mean.shape != (channels,) or std.shape != (channels,):
         raise ValueError(
-            f"normalize mean/std have {mean.size}/{std.size} entries for {channels} channels"
-        )
-    if np.any(std <= 0):
+            f"normalize mean/std have {mean.numel()}/{std.numel()} entries for {channels} "
+            "channels")
+    if torch.any(std <= 0):
         raise ValueError(f"normalize std must be positive, got {std.tolist()}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32)
+    x = images.to(torch.float32)
     x.mul_(float(normalize.get("scale", 1.0)))
-    x.sub_(torch.from_numpy(mean).view(1, -1, 1, 1)).div_(torch.from_numpy(std).view(1, -1, 1, 1))
+    x.sub_(mean.to(x.device).view(1, -1, 1, 1)).div_(std.to(x.device).view(1, -1, 1, 1))
     return x
+
+
+def normalize_images(images: np.ndarray, normalize: dict) -> torch.Tensor:
+    """``uint8 (B, C, H, W)`` numpy -> normalised ``float32`` (:func:`normalize_tensor`)."""
+    return normalize_tensor(torch.from_numpy(np.ascontiguousarray(images)), normalize)
 
 
 def _make_batch(samples: Samples, idx: np.ndarray, normalize: dict) -> Batch:

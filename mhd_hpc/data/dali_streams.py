@@ -2,15 +2,19 @@
 
 Two ways to feed the same decode/augment graph:
 
-* :class:`DaliStream` (the training backend): Python reads encoded bytes in StepBatches order
-  through ``fn.external_source`` (batch mode; DALI calls the source ``prefetch_queue_depth``
-  iterations ahead, so reading overlaps decoding). Order-exact, so public batches align across
-  clients and a resumed run sees the same samples.
+* :class:`DaliStream` (the training loader): encoded bytes read in StepBatches order by DALI's
+  parallel external source (sample mode, :class:`StepSamples` in ``py_num_workers`` worker
+  processes: no byte read on the training thread; DALI prepares ``data.prefetch`` batches
+  ahead). Order-exact, so public batches align across clients and a resumed run sees the same
+  samples. Evaluation passes (partial last batch) use the batch-mode external source.
 * :func:`reader_batches`: ``fn.readers.webdataset`` with the index files, the reader DALI users
   expect. Its order is DALI's own (buffer shuffle), so it serves benchmarks, not training.
 
-CPU pipelines (``device_id=None``) when CUDA is absent; with CUDA, ``mixed`` decoding (nvJPEG)
-and GPU augmentation, and batches come back as CUDA tensors.
+CPU pipelines (``device_id=None``) when CUDA is absent: uint8 batches, normalised where they
+are used. With CUDA, ``mixed`` decoding (nvJPEG; ``fn.decoders.image_random_crop`` decodes only
+the crop window, and DALI 2.x decodes through nvImageCodec, using the GPU's hardware JPEG
+decoder where there is one), GPU resize/crop/normalisation, and batches come back as CUDA
+tensors. Tested with DALI 2.4 (CPU pipelines; no GPU was available to run the mixed path).
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def _transform(jpegs, train: bool, size: int, normalize: dict, gpu: bool):
                            interp_type=types.INTERP_LINEAR, antialias=True,
                            subpixel_scale=False)
         mirror = 0
+    if not gpu:  # CPU: uint8 out; the normalisation runs where the batch is used
+        return fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=0.5,
+                                        crop_pos_y=0.5, mirror=mirror, dtype=types.UINT8,
+                                        output_layout="CHW")
+    # GPU: normalised floats in the same kernel, already on the device.
     # (x * scale - mean) / std == (x - mean / scale) / (std / scale) on raw 0..255 values.
     scale = float(normalize.get("scale", 1.0))
     return fn.crop_mirror_normalize(
@@ -63,17 +72,39 @@ def _transform(jpegs, train: bool, size: int, normalize: dict, gpu: bool):
         dtype=types.FLOAT, output_layout="CHW")
 
 
+class StepSamples:
+    """The bytes of sample ``i`` of the batch of step ``start + iteration``: a stateless,
+    picklable source for DALI's parallel external source (sample mode), which calls it in
+    ``py_num_workers`` worker processes, so that no byte read runs on the training thread."""
+
+    def __init__(self, reader: ByteReader, order, start: int) -> None:
+        self.reader, self.order, self.start = reader, order, start
+
+    def __call__(self, info) -> np.ndarray:
+        i = self.order.indices(self.start + info.iteration)[info.idx_in_batch]
+        return np.frombuffer(self.reader.read(int(i)), np.uint8)
+
+
 def build_pipeline(source: Callable | None, train: bool, size: int, normalize: dict,
-                   max_batch: int, threads: int, seed: int, reader: dict | None = None):
-    """A built pipeline fed by ``source`` (batch_info callback) or by a webdataset ``reader``."""
+                   max_batch: int, threads: int, seed: int, reader: dict | None = None,
+                   prefetch: int = 2, parallel: bool = False):
+    """A built pipeline fed by ``source`` (a batch_info callback, or with ``parallel`` a
+    :class:`StepSamples` run in worker processes) or by a webdataset ``reader``;
+    ``prefetch``: batches DALI prepares ahead (``prefetch_queue_depth``)."""
     dev = _device()
+    workers = {"py_num_workers": max(1, threads // 2), "py_start_method": "spawn"} \
+        if parallel else {}
 
     @pipeline_def(batch_size=max_batch, num_threads=max(1, threads), device_id=dev,
-                  seed=seed % (2 ** 31), prefetch_queue_depth=2)
+                  seed=seed % (2 ** 31), prefetch_queue_depth=max(1, prefetch), **workers)
     def pipe():
         if reader is None:
-            jpegs = fn.external_source(source=source, batch=True, batch_info=True,
-                                       dtype=types.UINT8, ndim=1)
+            if parallel:
+                jpegs = fn.external_source(source=source, parallel=True, batch=False,
+                                           dtype=types.UINT8, ndim=1)
+            else:
+                jpegs = fn.external_source(source=source, batch=True, batch_info=True,
+                                           dtype=types.UINT8, ndim=1)
             return _transform(jpegs, train, size, normalize, dev is not None)
         jpegs, cls = fn.readers.webdataset(
             **reader, ext=["jpg", "cls"], missing_component_behavior="error",
@@ -103,9 +134,10 @@ class DaliStream(BatchStream):
     """Order-exact DALI stream: StepBatches order in, DALI decode/augment out."""
 
     def __init__(self, table: SplitTable, normalize: dict, image_size: int, threads: int,
-                 **kw) -> None:
+                 prefetch: int = 2, **kw) -> None:
         super().__init__(table.keys, table.labels, normalize, **kw)
         self.table, self.image_size, self.threads = table, image_size, threads
+        self.prefetch = prefetch
         self._reader = ByteReader(table)
         self._pipe = None
         self._next = -1
@@ -113,9 +145,10 @@ class DaliStream(BatchStream):
     def _read(self, idx: np.ndarray) -> list[np.ndarray]:
         return [np.frombuffer(self._reader.read(int(i)), np.uint8) for i in idx]
 
-    def _pipeline(self, source: Callable, train: bool, max_batch: int, seed: int):
+    def _pipeline(self, source: Callable, train: bool, max_batch: int, seed: int,
+                  parallel: bool = False):
         return build_pipeline(source, train, self.image_size, self.normalize, max_batch,
-                              self.threads, seed)
+                              self.threads, seed, prefetch=self.prefetch, parallel=parallel)
 
     def batch(self, step: int) -> Batch:
         idx = self.indices(step)
@@ -125,12 +158,11 @@ class DaliStream(BatchStream):
             # DALI's augmentation RNG is per pipeline: seeded by (seed, part, start step), so a
             # run restarted at a step repeats that restart (but not the unbroken run's draws).
             seed = int(np.random.default_rng([self.seed, self.part, start]).integers(2 ** 31))
-            self._pipe = self._pipeline(
-                lambda info: self._read(self.indices(start + info.iteration)),
-                self.kind == "train", len(idx), seed)
+            self._pipe = self._pipeline(StepSamples(self._reader, self.order, start),
+                                        self.kind == "train", len(idx), seed, parallel=True)
         (out,) = self._pipe.run()
         self._next = step + 1
-        return self._batch(idx, _to_torch(out))
+        return self._batch(idx, _to_torch(out), normalized=isinstance(out, TensorListGPU))
 
     def eval_batches(self) -> Iterator[Batch]:
         ranges = self.eval_ranges()
@@ -146,7 +178,8 @@ class DaliStream(BatchStream):
         pipe = self._pipeline(source, False, self.batch_size, self.seed)
         for lo, hi in ranges:
             (out,) = pipe.run()
-            yield self._batch(np.arange(lo, hi), _to_torch(out))
+            yield self._batch(np.arange(lo, hi), _to_torch(out),
+                              normalized=isinstance(out, TensorListGPU))
         del pipe
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ import numpy as np
 from mhd_hpc.data.manifest import (FORMAT_VERSION, file_sha256, use_whole_pool_as_public,
                                    write_manifest, write_order)
 from mhd_hpc.data.partition import make_partition
+from mhd_hpc.data.records import RECORDS_FORMAT, meta_path, write_record_shard
 from mhd_hpc.data.shards import add_member, shard_name
 from mhd_hpc.data.tarindex import index_path, write_index
 
@@ -74,6 +75,7 @@ class ShardSettings:
     max_side: int | None = None
     samples_per_shard: int = 1000
     public_source: str = "split"  # "all": the public split lists the whole training pool (MHD+)
+    decode_public: bool = True  # public and test splits stored decoded (raw uint8, S x S)
 
 
 @dataclass
@@ -84,10 +86,19 @@ class ShardJob:
     relpath: str
     items: list[tuple[str, str, int]]
     max_side: int | None
+    decoded_size: int = 0  # > 0: a raw uint8 record shard of centre crops of this side
 
     def plan_hash(self) -> str:
-        blob = json.dumps([self.relpath, self.max_side, self.items], separators=(",", ":"))
+        plan = [self.relpath, self.max_side, self.items]
+        if self.decoded_size:  # (plans of JPEG shards hash as they always did)
+            plan.append(self.decoded_size)
+        blob = json.dumps(plan, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def files(self, out_dir: str) -> list[str]:
+        """The files the shard consists of (the record shard's keys and labels sit beside)."""
+        final = os.path.join(out_dir, self.relpath)
+        return [final, meta_path(final) if self.decoded_size else index_path(final)]
 
 
 def _key(prefix: str, rel: str, seen: set[str]) -> str:
@@ -182,9 +193,24 @@ def plan_jobs(s: ShardSettings) -> tuple[list[str], dict, dict[str, list[ShardJo
         else:
             items = [(train_keys[i], train[i][0], train[i][1]) for i in idx]
         n = s.samples_per_shard
-        jobs[split] = [ShardJob(split, os.path.join(split, shard_name("shard", j // n)),
-                                items[j:j + n], s.max_side) for j in range(0, len(items), n)]
+        size = s.image_size if split in decoded_splits(s) else 0
+        jobs[split] = [ShardJob(split, _shard_relpath(split, j // n, size), items[j:j + n],
+                                s.max_side, size) for j in range(0, len(items), n)]
     return classes, part.manifest(), jobs
+
+
+def decoded_splits(s: ShardSettings) -> tuple[str, ...]:
+    """The splits stored decoded at the training resolution: what every client reads with the
+    deterministic transform, decoded once here instead of K times per step. The public split
+    stays JPEG for MHD+ (its listing then includes the clients' shards)."""
+    if not s.decode_public:
+        return ()
+    return ("test",) if s.public_source == "all" else ("public", "test")
+
+
+def _shard_relpath(split: str, index: int, decoded_size: int) -> str:
+    name = shard_name("shard", index)
+    return os.path.join(split, name.removesuffix(".tar") + ".npy" if decoded_size else name)
 
 
 def prepare_image(path: str, max_side: int | None) -> tuple[bytes, bool]:
@@ -222,9 +248,9 @@ def read_done(out_dir: str, job: ShardJob) -> dict | None:
     try:
         with open(_done_path(out_dir, job.relpath), encoding="utf-8") as f:
             done = json.load(f)
-        tar = os.path.join(out_dir, job.relpath)
-        ok = (done.get("plan") == job.plan_hash() and os.path.getsize(tar) == done["bytes"]
-              and os.path.isfile(index_path(tar)))
+        first, second = job.files(out_dir)
+        ok = (done.get("plan") == job.plan_hash() and os.path.getsize(first) == done["bytes"]
+              and os.path.isfile(second))
     except (OSError, ValueError, KeyError):
         return None
     return done if ok else None
@@ -237,8 +263,36 @@ def _atomic_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _write_decoded(job: ShardJob, out_dir: str) -> dict:
+    """A record shard of the centre crops (the eval/public transform) of ``job``'s images."""
+    from mhd_hpc.data.pil_stream import decode_pil
+
+    corrupt: dict[str, str] = {}
+    keys, labels, images = [], [], []
+    for key, path, label in job.items:
+        try:
+            data, _ = prepare_image(path, job.max_side)
+            images.append(decode_pil(data, job.decoded_size, False, None)[0])
+        except Exception as exc:  # any decoder failure: report, keep going
+            corrupt[path] = f"{type(exc).__name__}: {exc}"
+            continue
+        keys.append(key)
+        labels.append(label)
+    size = job.decoded_size
+    array = np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8)
+    final, meta = write_record_shard(os.path.join(out_dir, job.relpath), keys, array,
+                                     np.asarray(labels, np.int64))
+    done = {"plan": job.plan_hash(), "count": len(labels), "bytes": os.path.getsize(final),
+            "sha256": file_sha256(final), "meta_sha256": file_sha256(meta), "labels": labels,
+            "corrupt": corrupt, "converted": 0}
+    _atomic_json(_done_path(out_dir, job.relpath), done)  # last: marks the shard complete
+    return done
+
+
 def write_shard(job: ShardJob, out_dir: str) -> dict:
     """Write one shard + index + sidecar; return the sidecar (counts, bytes, corrupt paths)."""
+    if job.decoded_size:
+        return _write_decoded(job, out_dir)
     final = os.path.join(out_dir, job.relpath)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     # One fixed temp name per shard: a killed run's leftover is simply overwritten next time.
@@ -340,6 +394,7 @@ def _write_manifest(s: ShardSettings, out_dir: str, classes: list[str], part_man
         "settings": {**asdict(s), "dataset": "imagefolder", "format_version": FORMAT_VERSION},
         "partition": part_manifest, "splits": {}, "counts": {}, "class_counts": {}, "bytes": {},
         "corrupt": [], "corrupt_reasons": {}, "converted": 0, "shard_sha256": {},
+        "split_formats": {split: RECORDS_FORMAT for split in decoded_splits(s)},
     }
     missing = []
     for split, split_jobs in jobs.items():
@@ -354,6 +409,9 @@ def _write_manifest(s: ShardSettings, out_dir: str, classes: list[str], part_man
             counts += np.bincount(np.asarray(done["labels"], dtype=np.int64), minlength=c)
             manifest["bytes"][split] += done["bytes"]
             manifest["shard_sha256"][j.relpath] = done["sha256"]
+            if "meta_sha256" in done:
+                manifest["shard_sha256"][os.path.relpath(j.files(out_dir)[1], out_dir)] = \
+                    done["meta_sha256"]
             manifest["corrupt"] += list(done["corrupt"])
             manifest["corrupt_reasons"].update(done["corrupt"])
             manifest["converted"] += done["converted"]

@@ -26,7 +26,8 @@ import numpy as np
 
 from mhd_hpc.seeds import WRITE_ORDER
 
-__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "client_split", "load_manifest", "write_manifest",
+__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "client_split", "split_format", "load_manifest",
+           "write_manifest",
            "write_order", "format_summary", "file_sha256", "content_digest", "verify_shards",
            "use_whole_pool_as_public"]
 
@@ -38,6 +39,13 @@ _REQUIRED = ("num_classes", "image_shape", "normalize", "splits", "counts")
 def client_split(i: int) -> str:
     """Split name of client ``i`` in a manifest: ``client_000``, ``client_001``, ..."""
     return f"client_{i:03d}"
+
+
+def split_format(manifest: dict, split: str) -> str:
+    """How ``split`` is stored: ``jpg`` (encoded photographs), ``npy`` (tars of raw uint8
+    samples) or ``u8`` (raw uint8 record shards). JPEG datasets store their public and test
+    splits decoded at training resolution (``split_formats``), so no client decodes them."""
+    return manifest.get("split_formats", {}).get(split, manifest.get("format", "npy"))
 
 
 def load_manifest(dataset_dir: str) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from mhd_hpc.data.batches import load_split
-from mhd_hpc.data.manifest import load_manifest
+from mhd_hpc.data.manifest import load_manifest, split_format
 from mhd_hpc.data.pil_stream import PilStream
 from mhd_hpc.data.records import RECORDS_FORMAT
 from mhd_hpc.data.streams import KINDS, BatchStream, NpyStream, SplitTable
@@ -29,8 +29,9 @@ def dali_available() -> bool:
 
 
 def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: str, *,
-                loader: str = "auto", part: int = 0, num_parts: int = 1,
-                threads: int = 2, manifest: dict | None = None) -> tuple[BatchStream, str]:
+                loader: str = "auto", part: int = 0, num_parts: int = 1, threads: int = 2,
+                manifest: dict | None = None, pin: bool = False,
+                prefetch: int = 2) -> tuple[BatchStream, str]:
     """Open ``split`` of a built dataset as a :class:`BatchStream`; returns (stream, the loader
     used).
 
@@ -39,7 +40,8 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
     ``.npy`` datasets, from memory), or ``auto``
     (``dali`` when importable and the dataset is JPEG, else ``wds``). The second return value
     names the loader actually used, for the caller's log. ``manifest``: the dataset's manifest
-    when the caller has read it already (a run reads it once).
+    when the caller has read it already (a run reads it once). ``pin``: batches in page-locked
+    memory (a GPU job); ``prefetch``: batches a loader prepares ahead.
     """
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; expected one of {LOADERS}")
@@ -49,18 +51,19 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
     if split not in manifest["splits"]:
         raise ValueError(f"split {split!r} not in {dataset_dir}; splits: "
                          f"{', '.join(manifest['splits'])}")
-    fmt = manifest.get("format", "npy")
+    fmt, stored = manifest.get("format", "npy"), split_format(manifest, split)
     common = dict(batch_size=batch_size, seed=seed, kind=kind, part=part, num_parts=num_parts)
     if loader == "auto":
         loader = "dali" if fmt == "jpg" and dali_available() else "wds"
         _log.info("data.loader auto -> %s (%s samples, DALI %s)", loader, fmt,
                   "importable" if dali_available() else "not importable")
-    if fmt in ("npy", RECORDS_FORMAT):  # raw uint8 at training resolution: no decode
-        if loader == "dali":
-            raise ValueError(f"{dataset_dir} holds raw uint8 samples ({fmt}); the DALI loader "
-                             f"reads JPEG shards only: use loader='wds' (or 'auto')")
-        return (NpyStream(load_split(dataset_dir, split, manifest), manifest["normalize"],
-                          **common), "wds")
+    if fmt in ("npy", RECORDS_FORMAT) and loader == "dali":
+        raise ValueError(f"{dataset_dir} holds raw uint8 samples ({fmt}); the DALI loader "
+                         f"reads JPEG shards only: use loader='wds' (or 'auto')")
+    if stored in ("npy", RECORDS_FORMAT):  # raw uint8 at training resolution: no decode
+        stream = NpyStream(load_split(dataset_dir, split, manifest), manifest["normalize"],
+                           **common)
+        return stream, "wds" if stored == "npy" else "raw"
     if fmt != "jpg":
         raise ValueError(f"{dataset_dir}: unknown sample format {fmt!r}")
     table = SplitTable.load(dataset_dir, split, manifest)
@@ -71,5 +74,7 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
                              "(pip install nvidia-dali-cuda120); use 'wds' or 'auto'")
         from mhd_hpc.data.dali_streams import DaliStream  # lazy: DALI is optional
 
-        return DaliStream(table, manifest["normalize"], size, threads, **common), "dali"
-    return PilStream(table, manifest["normalize"], size, threads, **common), "wds"
+        return DaliStream(table, manifest["normalize"], size, threads, prefetch=prefetch,
+                          **common), "dali"
+    return PilStream(table, manifest["normalize"], size, threads, pin=pin, prefetch=prefetch,
+                     **common), "wds"

@@ -14,8 +14,10 @@ Transforms (``kind``), identical in both backends up to decoder/resampler roundi
 * ``train``: random-resized crop (area 8-100 %, aspect 3/4-4/3) to S x S, random flip;
 * ``public`` / ``eval``: resize the shorter side to round(S / 0.875), centre crop S x S;
 
-then ``(x * scale - mean) / std`` with the manifest's ``normalize``. Datasets of ``.npy``
-samples (the embedded digits) are served in memory by the ``wds`` backend, untransformed.
+Batches come out as raw uint8 with the manifest's ``normalize`` (``(x * scale - mean) / std``),
+applied where the batch is used (``devices.to_device``). Datasets of raw uint8 samples (the
+embedded digits, IDX and CIFAR builds, the pre-resized public and test splits of JPEG builds)
+are served without decoding, untransformed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mhd_hpc.data.batches import Batch, StepBatches, key_hash, normalize_images
+from mhd_hpc.data.batches import Batch, StepBatches, key_hash
 from mhd_hpc.data.shards import Samples
 from mhd_hpc.data.tarindex import index_path, index_tar, read_index
 
@@ -171,9 +173,13 @@ class BatchStream:
         lo, hi = self.part * n // self.num_parts, (self.part + 1) * n // self.num_parts
         return [(a, min(a + self.batch_size, hi)) for a in range(lo, hi, self.batch_size)]
 
-    def _batch(self, idx: np.ndarray, images: torch.Tensor) -> Batch:
+    def _batch(self, idx: np.ndarray, images: torch.Tensor, flip: torch.Tensor | None = None,
+               normalized: bool = False) -> Batch:
+        """Raw uint8 ``images`` (to be normalised where they are used), or already
+        normalised ones (``normalized``: DALI's GPU pipeline)."""
         return Batch(keys=[self.keys[i] for i in idx], images=images,
-                     labels=torch.from_numpy(self.labels[idx]))
+                     labels=torch.from_numpy(self.labels[idx]),
+                     normalize=None if normalized else self.normalize, flip=flip)
 
     def batch(self, step: int) -> Batch:
         raise NotImplementedError
@@ -192,17 +198,21 @@ class BatchStream:
 
 
 class NpyStream(BatchStream):
-    """In-memory ``.npy`` datasets (digits): untransformed, exactly the existing loader's output."""
+    """Datasets of raw uint8 samples at training resolution (``.npy`` tars read into memory,
+    record shards memory-mapped): rows gathered, no decode, no transform."""
 
     def __init__(self, samples: Samples, normalize: dict, **kw) -> None:
         super().__init__(samples.keys, samples.labels, normalize, **kw)
         self.samples = samples
 
+    def _rows(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.samples.images[idx]))
+
     def batch(self, step: int) -> Batch:
         idx = self.indices(step)
-        return self._batch(idx, normalize_images(self.samples.images[idx], self.normalize))
+        return self._batch(idx, self._rows(idx))
 
     def eval_batches(self) -> Iterator[Batch]:
         for lo, hi in self.eval_ranges():
             idx = np.arange(lo, hi)
-            yield self._batch(idx, normalize_images(self.samples.images[idx], self.normalize))
+            yield self._batch(idx, self._rows(idx))

@@ -1,8 +1,8 @@
 """MPI start-up, the rank -> client mapping, and the collectives the training loop needs.
 
 With ``exchange.py`` and ``transfer.py`` beside it, the only module that imports mpi4py, and the
-only place that knows global ranks: everything else talks about clients and client-local ranks. A client is a
-contiguous block of ranks (``ClientLayout``) with its own communicator; client-local rank 0, the
+only place that knows global ranks: everything else talks about clients and client-local ranks.
+A client is a contiguous block of ranks (``ClientLayout``) with its own communicator; client-local rank 0, the
 leader, evaluates, checkpoints and speaks for the client where a message concerns all of it.
 """
 

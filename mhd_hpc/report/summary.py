@@ -7,7 +7,8 @@ import numpy as np
 
 from mhd_hpc.run.metrics_file import MetricsError
 
-__all__ = ["step_summary", "health_failures", "traffic_and_speed", "hops_at", "accuracy_by_distance"]
+__all__ = ["step_summary", "health_failures", "traffic_and_speed", "hops_at",
+           "accuracy_by_distance"]
 
 
 def step_summary(metrics: dict, step: int | None = None) -> dict:

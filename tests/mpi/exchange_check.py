@@ -5,6 +5,11 @@ Modes (argv[1]):
              values (full distribution and top-k), embeddings, byte counters.
   mismatch   client 1 announces a different public batch; its receiver must raise ExchangeError.
   silent     client 1 never sends; its receiver must time out naming client 1.
+  relay      4 ranks as clients of [2, 1, 1] ranks: the 2-rank client's slices go through the
+             leaders (gather, whole-batch exchange, scatter); every rank checks that the rows it
+             received are the sender's rows for its own slice of the public batch (top-k).
+  mean       4 ranks as clients of [2, 1, 1] ranks: World.clients_mean_ weighs clients, not
+             ranks, and charges the ring allreduce's traffic.
 """
 
 import sys
@@ -12,7 +17,7 @@ import sys
 import torch
 
 from mhd_hpc import topology
-from mhd_hpc.distributed.exchange import PredictionExchange
+from mhd_hpc.distributed.exchange import ClientExchange, PredictionExchange
 from mhd_hpc.distributed.world import ClientLayout, init_world
 
 B, C, D, H = 6, 10, 4, 3
@@ -25,9 +30,59 @@ def outputs_of(client: int, step: int) -> tuple[list[torch.Tensor], torch.Tensor
     return probs, emb
 
 
+def rows_of(client: int, rows: range) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Client ``client``'s outputs on public samples ``rows``: a function of (client, sample),
+    so any rank can compute what any other rank of any client holds."""
+    probs, embs = [], []
+    for r in rows:
+        g = torch.Generator().manual_seed(7919 * client + r)
+        probs.append(torch.softmax(3 * torch.randn(H, C, generator=g), 1))
+        embs.append(torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0))
+    return list(torch.stack(probs).unbind(1)), torch.stack(embs)
+
+
+def relay(world, top_k: int) -> None:
+    """Clients of [2, 1, 1] ranks; complete graph, every client hears from every other."""
+    world.assign_clients(ClientLayout.contiguous([2, 1, 1]))
+    me, batch = world.client, 6
+    part = batch // world.local_size
+    mine = range(world.local_rank * part, (world.local_rank + 1) * part)
+    ex = ClientExchange(world, num_heads=H, num_classes=C, batch_size=batch, top_k=top_k,
+                        embedding_dim=D, timeout_s=60)
+    others = [c for c in range(3) if c != me]
+    ex.post_receives(1, others, others)
+    probs, emb = rows_of(me, mine)
+    got = ex.complete(4321, 4321, probs, emb)  # one key hash: the test checks rows, not keys
+    assert [p.client for p in got] == others
+    for p in got:
+        want_probs, want_emb = rows_of(p.client, mine)
+        for h in range(H):
+            v, i = want_probs[h].topk(top_k, dim=1)
+            assert torch.allclose(p.head_probs[h].gather(1, i), v, atol=2e-3), (me, p.client)
+        assert torch.allclose(p.embedding, want_emb, atol=2e-3)
+
+
+def clients_mean(world) -> None:
+    world.assign_clients(ClientLayout.contiguous([2, 1, 1]))
+    value = torch.full((5,), float(world.client + 1))
+    sent = world.clients_mean_([value])
+    # Per client: (1 + 2 + 3) / 3 = 2, whatever the rank counts (by rank it would be 1.75).
+    assert torch.allclose(value, torch.full((5,), 2.0)), value
+    assert sent == 2 * 3 * 5 * 4 // 4, sent  # ring allreduce over 4 ranks: 2 (P-1)/P x 20 B
+
+
 def main() -> None:
     mode = sys.argv[1]
     world = init_world()
+    if mode in ("relay", "mean"):
+        with world.guard():
+            if mode == "relay":
+                relay(world, top_k=3)
+            else:
+                clients_mean(world)
+        world.barrier()
+        print(f"rank {world.rank}: {mode} ok", flush=True)
+        return
     world.assign_clients(ClientLayout.one_rank_per_client(world.size))
     me, k = world.client, world.size
     if mode == "roundtrip":
