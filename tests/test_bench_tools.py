@@ -31,3 +31,16 @@ def test_bench_step_measures_the_framework_and_the_bare_loop(tmp_path, precision
     for key in ("bare_ms", "framework_ms", "ratio"):
         assert result[key] > 0
     assert ("codec_ms" in result) == bool(extra)
+
+
+def test_bench_loader_runs_every_stream_through_the_trainers_path(tmp_path):
+    """The loader benchmark at toy sizes: two ranks at once, train, public and both streams;
+    its numbers are not checked here (they are figures for the README), only that it runs."""
+    import bench_loader
+
+    out = tmp_path / "loader.json"
+    assert bench_loader.main(["--images", "40", "--crop", "32", "--batch", "4", "--ranks", "2",
+                              "--seconds", "0.5", "--loaders", "wds", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["streams"] for r in rows] == ["train", "public", "train+public"]
+    assert all(r["img_s"] > 0 and r["train_thread_ms_per_batch"] >= 0 for r in rows)

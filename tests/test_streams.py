@@ -32,7 +32,9 @@ STD255 = 0.229 * 255  # one uint8 level is ~1/STD255 in normalised units
 def dataset(tmp_path_factory) -> tuple[str, dict, dict]:
     root = tmp_path_factory.mktemp("jpegs")
     special = make_image_folder(root / "src")
-    manifest = build_dataset(root / "src", root / "out")
+    # Every split JPEG (as datasets built before): these tests compare the decode paths;
+    # test_decoded_public_split_reads_raw covers the default layout.
+    manifest = build_dataset(root / "src", root / "out", decode_public=False)
     return str(root / "out"), manifest, special
 
 
@@ -209,3 +211,24 @@ def test_loader_factory_rejects_dali(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown loader ") as err:
         open_stream(d0, "test", 8, 0, "eval", loader="pillow")
     assert all(b in str(err.value) for b in LOADERS)
+
+
+def test_decoded_public_split_reads_raw_with_every_loader(tmp_path: Path) -> None:
+    """The default build stores public and test decoded: whatever data.loader says, they are
+    read as raw uint8 records (no decode), equal to what the PIL loader makes of the JPEGs."""
+    make_image_folder(tmp_path / "src")
+    jpeg = build_dataset(tmp_path / "src", tmp_path / "jpeg", decode_public=False)
+    raw = build_dataset(tmp_path / "src", tmp_path / "raw")
+    assert raw["split_formats"] == {"public": "u8", "test": "u8"} and "split_formats" not in \
+        {k for k, v in jpeg.items() if v}
+    loaders = ["wds", "auto"] + (["dali"] if dali_available() else [])
+    for loader in loaders:
+        stream, name = open_stream(str(tmp_path / "raw"), "public", 3, seed=5, kind="public",
+                                   loader=loader, threads=0)
+        ref, _ = open_stream(str(tmp_path / "jpeg"), "public", 3, seed=5, kind="public",
+                             loader="wds", threads=0)
+        assert name == "raw"
+        for step in (0, 4):
+            a, b = stream.batch(step), ref.batch(step)
+            assert a.keys == b.keys and torch.equal(a.labels, b.labels)
+            assert torch.equal(a.images, b.images)  # the same PIL transform, once at build

@@ -1,29 +1,32 @@
-"""Benchmark the image loader backends against the machine's JPEG decode-only limit.
+"""Benchmark the data path end to end: batches ready for the training step, as the trainer gets
+them, with every rank of a node loading at once.
 
 Usage (from the repository root)::
 
-    python tools/bench_loader.py                       # ~1000 generated JPEGs, crop 224, batch 64
-    python tools/bench_loader.py --images 2000 --threads 16 --json bench.json
+    python tools/bench_loader.py                        # 2 ranks, PIL and DALI (CPU), 224 px
+    python tools/bench_loader.py --ranks 8 --threads 2 --images 4000 --json bench.json
+    python tools/bench_loader.py --device cuda          # on a GPU node: to the device
 
-Generates JPEGs of 256-500 px (gradients, shapes, noise; quality 90) into shards with
-``tools/make_shards.py``'s logic, then measures images/s of
+Generates ImageNet-like JPEGs (500 x 375 px and similar, gradients, shapes and noise, quality
+90) in one folder, builds them with tools/make_shards.py's logic into one client's shards (and,
+with this version, the public split decoded at the training size), then starts ``--ranks``
+processes that each read, for every step, one private (train transform) and one public batch
+through the trainer's own path (``devices.BatchFeed``: the loader's workers decode, the next
+step's batch is prepared in the background, normalised where it is used) for ``--seconds``.
 
-* ``dali-external``: :func:`open_stream` backend ``dali`` (order-exact external source);
-* ``dali-reader``: DALI's ``fn.readers.webdataset`` over the same shards and index files;
-* ``wds-pil``: :func:`open_stream` backend ``wds`` (PIL in ``threads`` DataLoader workers);
-
-each for the random-resized-crop ``train`` transform and (order-exact backends) the
-deterministic ``public`` one. The reference is the decode-only limit: single-core PIL
-full-decode rate x usable cores, measured in the same run. Prints a markdown table and a
-per-image cost breakdown, and writes JSON.
+Per loader and stream (train, public, both together) it reports the node's images/s, images/s
+per CPU core busy (CPU seconds of every process and thread of the ranks, workers included, over the wall
+time), and the training thread's time per batch (what the step waits for). Run it with
+PYTHONPATH pointing at an older checkout to compare versions: it falls back to the older API.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -36,209 +39,161 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
-from mhd_hpc.data.pil_stream import decode_pil
-from mhd_hpc.data.stream_factory import dali_available, open_stream
-from mhd_hpc.data.streams import SplitTable
-from mhd_hpc.data.synthetic import synthetic_jpeg
+SIZES = [(500, 375), (375, 500), (500, 333), (500, 400), (400, 300), (500, 500)]
 
 
-def make_dataset(work: Path, n: int, crop: int, seed: int = 0) -> tuple[str, dict]:
-    """``n`` train JPEGs in 10 classes (+ a token val set) -> shards of one client."""
+def make_dataset(work: Path, n: int, crop: int, seed: int = 0) -> str:
+    """``n`` JPEGs in 10 classes, 20% of them the public split, built into one client."""
+    from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
+    from mhd_hpc.data.synthetic import synthetic_jpeg
+
     rng = np.random.default_rng(seed)
-    for split, count in (("train", n), ("val", 10)):
+    for split, count in (("train", n), ("val", 20)):
         for i in range(count):
             d = work / "src" / split / f"c{i % 10}"
             d.mkdir(parents=True, exist_ok=True)
-            w, h = (int(v) for v in rng.integers(256, 501, 2))
+            w, h = SIZES[i % len(SIZES)]
             (d / f"{split}{i:05d}.jpg").write_bytes(synthetic_jpeg(rng, w, h))
     s = ShardSettings(train_dir=str(work / "src" / "train"), val_dir=str(work / "src" / "val"),
-                      clients=1, public_fraction=0.0, labels_per_client=1, skew=0.0,
+                      clients=1, public_fraction=0.2, labels_per_client=1, skew=0.0,
                       image_size=crop, samples_per_shard=250)
     out = str(work / "shards")
-    return out, build_imagefolder_shards(s, out, workers=1, log=lambda m: None)
-
-
-def decode_only_rate(blobs: list[bytes], seconds: float = 3.0) -> float:
-    """Single-core full PIL decode to RGB, images/s (the work no loader can avoid)."""
-    from PIL import Image
-
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        Image.open(io.BytesIO(blobs[n % len(blobs)])).convert("RGB").load()
-        n += 1
-    return n / (time.perf_counter() - t0)
-
-
-def time_batches(next_batch, batch: int, seconds: float, warmup: int = 2) -> dict:
-    """img/s of ``next_batch()`` after ``warmup`` calls (pipeline/worker start-up excluded)."""
-    for _ in range(warmup):
-        next_batch()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n < 4:
-        next_batch()
-        n += 1
-    dt = time.perf_counter() - t0
-    return {"batches": n, "seconds": round(dt, 3), "img_s": round(n * batch / dt, 1)}
-
-
-def breakdown(table: SplitTable, crop: int, n: int = 150) -> dict:
-    """Single-core ms per image of each stage of the PIL path (where the time goes)."""
-    from PIL import Image
-
-    from mhd_hpc.data.batches import normalize_images
-    from mhd_hpc.data.streams import ByteReader
-
-    reader, idx = ByteReader(table), range(min(n, len(table)))
-    out: dict[str, float] = {}
-    t0 = time.perf_counter()
-    blobs = [reader.read(i) for i in idx]
-    out["read_bytes"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for b in blobs:
-        Image.open(io.BytesIO(b)).convert("RGB").load()
-    out["decode_full"] = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
-    imgs = [decode_pil(b, crop, True, rng) for b in blobs]
-    out["train_decode_crop_resize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for b in blobs:
-        decode_pil(b, crop, False, None)
-    out["public_decode_resize_crop"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    normalize_images(np.stack(imgs), {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3})
-    out["normalise"] = time.perf_counter() - t0
-    reader.close()
-    return {k: round(1000 * v / len(blobs), 3) for k, v in out.items()}
-
-
-def dali_stages(blobs: list[bytes], batch: int, crop: int, threads: int,
-                seconds: float) -> dict:
-    """DALI img/s when the graph stops after each stage (bytes from memory, no Python reads)."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    arrays = [np.frombuffer(b, np.uint8) for b in blobs]
-
-    def source(info) -> list[np.ndarray]:
-        start = info.iteration * batch
-        return [arrays[(start + j) % len(arrays)] for j in range(batch)]
-
-    stages = {
-        "decode": lambda j: fn.decoders.image(j, output_type=types.RGB),
-        "decode+resize": lambda j: fn.resize(fn.decoders.image(j, output_type=types.RGB),
-                                             resize_shorter=round(crop / 0.875),
-                                             antialias=True, subpixel_scale=False),
-        "decode+resize+crop_normalise": lambda j: fn.crop_mirror_normalize(
-            fn.resize(fn.decoders.image(j, output_type=types.RGB),
-                      resize_shorter=round(crop / 0.875), antialias=True,
-                      subpixel_scale=False),
-            crop=(crop, crop), mean=[124.0] * 3, std=[58.0] * 3, dtype=types.FLOAT,
-            output_layout="CHW"),
-    }
-    out = {}
-    for name, graph in stages.items():
-        @pipeline_def(batch_size=batch, num_threads=threads, device_id=None)
-        def pipe(graph=graph):
-            return graph(fn.external_source(source=source, batch=True, batch_info=True,
-                                            dtype=types.UINT8, ndim=1))
-        p = pipe()
-        p.build()
-        out[name] = time_batches(p.run, batch, seconds)["img_s"]
-        del p
+    build_imagefolder_shards(s, out, workers=max(1, (os.cpu_count() or 2) - 1),
+                             log=lambda m: None)
     return out
+
+
+STREAMS = {"train": ("client_000", "train"), "public": ("public", "public")}
+
+
+def _batches(dataset: str, loader: str, batch: int, threads: int, rank: int, ranks: int,
+             device, kinds: list[str]):
+    """(get(step) -> device batches, close) through the trainer's path (or the older one)."""
+    import inspect
+
+    import torch
+
+    from mhd_hpc.data.stream_factory import open_stream
+
+    name = "loader" if "loader" in inspect.signature(open_stream).parameters else "backend"
+    streams = [open_stream(dataset, STREAMS[k][0], batch * ranks, 1, STREAMS[k][1],
+                           part=rank, num_parts=ranks, threads=threads, **{name: loader})[0]
+               for k in kinds]
+    try:
+        from mhd_hpc.devices import BatchFeed
+    except ImportError:  # an older checkout: stream.batch + to_device on the training thread
+        from mhd_hpc.devices import to_device
+
+        def get(step):
+            return [to_device(s.batch(step), device) for s in streams]
+        return get, lambda: [s.close() for s in streams]
+    feeds = [BatchFeed(s, device) for s in streams]
+
+    def get(step):
+        out = [f.batch(step) for f in feeds]
+        if device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the batch is usable: copy included
+        return out
+    return get, lambda: [f.close() or s.close() for f, s in zip(feeds, streams)]
+
+
+def _rank(rank: int, args: dict, start, results) -> None:
+    import psutil
+    import torch
+
+    torch.set_num_threads(1)
+    device = torch.device(args["device"])
+    get, close = _batches(args["dataset"], args["loader"], args["batch"], args["threads"],
+                          rank, args["ranks"], device, args["kinds"])
+    for step in range(3):  # workers and pipelines start
+        get(step)
+    start.wait()
+    me = psutil.Process()
+    cpu0 = _cpu(me)
+    t0, step, waits = time.perf_counter(), 3, []
+    while time.perf_counter() - t0 < args["seconds"]:
+        w0 = time.perf_counter()
+        get(step)
+        waits.append(time.perf_counter() - w0)
+        step += 1
+    wall = time.perf_counter() - t0
+    cpu = _cpu(me) - cpu0
+    close()
+    results.put({"rank": rank, "steps": step - 3, "wall": wall, "cpu": cpu,
+                 "wait_ms": 1000 * statistics.median(waits)})
+
+
+def _cpu(proc) -> float:
+    """CPU seconds of a process, its threads and its live children (loader workers)."""
+    total = sum(proc.cpu_times()[:2])
+    for child in proc.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except Exception:  # noqa: BLE001 - a worker that just exited
+            pass
+    return total
+
+
+def measure(dataset: str, loader: str, kinds: list[str], args: argparse.Namespace) -> dict:
+    """Every rank reads the streams ``kinds`` (train, public) step after step."""
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(args.ranks), ctx.Queue()
+    spec = {"dataset": dataset, "loader": loader, "batch": args.batch, "threads": args.threads,
+            "ranks": args.ranks, "device": args.device, "seconds": args.seconds,
+            "kinds": kinds}
+    procs = [ctx.Process(target=_rank, args=(r, spec, start, results))
+             for r in range(args.ranks)]
+    for p in procs:
+        p.start()
+    rows = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    images = sum(r["steps"] for r in rows) * args.batch * len(kinds)
+    wall = max(r["wall"] for r in rows)
+    cpu = sum(r["cpu"] for r in rows)
+    return {"loader": loader, "streams": "+".join(kinds), "ranks": args.ranks,
+            "threads": args.threads, "img_s": images / wall, "cores_busy": cpu / wall,
+            "img_s_per_core": images / cpu,
+            "train_thread_ms_per_batch": statistics.median(r["wait_ms"] for r in rows)
+            / len(kinds)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--images", type=int, default=1500)
     p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="DALI threads / DataLoader workers (default: usable cores)")
-    p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement")
-    p.add_argument("--workdir", default=None, help="keep generated data here (default: temp)")
-    p.add_argument("--json", default="bench_loader.json", help="where to write the results")
+    p.add_argument("--batch", type=int, default=32, help="per rank and stream")
+    p.add_argument("--ranks", type=int, default=2, help="processes loading at once (a node)")
+    p.add_argument("--threads", type=int, default=1, help="data.loader_threads per rank")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--loaders", default="wds,dali")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dataset", default=None, help="reuse a dataset folder (else generated)")
+    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    cores = len(os.sched_getaffinity(0))
+    from mhd_hpc.data.stream_factory import dali_available
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.workdir or tmp)
-        t0 = time.perf_counter()
-        ds, manifest = make_dataset(work, args.images, args.crop)
-        print(f"generated + sharded {manifest['counts']['client_000']} JPEGs in "
-              f"{time.perf_counter() - t0:.1f} s ({manifest['bytes']['client_000'] / 1e6:.1f} MB)")
-        table = SplitTable.load(ds, "client_000", manifest)
-        from mhd_hpc.data.streams import ByteReader
-
-        reader = ByteReader(table)
-        blobs = [reader.read(i) for i in range(len(table))]
-        single = decode_only_rate(blobs)
-        limit = single * cores
+        dataset = args.dataset or make_dataset(Path(tmp), args.images, args.crop)
         rows = []
-
-        def run(name: str, kind: str, next_batch, extra: dict | None = None) -> None:
-            res = time_batches(next_batch, args.batch, args.seconds)
-            res.update(backend=name, kind=kind, ratio=round(res["img_s"] / limit, 3),
-                       **(extra or {}))
-            rows.append(res)
-            print(f"  {name:<14}{kind:<7}{res['img_s']:>8.0f} img/s", flush=True)
-
-        for backend in (["dali"] if dali_available() else []) + ["wds"]:
-            for kind in ("train", "public"):
-                stream, _ = open_stream(ds, "client_000", args.batch, seed=0, kind=kind,
-                                        loader=backend, threads=args.threads)
-                steps, spent = iter(range(10 ** 9)), [0.0]
-                if backend == "dali":  # time the Python side of the external source
-                    read = stream._read
-
-                    def timed(idx, read=read, spent=spent):
-                        t = time.perf_counter()
-                        out = read(idx)
-                        spent[0] += time.perf_counter() - t
-                        return out
-                    stream._read = timed
-                t0 = time.perf_counter()
-                run("dali-external" if backend == "dali" else "wds-pil", kind,
-                    lambda: stream.batch(next(steps)))
-                if backend == "dali":
-                    rows[-1]["python_read_share"] = round(spent[0] / (time.perf_counter() - t0), 4)
-                stream.close()
-        if dali_available():
-            from mhd_hpc.data.dali_streams import reader_batches
-
-            paths = [str(Path(ds) / f) for f in manifest["splits"]["client_000"]]
-            for kind in ("train", "public"):
-                gen = reader_batches(paths, args.batch, args.crop, manifest["normalize"],
-                                     train=kind == "train", threads=args.threads)
-                run("dali-reader", kind, lambda: next(gen))
-        costs = breakdown(table, args.crop)
-        stages = (dali_stages(blobs, args.batch, args.crop, args.threads, args.seconds / 2)
-                  if dali_available() else {})
-
-    result = {"images": len(table), "crop": args.crop, "batch": args.batch,
-              "threads": args.threads, "cores": cores, "load_avg": os.getloadavg(),
-              "decode_only_single_core_img_s": round(single, 1),
-              "decode_only_limit_img_s": round(limit, 1), "rows": rows,
-              "pil_ms_per_image_single_core": costs, "dali_public_stages_img_s": stages}
-    lines = [f"| backend | kind | img/s | x decode-only limit ({limit:.0f} img/s = "
-             f"{single:.0f} x {cores} cores) |", "|---|---|---:|---:|"]
-    lines += [f"| {r['backend']} | {r['kind']} | {r['img_s']:.0f} | {r['ratio']:.2f} |"
-              for r in rows]
-    print("\n".join(lines))
-    print("PIL path, ms per image on one core: "
-          + ", ".join(f"{k} {v}" for k, v in costs.items()))
-    if stages:
-        print(f"DALI public graph cut after each stage ({args.threads} threads), img/s: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
-    read_share = [r["python_read_share"] for r in rows if "python_read_share" in r]
-    if read_share:
-        print(f"DALI external source: Python shard reads take {100 * max(read_share):.1f} % "
-              f"of wall time")
-    print(f"load average during the run: {os.getloadavg()[0]:.2f} on {cores} cores")
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.json}")
+        for loader in args.loaders.split(","):
+            if loader == "dali" and not dali_available():
+                print("dali: not importable, skipped", file=sys.stderr)
+                continue
+            for kinds in (["train"], ["public"], ["train", "public"]):
+                rows.append(measure(dataset, loader, kinds, args))
+                r = rows[-1]
+                print(f"{loader} {r['streams']}: {r['img_s']:.0f} img/s, {r['cores_busy']:.2f} "
+                      f"cores busy, {r['img_s_per_core']:.0f} img/s per core, training thread "
+                      f"{r['train_thread_ms_per_batch']:.2f} ms per batch", flush=True)
+    print("\n| loader | streams | ranks x threads | img/s | img/s per core busy | "
+          "training thread per batch |\n|---|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['loader']} | {r['streams']} | {r['ranks']} x {r['threads']} | "
+              f"{r['img_s']:.0f} | {r['img_s_per_core']:.0f} | "
+              f"{r['train_thread_ms_per_batch']:.2f} ms |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

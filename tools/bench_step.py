@@ -77,9 +77,10 @@ class LoopbackTargets(NoTargets):
 
 def make_batches(args, device, layout):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
+    c = getattr(args, "in_channels", 3)
+    x = torch.randn(args.batch, c, args.image_size, args.image_size, generator=g)
     y = torch.randint(0, args.classes, (args.batch,), generator=g)
-    pub = torch.randn(args.public_batch or args.batch, 3, args.image_size, args.image_size,
+    pub = torch.randn(args.public_batch or args.batch, c, args.image_size, args.image_size,
                       generator=g)
     return (x.to(device).contiguous(memory_format=layout), y.to(device),
             pub.to(device).contiguous(memory_format=layout))
@@ -87,13 +88,15 @@ def make_batches(args, device, layout):
 
 def fresh(args, device, layout):
     torch.manual_seed(0)
-    model = build_model(args.arch, args.classes, args.aux_heads, 3, args.image_size,
-                        0).to(device, memory_format=layout)
+    model = build_model(args.arch, args.classes, args.aux_heads, getattr(args, "in_channels", 3),
+                        args.image_size, 0).to(device, memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     return model, opt
 
 
-def framework_step(args, device, layout, precision):
+def framework_step(args, device, layout, precision, data: str | None = None):
+    """The trainer's step on synthetic batches, or (``data``) on the batches of a dataset's
+    client_000 and public splits, read through the trainer's own BatchFeed step by step."""
     model, opt = fresh(args, device, layout)
     x, y, pub_x = make_batches(args, device, layout)
     codec = MessageCodec(args.aux_heads, args.classes, pub_x.shape[0], args.top_k,
@@ -108,11 +111,31 @@ def framework_step(args, device, layout, precision):
     public = Batch(keys=[str(i) for i in range(pub_x.shape[0])], images=pub_x,
                    labels=torch.zeros(pub_x.shape[0], dtype=torch.int64, device=device))
     interval = Interval()
+    if data is None:
+        def run(n: int) -> None:
+            for s in range(1, n + 1):
+                interval.add(step(s, private, public))
+        return run
+    feeds = data_feeds(args, data, device, layout)
+    counter = iter(range(1, 10 ** 9))
 
-    def run(n: int) -> None:
-        for s in range(1, n + 1):
-            interval.add(step(s, private, public))
-    return run
+    def run_data(n: int) -> None:
+        for _ in range(n):
+            s = next(counter)
+            interval.add(step(s, feeds[0].batch(s), feeds[1].batch(s)))
+    return run_data
+
+
+def data_feeds(args, data: str, device, layout):
+    """BatchFeeds of ``data``'s client_000 (train) and public streams, as the trainer opens
+    them (``data.loader`` = ``args.loader``, ``args.loader_threads`` workers)."""
+    from mhd_hpc.data.stream_factory import open_stream
+    from mhd_hpc.devices import BatchFeed
+
+    opts = dict(loader=args.loader, threads=args.loader_threads, pin=device.type == "cuda")
+    private = open_stream(data, "client_000", args.batch, 1, "train", **opts)[0]
+    public = open_stream(data, "public", args.public_batch or args.batch, 2, "public", **opts)[0]
+    return BatchFeed(private, device, layout), BatchFeed(public, device, layout)
 
 
 def bare_step(args, device, layout, precision):
@@ -222,8 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec", action="store_true", help="also time pack + unpack")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler's top operators of 3 framework steps")
+    p.add_argument("--data", default=None, metavar="DATASET_DIR",
+                   help="also time the step fed by this dataset's real loader (client_000 and "
+                        "public, as tools/make_shards.py built them): the ratio to the "
+                        "synthetic step says whether the data path keeps up")
+    p.add_argument("--loader", default="auto", help="with --data: data.loader")
+    p.add_argument("--loader-threads", type=int, default=2, help="with --data")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.data:  # the model's input is the dataset's
+        from mhd_hpc.data.manifest import load_manifest
+
+        manifest = load_manifest(args.data)
+        args.image_size, args.classes = manifest["image_shape"][-1], manifest["num_classes"]
+        args.in_channels = manifest["image_shape"][0]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -247,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     result["bare_img_s"] = 1000 * images / result["bare_ms"]
     result["framework_img_s"] = 1000 * images / result["framework_ms"]
     result["ratio"] = result["framework_ms"] / result["bare_ms"]
+    if args.data:
+        result["framework_data_ms"] = timed(framework_step(args, device, layout, precision,
+                                                           args.data), device, args.warmup,
+                                            args.steps, args.repeats)
+        result["data_ratio"] = result["framework_data_ms"] / result["framework_ms"]
     if args.codec:
         result["codec_ms"] = codec_ms(args, device)
     if args.profile:
@@ -258,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  bare      {result['bare_ms']:8.1f} ms/step  {result['bare_img_s']:8.0f} img/s")
     print(f"  framework {result['framework_ms']:8.1f} ms/step  "
           f"{result['framework_img_s']:8.0f} img/s  ratio {result['ratio']:.3f}")
+    if args.data:
+        print(f"  framework fed by {args.data} ({args.loader}) "
+              f"{result['framework_data_ms']:8.1f} ms/step  data/synthetic "
+              f"{result['data_ratio']:.3f}")
     if args.codec:
         print(f"  pack + unpack (top {args.top_k}) {result['codec_ms']:.2f} ms")
     if args.json:
