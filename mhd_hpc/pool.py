@@ -52,6 +52,7 @@ class PoolEntry:
     source_step: int
     arch: str
     model: torch.nn.Module
+    made_at: float = float("nan")  # wall-clock time the sender sent it (pool_async)
 
 
 def refresh_sources(in_neighbours: list[list[int]], step: int, seed: int) -> list[int]:
@@ -76,12 +77,12 @@ class CheckpointPool:
         self.entries: list[PoolEntry] = []
 
     def insert(self, step: int, source_client: int, source_step: int, arch: str,
-               flat: np.ndarray) -> int:
+               flat: np.ndarray, made_at: float = float("nan")) -> int:
         """Add a checkpoint received at ``step``; returns the slot it went to."""
         model = self.build(arch)
         load_flat_state(model, flat)
         model.eval()  # targets come from the peer's inference mode (BN running statistics)
-        entry = PoolEntry(source_client, source_step, arch, model)
+        entry = PoolEntry(source_client, source_step, arch, model, made_at)
         if len(self.entries) < self.capacity:
             self.entries.append(entry)
             return len(self.entries) - 1

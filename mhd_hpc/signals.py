@@ -3,23 +3,26 @@
 * SIGUSR1/SIGTERM (SLURM's warning before the time limit, ``scancel``) ask for a clean stop: the
   job checkpoints at the next log step that all ranks agree on and exits with
   ``EXIT_RESUMABLE``, so that a batch script can requeue it.
-* ``MHD_INJECT_FAULT=RANK:STEP[:MODE]`` (tests) makes that rank, at that step, raise an
-  exception (``raise``, default), die by SIGKILL like ``kill -9`` (``kill``), die by SIGKILL in
-  the middle of writing its checkpoint (``kill_in_checkpoint``, the step must be a checkpoint
-  step), or send itself SIGUSR1 like SLURM before a time limit (``signal``).
+* ``MHD_INJECT_FAULT=RANK:STEP[:MODE[:FACTOR]]`` (tests, benchmarks) makes that rank, at that
+  step, raise an exception (``raise``, default), die by SIGKILL like ``kill -9`` (``kill``), die
+  by SIGKILL in the middle of writing its checkpoint (``kill_in_checkpoint``, the step must be a
+  checkpoint step), send itself SIGUSR1 like SLURM before a time limit (``signal``), or, from
+  that step on, run FACTOR times slower than it would (``slow``: after each step it sleeps
+  FACTOR - 1 times the step's own duration; a straggler, like a slower GPU or a busy node).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 __all__ = ["EXIT_CONFIG", "EXIT_RESUMABLE", "FAULT_MODES", "StopSignal", "Fault", "die"]
 
 EXIT_CONFIG = 2  # a config error: every rank stopped before training
 EXIT_RESUMABLE = 3  # stopped on a signal after a checkpoint: rerun the same command to continue
-FAULT_MODES = ("raise", "kill", "kill_in_checkpoint", "signal")
+FAULT_MODES = ("raise", "kill", "kill_in_checkpoint", "signal", "slow")
 FAULT_ENV = "MHD_INJECT_FAULT"
 
 
@@ -46,6 +49,7 @@ class Fault:
 
     step: int
     mode: str
+    factor: float = 1.0  # mode slow: how many times slower
 
     @classmethod
     def for_rank(cls, rank: int) -> "Fault | None":
@@ -54,9 +58,20 @@ class Fault:
             return None
         parts = spec.split(":")
         mode = parts[2] if len(parts) > 2 else "raise"
-        if len(parts) not in (2, 3) or mode not in FAULT_MODES:
-            raise ValueError(f"{FAULT_ENV}={spec!r}: expected RANK:STEP[:{'|'.join(FAULT_MODES)}]")
-        return cls(int(parts[1]), mode) if int(parts[0]) == rank else None
+        usage = f"{FAULT_ENV}={spec!r}: expected RANK:STEP[:{'|'.join(FAULT_MODES)}], or " \
+                "RANK:STEP:slow:FACTOR (FACTOR >= 1)"
+        if mode not in FAULT_MODES or len(parts) != (4 if mode == "slow" else len(parts)) \
+                or len(parts) not in (2, 3, 4) or (len(parts) == 4 and mode != "slow"):
+            raise ValueError(usage)
+        factor = float(parts[3]) if mode == "slow" else 1.0
+        if factor < 1:
+            raise ValueError(usage)
+        return cls(int(parts[1]), mode, factor) if int(parts[0]) == rank else None
+
+    def after_step(self, step: int, seconds: float) -> None:
+        """``slow``: stretch a step that took ``seconds`` to FACTOR times that."""
+        if self.mode == "slow" and step >= self.step:
+            time.sleep((self.factor - 1.0) * seconds)
 
     def at_step_start(self, step: int) -> None:
         """Raise, die or signal now if this is the fault's step (all modes but the checkpoint

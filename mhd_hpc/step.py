@@ -51,7 +51,12 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, *,
                  strategy: Strategy, source: TargetSource, distill: DistillSettings, seed: int,
-                 client: int, device: torch.device, precision: Precision = Precision("fp32")):
+                 client: int, device: torch.device, precision: Precision = Precision("fp32"),
+                 overlap: bool = False):
+        """``overlap`` (``exchange.overlap``): the public batch's forward pass first, its
+        outputs sent at once, then the private batch's forward and backward while they travel,
+        then the distillation terms' backward (see :meth:`_overlapped`)."""
+        self.overlap = overlap
         self.model, self.opt, self.strategy, self.source = model, opt, strategy, source
         self.distill, self.seed, self.client = distill, seed, client
         self.device, self.precision = device, precision
@@ -65,6 +70,8 @@ class TrainStep:
         """One step; ``grad_norms`` also records each loss part's gradient norm on the
         backbone (``gradnorm_<part>``, diagnostics: one extra backward pass per part)."""
         self.source.prepare(step)
+        if self.overlap:
+            return self._overlapped(step, private, public)
         b = private.images.shape[0]
         with self.precision.autocast(self.device):
             emb, logits = self.model(torch.cat([private.images, public.images]))
@@ -93,6 +100,52 @@ class TrainStep:
             terms.update(self._grad_norms(parts))
         self.opt.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return self._update(step, terms)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if loss.requires_grad:
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _overlapped(self, step: int, private: Batch, public: Batch) -> dict:
+        """The step in the order that hides the exchange: forward the public batch and offer
+        its outputs to the peers at once; forward and backward the private batch (its CE)
+        while the messages travel; then the targets, the distillation terms and their
+        backward. The two batches go through BatchNorm separately (its statistics differ from
+        the joint pass's), the gradients are the same sum of terms."""
+        with self.precision.autocast(self.device):
+            pub_emb, pub_logits = self.model(public.images)
+        pub_emb, pub_logits = pub_emb.float(), [l.float() for l in pub_logits]
+        self.source.begin_step(step, self.model)
+        self.source.offer(step, public, pub_logits, pub_emb)
+        self.opt.zero_grad(set_to_none=True)
+        loss_ce = None
+        if self.strategy.trains_private(step):
+            with self.precision.autocast(self.device):
+                _, logits = self.model(private.images)
+            loss_ce = losses.main_ce_loss(logits[0].float(), private.labels)
+            self._backward(loss_ce)
+        peers = self.source.targets(step, public, pub_logits, pub_emb)
+        self.select_gen.manual_seed(seed_of(self.seed, SELECTION, self.client, step))
+        d = self.distill
+        ramp = distill_ramp(step, d.warmup_steps)
+        loss, terms, _ = losses.mhd_loss(
+            None, pub_logits, pub_emb, peers, nu_aux=ramp * d.aux_head_weight,
+            nu_emb=ramp * d.nu_emb, selection=d.selection,
+            skip_less_confident=d.skip_less_confident, generator=self.select_gen)
+        extra = self.strategy.extra_loss(step, pub_logits)
+        if extra is not None:
+            loss = loss + sum(extra.parts.values())
+            terms.update(extra.terms)
+        self._backward(loss)
+        if loss_ce is not None:
+            terms["loss_ce"] = loss_ce.detach()
+            loss = loss.detach() + loss_ce.detach()
+        terms["loss_total"] = loss.detach()
+        self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
+        return self._update(step, terms)
+
+    def _update(self, step: int, terms: dict) -> dict:
+        """Combine the gradients (the method's rule) and take the optimizer step."""
         self.strategy.reduce_gradients([p.grad for p in self.model.parameters()
                                         if p.grad is not None])
         if self.scaler:

@@ -9,6 +9,7 @@ client), so a resumed run takes exactly the steps an uninterrupted one would hav
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,9 @@ from mhd_hpc.distributed.world import ClientLayout, World
 from mhd_hpc.evaluation import evaluate, health_after
 from mhd_hpc.losses import aux_head_weight
 from mhd_hpc.models import build_model
-from mhd_hpc.progress import Interval, Log, Recorder, TensorBoard
+from mhd_hpc.distributed.p2p import Poller
+from mhd_hpc.progress import (EVALS_TAG, ROWS_TAG, AsyncRecords, Interval, Log, Recorder,
+                              TensorBoard)
 from mhd_hpc.run.client_state import ClientState
 from mhd_hpc.run.folder import RunFolder, claim_run_dir, fingerprints
 from mhd_hpc.run.metrics_file import MetricsWriter
@@ -199,15 +202,17 @@ def make_targets(cfg: JobConfig, world: World, strategy: Strategy, graph_at, bui
         settings = PoolSettings(capacity=ex.pool_size or cfg.clients.count, every=ex.pool_every,
                                 transfer_steps=ex.pool_transfer_steps, delta=delta, seed=seed,
                                 timeout_s=ex.timeout_s, send_embedding=send_embedding,
-                                precision=precision)
+                                precision=precision, asynchronous=ex.pool_async)
         return PoolTargets(world, graph_at, cfg.client_archs(), build, settings)
+    drop = ex.late_peers == "drop"
     exchange = ClientExchange(world, num_heads=model.num_heads - 1,  # the last head: no target
                               num_classes=data.num_classes,
                               batch_size=cfg.data.public_batch_size, top_k=ex.top_k,
                               embedding_dim=model.embedding_dim if send_embedding else 0,
-                              timeout_s=ex.timeout_s, device=device)
+                              timeout_s=ex.timeout_s, device=device,
+                              late_deadline_s=ex.late_deadline_s if drop else None)
     return LiveTargets(world, graph_at, exchange, data.public, delta=delta, seed=seed,
-                       send_embedding=send_embedding)
+                       send_embedding=send_embedding, drops_late=drop)
 
 
 def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
@@ -249,7 +254,8 @@ def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
         nu_emb=dist.nu_emb if strategy.exchanges_targets else 0.0, selection=dist.selection,
         skip_less_confident=dist.skip_less_confident, warmup_steps=dist.warmup_steps)
     step = TrainStep(model, opt, strategy=strategy, source=source, distill=distill,
-                     seed=cfg.run.seed, client=world.client, device=device, precision=precision)
+                     seed=cfg.run.seed, client=world.client, device=device, precision=precision,
+                     overlap=cfg.exchange.overlap)
     return Client(model, opt, source, intra, strategy, step, graph_at, layout)
 
 
@@ -316,15 +322,27 @@ class Session:
     recorder: Recorder | None  # the root's
     stop: StopSignal
     fault: Fault | None
+    records: AsyncRecords | None = None  # the root's, exchange.pool_async
+
+    @property
+    def asynchronous(self) -> bool:
+        """exchange.pool_async: no collective over all ranks while training."""
+        return self.cfg.exchange.pool_async
 
 
 def evaluate_all(s: Session, step: int) -> None:
-    """Collective: every leader evaluates its client; the root records, checks and prints."""
+    """Collective: every leader evaluates its client; the root records, checks and prints.
+    (pool_async: the leaders post their results to the root, which records complete steps.)"""
     client, data = s.client, s.data
     result = (evaluate(client.model, data.test, data.num_classes, s.device,
                        precision=client.train_step.precision,
                        memory_format=client.memory_format, probe_train=data.probe)
               if s.world.is_leader else None)
+    if s.asynchronous:
+        if result is not None:
+            s.world.post_to_root((step, s.world.client, *result), EVALS_TAG)
+        collect(s)
+        return
     results = [r for r in s.world.gather(result) or [] if r is not None]  # one per client
     if s.recorder is not None:
         s.recorder.evaluation(step, [a for a, _ in results], [p for _, p in results],
@@ -337,9 +355,34 @@ def log_interval(s: Session, interval: Interval, step: int, lr: float) -> None:
     client.train_step.check_finite(step)
     sent, received, waited = client.source.take_counters()
     row = interval.row(sent + client.strategy.take_bytes(), received, waited, lr)
+    if s.asynchronous:
+        s.world.post_to_root((step, (s.world.client, row)), ROWS_TAG)
+        collect(s)
+        return
     rows = s.world.gather((s.world.client, row))
     if s.recorder is not None:
         s.recorder.train_rows(step, rows)
+
+
+def collect(s: Session, until_complete: bool = False) -> None:
+    """Root, pool_async: record what the ranks have posted (at the end: until all is in)."""
+    if s.records is None:
+        return
+    poll = Poller()
+    while True:
+        s.records.take(s.world.root_collect(ROWS_TAG), s.world.root_collect(EVALS_TAG))
+        if not until_complete or s.records.complete:
+            return
+        poll.pause()
+
+
+def finish(s: Session) -> None:
+    """Collective: settle the messages still in flight (late ones, pool transfers) and, when
+    clients ran at their own pace, every post to the root (which records the last steps)."""
+    s.client.source.finish()
+    if s.asynchronous:
+        s.world.settle_posts(s.cfg.exchange.timeout_s)
+        collect(s, until_complete=True)
 
 
 def run(cfg: JobConfig, world: World) -> int:
@@ -373,8 +416,11 @@ def run(cfg: JobConfig, world: World) -> int:
         recorder = open_recorder(cfg, setup, client, data, log, start) if world.is_root else None
         if recorder:
             held.callback(recorder.close)
-        return train(Session(cfg, world, log, device, data, client, state, recorder, stop,
-                             fault), start)
+        session = Session(cfg, world, log, device, data, client, state, recorder, stop, fault)
+        if recorder and session.asynchronous:
+            session.records = AsyncRecords(recorder, world.size, cfg.clients.count,
+                                           lambda step: hops_at(client, step))
+        return train(session, start)
 
 
 def train(s: Session, start: int) -> int:
@@ -407,16 +453,21 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
         private, public = private_feed.batch(step), public_feed.batch(step)
         last = step == r.steps
         logging = step % r.log_every == 0 or last
+        started = time.perf_counter()
         interval.add(client.train_step(step, private, public,
                                        grad_norms=logging and cfg.eval.grad_norms))
+        if fault:  # a straggler (MHD_INJECT_FAULT=RANK:STEP:slow:FACTOR) takes longer
+            fault.after_step(step, time.perf_counter() - started)
 
         stopping = False
         with interval.paused():  # ms/step counts training steps only
             if logging:
                 log_interval(s, interval, step, lr(step))
-                # A signal reaches ranks at different steps: agree on one step to stop at.
-                stopping = world.max_over_ranks(1.0 if s.stop.received else 0.0) > 0 \
-                    and not last
+                # A signal reaches ranks at different steps: agree on one step to stop at (at
+                # their own pace, a client's ranks agree among themselves).
+                got = s.stop.received is not None
+                stopping = (world.client_any(got) if s.asynchronous
+                            else world.max_over_ranks(1.0 if got else 0.0) > 0) and not last
             evaluating = step % r.eval_every == 0 or last
             saving = step % r.checkpoint_every == 0 or last or stopping
             if evaluating or saving:
@@ -430,10 +481,12 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
                 s.state.save(step, model, opt, client.source, client.train_step.scaler,
                              before_commit=die if fault and fault.in_checkpoint(step) else None)
         if stopping:
+            finish(s)
             world.barrier()
             s.log(f"stopping at step {step} on signal {s.stop.received}: checkpoint saved; "
                   f"rerun the same command to continue (exit code {EXIT_RESUMABLE})")
             return EXIT_RESUMABLE
+    finish(s)
     world.barrier()
     for line in s.recorder.closing_lines() if s.recorder else []:
         s.log(line)

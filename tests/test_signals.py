@@ -17,3 +17,20 @@ def test_fault_spec_is_parsed_for_its_rank_only(monkeypatch):
     monkeypatch.setenv("MHD_INJECT_FAULT", "0:3:explode")
     with pytest.raises(ValueError, match="RANK:STEP"):
         Fault.for_rank(0)
+
+
+def test_a_straggler_is_stretched_by_its_factor(monkeypatch):
+    import time
+
+    monkeypatch.setenv("MHD_INJECT_FAULT", "0:5:slow:3")
+    fault = Fault.for_rank(0)
+    assert fault.mode == "slow" and fault.factor == 3.0
+    t0 = time.perf_counter()
+    fault.after_step(4, 0.05)  # before its step: full speed
+    assert time.perf_counter() - t0 < 0.03
+    fault.after_step(5, 0.05)  # from its step on: 2 x 50 ms more
+    assert time.perf_counter() - t0 >= 0.1
+    for bad in ("0:5:slow", "0:5:slow:0.5", "0:5:kill:3"):
+        monkeypatch.setenv("MHD_INJECT_FAULT", bad)
+        with pytest.raises(ValueError, match="FACTOR"):
+            Fault.for_rank(0)

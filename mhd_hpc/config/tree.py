@@ -223,6 +223,28 @@ class ExchangeConfig:
                     "predictions")
     top_k: int = doc("Send only the k largest probabilities (+ indices) per head and sample; "
                      "0 = the full distribution.", 0)
+    overlap: bool = doc("Hide the exchange behind work that needs no peer: the public batch's "
+                        "forward pass first and its outputs sent at once, then the private "
+                        "batch's forward and backward while they travel, then the distillation "
+                        "terms. BatchNorm then sees the two batches separately, so results "
+                        "differ from the joint pass (off: one forward pass over both batches; "
+                        "see the README for what was measured).", False, added=False)
+    late_peers: str = doc("mode=predictions: what a client does when a peer's message is late: "
+                          "'wait' for it (lock-step; the default, reproducible) or 'drop' it "
+                          "after exchange.late_deadline_s (the peer is left out of that step's "
+                          "candidates, its message received and discarded when it comes; "
+                          "train/dropped_peers counts them). 'drop' keeps fast clients from "
+                          "waiting for a slow one, at the price of runs that depend on timing.",
+                          "wait", added="wait")
+    late_deadline_s: float = doc("late_peers=drop: seconds a client waits for its peers' "
+                                 "messages once its own outputs are sent.", 0.05, added=0.05)
+    pool_async: bool = doc("mode=pool: clients at their own pace: each sends its weights every "
+                           "pool_every of its own steps and inserts a peer's checkpoint as soon "
+                           "as it arrives, never waiting for one (log rows and evaluations go "
+                           "to the root point to point); the teachers' age, in the sender's "
+                           "steps and in seconds, is recorded (train/staleness, "
+                           "train/staleness_s). Not reproducible: arrivals depend on timing.",
+                           False, added=False)
     timeout_s: float = doc("Seconds to wait for a peer's message before failing with the peer "
                            "named.", 300.0, on_resume=BOOKKEEPING)
     pool_size: int = doc("mode=pool: N_P, peer checkpoints kept per client (0 = clients.count).",

@@ -162,6 +162,21 @@ def _check_exchange(cfg: JobConfig) -> None:
     if ex.mode == "pool" and cfg.method != "mhd":
         raise ConfigError("exchange.mode", f"pool mode is a way to run method=mhd, not "
                           f"method={cfg.method}")
+    _choice("exchange.late_peers", ex.late_peers, ("wait", "drop"))
+    _positive("exchange.late_deadline_s", ex.late_deadline_s)
+    if ex.late_peers == "drop":
+        if ex.mode != "predictions":
+            raise ConfigError("exchange.late_peers", "drop applies to exchange.mode=predictions "
+                              "(pool mode never waits with exchange.pool_async=true)")
+        if len(set(cfg.client_ranks())) > 1:
+            raise ConfigError("exchange.late_peers", "drop needs every client to have the same "
+                              "number of ranks (the leaders' relay between clients of "
+                              f"different rank counts waits), got {cfg.client_ranks()}")
+    if ex.overlap and cfg.eval.grad_norms:
+        raise ConfigError("eval.grad_norms", "the per-term gradient norms need one graph of "
+                          "all terms: set exchange.overlap=false to record them")
+    if ex.pool_async and ex.mode != "pool":
+        raise ConfigError("exchange.pool_async", "applies to exchange.mode=pool")
     _positive("exchange.pool_size", ex.pool_size, allow_zero=True)
     _positive("exchange.pool_every", ex.pool_every)
     _positive("exchange.pool_transfer_steps", ex.pool_transfer_steps, allow_zero=True)

@@ -26,7 +26,7 @@ import torch
 from mpi4py import MPI
 
 from mhd_hpc.codec import MessageCodec
-from mhd_hpc.distributed.p2p import ExchangeError, TrafficCounters, wait_until
+from mhd_hpc.distributed.p2p import ExchangeError, Poller, TrafficCounters, wait_until
 from mhd_hpc.distributed.world import World
 from mhd_hpc.losses import PeerOutputs
 
@@ -44,22 +44,37 @@ def _host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
 
 
 class PredictionExchange(TrafficCounters):
-    """The messages of one job between pairs of ranks: post receives, send, wait."""
+    """The messages of one job between pairs of ranks: post receives, send, wait.
+
+    ``late_deadline_s`` (``exchange.late_peers: drop``): ``wait`` gives each receive that much
+    time after this rank's own outputs are ready; a peer whose message is not there by then is
+    left out of the step's candidates (``dropped``), its receive stays posted and what arrives
+    later is checked and discarded. Sends are then never waited for either (a slow receiver
+    must not hold a fast sender back): each step sends from a buffer no send still reads.
+    Without it (``wait``, the default) every step waits for all of its messages.
+    """
 
     def __init__(self, world: World, *, num_heads: int, num_classes: int, batch_size: int,
                  top_k: int, embedding_dim: int, timeout_s: float,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", late_deadline_s: float | None = None):
         super().__init__()
         self.world, self.timeout_s, self.device = world, timeout_s, torch.device(device)
+        self.late_deadline_s = late_deadline_s
         self.codec = MessageCodec(num_heads, num_classes, batch_size, top_k, embedding_dim)
         self.message_bytes = self.codec.message_bytes
-        self._send_buf = _host_buffer(self.message_bytes, self.device)
         self._finite = torch.empty((), dtype=torch.bool, pin_memory=self.device.type == "cuda")
-        self._recv_bufs: dict[int, torch.Tensor] = {}
-        self._pending: list = []  # (request, owner client, is_receive)
+        self._free_recv: dict[int, list[torch.Tensor]] = {}  # per peer: buffers not in use
+        self._sends: list[tuple[list, torch.Tensor]] = []  # (requests, buffer) still sending
+        self._spare_send: list[torch.Tensor] = []
+        self._pending: list = []  # this step's (request, owner client, is_receive, buffer)
+        self._late: list = []  # (request, peer, buffer, step) receives left behind (drop)
         self._decoded: torch.cuda.Event | None = None  # last copies out of the receive buffers
         self._step = -1
         self._rank_of: Callable[[int], int] = world.rank_of_client
+        self.dropped = 0  # peers left out since the last take_dropped()
+        self.late_discarded = 0  # late messages received and discarded
+        self._side: torch.cuda.Stream | None = None  # deferred sends' copies (GPU)
+        self._deferred: tuple | None = None  # a send whose copy is in flight
 
     # -- host messages (whole buffers; the leaders' relay and the tests use these) ------------
     def pack(self, step: int, key_hash: int, client: int, head_probs: list[torch.Tensor],
@@ -100,21 +115,48 @@ class PredictionExchange(TrafficCounters):
         if self._decoded is not None:  # MPI must not overwrite a buffer the GPU still copies
             self._decoded.synchronize()
             self._decoded = None
+        self._reap_late()
         for j in receive_from:
-            if j not in self._recv_bufs:
-                self._recv_bufs[j] = _host_buffer(self.message_bytes, self.device)
-            request = self.world.comm.Irecv([self._recv_bufs[j].numpy(), MPI.BYTE],
-                                            source=self._rank_of(j), tag=_TAG)
-            self._pending.append((request, j, True))
+            free = self._free_recv.setdefault(j, [])
+            buf = free.pop() if free else _host_buffer(self.message_bytes, self.device)
+            request = self.world.comm.Irecv([buf.numpy(), MPI.BYTE], source=self._rank_of(j),
+                                            tag=_TAG)
+            self._pending.append((request, j, True, buf))
+
+    def _send_buffer(self) -> torch.Tensor:
+        """A host buffer no send still reads (one, reused, when every step waits for its
+        sends; a few in flight with ``late_deadline_s``)."""
+        still = []
+        for requests, buf in self._sends:
+            if all(r.Test() for r in requests):
+                self._spare_send.append(buf)
+            else:
+                still.append((requests, buf))
+        self._sends = still
+        return self._spare_send.pop() if self._spare_send else \
+            _host_buffer(self.message_bytes, self.device)
 
     def send(self, key_hash: int, head_probs: list[torch.Tensor],
-             embedding: torch.Tensor | None, send_to: list[int]) -> None:
-        """Encode on the device, one copy to the host buffer, and ``Isend`` to ``send_to``."""
+             embedding: torch.Tensor | None, send_to: list[int], defer: bool = False) -> None:
+        """Encode on the device, one copy to the host buffer, and ``Isend`` to ``send_to``.
+
+        ``defer`` (the overlapped step on a GPU): the copy runs on a side stream after the
+        outputs, and the sends are posted by :meth:`wait` (or :meth:`post_deferred`) once it
+        has landed: the host never waits here, so it goes on queueing the private batch's
+        work while the public outputs travel."""
         if not send_to:
             return
+        if defer and head_probs and head_probs[0].is_cuda:
+            return self._send_later(key_hash, head_probs, embedding, send_to)
+        if head_probs and head_probs[0].is_cuda:
+            # The rank's own forward pass is not the exchange's cost: wait for it untimed, so
+            # that exchange_wait_s counts the encode, the copy and the wait for peers only.
+            own = torch.cuda.Event()
+            own.record()
+            own.synchronize()
         t0 = time.perf_counter()
         payload, finite = self.codec.encode_payload(head_probs, embedding)
-        host = self._send_buf
+        host = self._send_buffer()
         host[self.message_bytes - self.codec.payload_bytes:].copy_(payload, non_blocking=True)
         self._finite.copy_(finite, non_blocking=True)
         if payload.is_cuda:  # MPI reads host memory: the copies must have landed
@@ -125,29 +167,119 @@ class PredictionExchange(TrafficCounters):
             raise FloatingPointError(f"client {self.world.client}: non-finite outputs at step "
                                      f"{self._step} (training diverged: lower optim.lr or check "
                                      "the data); nothing was sent to its peers")
-        message = host.numpy()
-        self.codec.write_header(message, self._step, key_hash, self.world.client)
-        for i in send_to:
-            request = self.world.comm.Isend([message, MPI.BYTE], dest=self._rank_of(i), tag=_TAG)
-            self._pending.append((request, i, False))
-        self.bytes_sent += self.message_bytes * len(send_to)
+        self._post_sends(host, key_hash, send_to)
         self.wait_seconds += time.perf_counter() - t0  # the exchange's cost: encode, copy, post
 
+    def _send_later(self, key_hash, head_probs, embedding, send_to) -> None:
+        payload, finite = self.codec.encode_payload(head_probs, embedding)
+        host = self._send_buffer()
+        side = self._side = self._side or torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            host[self.message_bytes - self.codec.payload_bytes:].copy_(payload, non_blocking=True)
+            self._finite.copy_(finite, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(side)
+        payload.record_stream(side)
+        self._deferred = (host, key_hash, send_to, copied)
+
+    def post_deferred(self) -> None:
+        """Post the sends of a deferred :meth:`send` (waits for its copy, if it has not
+        landed yet)."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return
+        t0 = time.perf_counter()
+        host, key_hash, send_to, copied = deferred
+        copied.synchronize()
+        if not bool(self._finite):
+            raise FloatingPointError(f"client {self.world.client}: non-finite outputs at step "
+                                     f"{self._step} (training diverged: lower optim.lr or check "
+                                     "the data); nothing was sent to its peers")
+        self._post_sends(host, key_hash, send_to)
+        self.wait_seconds += time.perf_counter() - t0
+
+    def _post_sends(self, host: torch.Tensor, key_hash: int, send_to: list[int]) -> None:
+        message = host.numpy()
+        self.codec.write_header(message, self._step, key_hash, self.world.client)
+        requests = []
+        for i in send_to:
+            request = self.world.comm.Isend([message, MPI.BYTE], dest=self._rank_of(i), tag=_TAG)
+            self._pending.append((request, i, False, host))
+            requests.append(request)
+        self._sends.append((requests, host))
+        self.bytes_sent += self.message_bytes * len(send_to)
+
     def wait(self, key_hash: int) -> list[PeerOutputs]:
-        """Wait for everything posted this step (with a deadline that names the missing peers)
-        and decode the receives, in the order they were posted, onto ``self.device``."""
+        """Wait for this step's receives (all of them, with a deadline that names the missing
+        peers; or, with ``late_deadline_s``, those in time) and decode them, in the order they
+        were posted, onto ``self.device``."""
+        self.post_deferred()
         t0 = time.perf_counter()  # waiting starts here (the forward pass ran since posting)
         pending, self._pending = self._pending, []
-        if pending:
-            self._wait_all(pending)
-        received = [j for _, j, is_recv in pending if is_recv]
-        out = [self.unpack(self._recv_bufs[j].numpy(), self._step, key_hash, j)
-               for j in received]
+        if self.late_deadline_s is None:
+            if pending:
+                self._wait_all(pending)
+            received = [(j, buf) for _, j, is_recv, buf in pending if is_recv]
+        else:
+            received = self._wait_in_time([p for p in pending if p[2]], t0)
+        out = [self.unpack(buf.numpy(), self._step, key_hash, j) for j, buf in received]
+        for j, buf in received:
+            self._free_recv[j].append(buf)
         if received and self.device.type == "cuda":
             self._decoded = torch.cuda.Event()
             self._decoded.record()
         self.bytes_received += self.message_bytes * len(received)
         self.wait_seconds += time.perf_counter() - t0
+        return out
+
+    def _wait_in_time(self, receives: list, t0: float) -> list[tuple[int, torch.Tensor]]:
+        """Poll until every receive is in or the deadline passes; the late ones stay posted
+        (their messages are discarded when they come). Sends are not waited for."""
+        deadline = t0 + self.late_deadline_s
+        requests = [r for r, _, _, _ in receives]
+        poll = Poller()
+        while requests and not MPI.Request.Testall(requests) and time.perf_counter() < deadline:
+            poll.pause()
+        received = []
+        for request, j, _, buf in receives:
+            if request.Test():
+                received.append((j, buf))
+            else:
+                self._late.append((request, j, buf, self._step))
+                self.dropped += 1
+        return received
+
+    def _reap_late(self) -> None:
+        """Receive (and check, and discard) late messages that have arrived meanwhile."""
+        still = []
+        for request, j, buf, step in self._late:
+            if request.Test():
+                got_step, _, sender = self.codec.read_header(buf.numpy())
+                if (got_step, sender) != (step, j):
+                    raise ExchangeError(f"{self.world.where()}: a late message from client {j} "
+                                        f"was for step {got_step} from client {sender}, "
+                                        f"expected step {step}")
+                self._free_recv[j].append(buf)
+                self.late_discarded += 1
+                self.bytes_received += self.message_bytes
+            else:
+                still.append((request, j, buf, step))
+        self._late = still
+
+    def drain(self) -> None:
+        """Settle every late receive and send still in flight (when the job ends: MPI must not
+        finalise with requests open)."""
+        requests = [r for r, *_ in self._late] + [r for rs, _ in self._sends for r in rs]
+        if requests:
+            wait_until(lambda: MPI.Request.Testall(requests), self.timeout_s,
+                       lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s "
+                               "settling late messages at the end (exchange.timeout_s)")
+        self._reap_late()
+        self._sends = []
+
+    def take_dropped(self) -> int:
+        out, self.dropped = self.dropped, 0
         return out
 
     def exchange(self, step: int, key_hash: int, head_probs: list[torch.Tensor],
@@ -160,12 +292,12 @@ class PredictionExchange(TrafficCounters):
         return self.wait(key_hash)
 
     def _wait_all(self, pending: list) -> None:
-        requests = [r for r, _, _ in pending]
+        requests = [r for r, _, _, _ in pending]
 
         def missing() -> str:
             return ", ".join(f"{'receive from' if is_recv else 'send to'} client {j} "
                              f"(rank {self._rank_of(j)})"
-                             for r, j, is_recv in pending if not r.Test())
+                             for r, j, is_recv, _ in pending if not r.Test())
         wait_until(lambda: MPI.Request.Testall(requests), self.timeout_s,
                    lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
                            f"step {self._step} waiting to {missing()} (exchange.timeout_s)")
@@ -184,15 +316,19 @@ class ClientExchange:
 
     def __init__(self, world: World, *, num_heads: int, num_classes: int, batch_size: int,
                  top_k: int, embedding_dim: int, timeout_s: float,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", late_deadline_s: float | None = None):
+        """``late_deadline_s``: leave out peers whose messages are late (direct exchanges
+        only: the leaders' relay always waits; the config requires equal rank counts)."""
         self.world = world
         self.slice_size = batch_size // world.local_size
         layout = dict(num_heads=num_heads, num_classes=num_classes, top_k=top_k,
                       embedding_dim=embedding_dim, timeout_s=timeout_s, device=device)
-        self.slice = PredictionExchange(world, batch_size=self.slice_size, **layout)
+        self.slice = PredictionExchange(world, batch_size=self.slice_size,
+                                        late_deadline_s=late_deadline_s, **layout)
         self.whole = PredictionExchange(world, batch_size=batch_size, **layout)
         self._direct: tuple[list[int], list[int]] = ([], [])
         self._relayed: tuple[list[int], list[int]] = ([], [])
+        self._sent = False  # this step's direct sends are posted (overlapped step)
 
     def post_receives(self, step: int, send_to: list[int], receive_from: list[int]) -> None:
         """Before the forward pass: post the direct (same rank count) receives."""
@@ -208,15 +344,25 @@ class ClientExchange:
                                  rank_of=lambda c: w.peer_rank(c, w.local_rank))
         self._step = step
 
+    def send(self, slice_hash: int, head_probs: list[torch.Tensor],
+             embedding: torch.Tensor | None, defer: bool = False) -> None:
+        """As soon as the public outputs exist: the direct sends (``defer``: see
+        :meth:`PredictionExchange.send`)."""
+        self.slice.send(slice_hash, head_probs, embedding, self._direct[0], defer=defer)
+        self._sent = True
+
     def complete(self, slice_hash: int, batch_hash: int, head_probs: list[torch.Tensor],
                  embedding: torch.Tensor | None) -> list[PeerOutputs]:
-        """After the forward pass: send, relay through the leaders where needed, and wait."""
-        self.slice.send(slice_hash, head_probs, embedding, self._direct[0])
+        """After the forward pass: send (unless :meth:`send` did), relay through the leaders
+        where needed, and wait."""
+        if not self._sent:
+            self.slice.send(slice_hash, head_probs, embedding, self._direct[0])
+        self._sent = False
         got = {p.client: p for p in self.slice.wait(slice_hash)}
         if self._relayed[0] or self._relayed[1]:  # the same decision on every rank of the client
             got.update(self._through_leaders(self._step, batch_hash, head_probs, embedding,
                                              *self._relayed))
-        return [got[j] for j in self._receive_from]
+        return [got[j] for j in self._receive_from if j in got]  # late peers left out
 
     def _through_leaders(self, step, batch_hash, head_probs, embedding, send_to, receive_from):
         w, b = self.world, self.slice_size
@@ -239,6 +385,13 @@ class ClientExchange:
         mine = w.client_scatter_bytes(scatter, size * len(receive_from))
         return {j: self.slice.unpack(mine[k * size:(k + 1) * size], step, batch_hash, j)
                 for k, j in enumerate(receive_from)}
+
+    def take_dropped(self) -> int:
+        """Peers left out for being late since the last call."""
+        return self.slice.take_dropped()
+
+    def drain(self) -> None:
+        self.slice.drain()
 
     def take_counters(self) -> tuple[int, int, float]:
         """Direct (slice) traffic plus, on leaders, the whole-batch traffic they relay."""

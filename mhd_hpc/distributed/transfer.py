@@ -124,3 +124,78 @@ class WeightTransfer(TrafficCounters):
         wait_until(request.Test, self.timeout_s,
                     lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
                             f"step {step} waiting to {what} (exchange.timeout_s)")
+
+
+_ASYNC_TAG = 19
+_ASYNC_HEADER = np.dtype([("step", "<i8"), ("sender", "<i8"), ("count", "<i8"),
+                          ("sent_at", "<f8")])
+
+
+class AsyncWeightTransfer(TrafficCounters):
+    """Pool mode at every client's own pace (``exchange.pool_async``): a sender posts its
+    weights at its own refresh steps and never waits for them to leave (a destination whose
+    previous checkpoint is still in flight is skipped this time, ``skipped``); a receiver keeps
+    one receive from any client posted and takes whatever has arrived at each step. A message
+    carries the sender's step and the wall-clock time it was sent, for the teachers' age."""
+
+    def __init__(self, world: World, timeout_s: float, max_values: int):
+        """``max_values``: the largest flat state any peer may send (the receive buffer)."""
+        super().__init__()
+        self.world, self.timeout_s = world, timeout_s
+        self._buf = np.empty(_ASYNC_HEADER.itemsize + 4 * max_values, dtype=np.uint8)
+        self._recv = None
+        self._sends: dict[int, tuple[object, np.ndarray]] = {}  # destination -> in flight
+        self.skipped = 0
+
+    def _post(self) -> None:
+        self._recv = self.world.comm.Irecv([self._buf, MPI.BYTE], source=MPI.ANY_SOURCE,
+                                           tag=_ASYNC_TAG)
+
+    def send(self, step: int, flat: np.ndarray, to_clients: list[int]) -> None:
+        header = np.array([(step, self.world.client, flat.size, time.time())],
+                          dtype=_ASYNC_HEADER)
+        buf = np.concatenate([header.view(np.uint8), flat.astype(np.float32).view(np.uint8)])
+        for dest in to_clients:
+            busy = self._sends.get(dest)
+            if busy is not None and not busy[0].Test():
+                self.skipped += 1  # the last one has not even left: this one would queue
+                continue
+            request = self.world.comm.Isend([buf, MPI.BYTE], dest=self.world.rank_of_client(dest),
+                                            tag=_ASYNC_TAG)
+            self._sends[dest] = (request, buf)  # the buffer must outlive the send
+            self.bytes_sent += buf.nbytes
+
+    def arrived(self) -> list[tuple[int, int, float, np.ndarray]]:
+        """Every checkpoint that has arrived since the last call: (sender, its step, seconds
+        since it was sent, weights), in arrival order; never waits."""
+        if self._recv is None:
+            self._post()
+        out = []
+        status = MPI.Status()
+        while self._recv.Test(status):
+            nbytes = status.Get_count(MPI.BYTE)
+            header = self._buf[:_ASYNC_HEADER.itemsize].view(_ASYNC_HEADER)[0]
+            count = int(header["count"])
+            if nbytes != _ASYNC_HEADER.itemsize + 4 * count:
+                raise ExchangeError(f"{self.world.where()}: a checkpoint from client "
+                                    f"{int(header['sender'])} has {nbytes} bytes, its header "
+                                    f"says {count} values")
+            flat = self._buf[_ASYNC_HEADER.itemsize:nbytes].view(np.float32).copy()
+            out.append((int(header["sender"]), int(header["step"]),
+                        time.time() - float(header["sent_at"]), flat))
+            self.bytes_received += nbytes
+            self._post()
+        self._sends = {d: s for d, s in self._sends.items() if not s[0].Test()}
+        return out
+
+    def sends_done(self) -> bool:
+        self._sends = {d: s for d, s in self._sends.items() if not s[0].Test()}
+        return not self._sends
+
+    def close(self) -> None:
+        """The last receive, which nobody will match any more, is cancelled (every sender is
+        done: the caller agreed on that with everyone)."""
+        if self._recv is not None:
+            self._recv.Cancel()
+            self._recv.Wait()
+            self._recv = None

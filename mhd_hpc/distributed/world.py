@@ -73,6 +73,8 @@ class World:
         self.client_comm: Any = None  # the ranks of this rank's client
         self.local_rank, self.local_size = 0, 1
         self._slice_comm: Any = None  # ranks with the same client-local rank (FedMD)
+        self._to_root: list = []  # non-blocking sends to the root still in flight
+        self._root_own: dict[int, list] = {}  # what the root posted to itself, by tag
 
     # -- mapping -----------------------------------------------------------------------------
     def assign_clients(self, layout: ClientLayout) -> None:
@@ -170,6 +172,37 @@ class World:
         if self._slice_comm is None:  # collective: every rank creates it at the same call
             self._slice_comm = self.comm.Split(color=self.local_rank, key=self.rank)
         return _mean_over(self._slice_comm, tensors)
+
+    # -- to the root without waiting (clients at their own pace) ---------------------------
+    def post_to_root(self, obj: Any, tag: int) -> None:
+        """``obj`` (small, pickled) to the root without waiting for it to be received; the
+        root keeps its own. (Log rows and evaluations of clients that run at their own pace.)"""
+        if self.is_root:
+            self._root_own.setdefault(tag, []).append(obj)
+            return
+        self._to_root = [r for r in self._to_root if not r.Test()]
+        self._to_root.append(self.comm.isend(obj, dest=0, tag=tag))
+
+    def root_collect(self, tag: int) -> list:
+        """Root: everything posted with ``tag`` that has arrived (its own first)."""
+        out = self._root_own.pop(tag, [])
+        status = MPI.Status()
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
+            out.append(self.comm.recv(source=status.Get_source(), tag=tag))
+        return out
+
+    def settle_posts(self, timeout_s: float) -> None:
+        """Wait until every post to the root has left (the end of a run)."""
+        from mhd_hpc.distributed.p2p import wait_until
+
+        wait_until(lambda: all(r.Test() for r in self._to_root), timeout_s,
+                   lambda: f"{self.where()}: log rows to the root still unsent after "
+                           f"{timeout_s:.0f} s")
+        self._to_root = []
+
+    def client_any(self, flag: bool) -> bool:
+        """Whether any rank of this client has ``flag`` (a collective of the client only)."""
+        return any(self.client_allgather(bool(flag))) if self.local_size > 1 else bool(flag)
 
     def max_over_ranks(self, value: float) -> float:
         return float(self.comm.allreduce(value, op=MPI.MAX))

@@ -1,0 +1,62 @@
+"""Clients of different speeds under real mpirun: a straggler (MHD_INJECT_FAULT ...:slow:3),
+prediction mode dropping late peers, pool mode at every client's own pace, and the overlapped
+step. (Their speed is measured by tools/bench_stragglers.py, not here.)"""
+
+import h5py
+import numpy as np
+
+from conftest import SMALL, run_mpi, train_args
+
+JOB = [*SMALL, "clients.count=4", "run.steps=60", "run.eval_every=30", "run.log_every=10",
+       "run.checkpoint_every=30"]
+SLOW = {"MHD_INJECT_FAULT": "3:1:slow:3"}
+
+
+def train(run_dir):
+    with h5py.File(run_dir / "metrics.h5", "r") as f:
+        return {k: f[f"train/{k}"][()] for k in f["train"]}, f["eval/step"][()]
+
+
+def test_late_peers_are_dropped_and_the_run_ends_cleanly(tmp_path, data_root):
+    run = tmp_path / "drop"
+    res = run_mpi(4, train_args(run, data_root, *JOB, "exchange.late_peers=drop",
+                                "exchange.late_deadline_s=0.01"), env=SLOW, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows, evals = train(run)
+    assert list(evals) == [30, 60] and list(rows["step"]) == [10, 20, 30, 40, 50, 60]
+    dropped = rows["dropped_peers"]  # (rows, clients): peers left out per step
+    assert np.nansum(dropped[:, :3]) > 0  # the fast clients left the straggler out
+    # The straggler is behind: what it needs has arrived; it never waits past the deadline.
+    assert np.all(np.isfinite(rows["loss_total"]))
+
+
+def test_asynchronous_pool_mode_lets_fast_clients_run_ahead(tmp_path, data_root):
+    run = tmp_path / "async"
+    res = run_mpi(4, train_args(run, data_root, *JOB, "exchange.mode=pool",
+                                "exchange.pool_async=true", "exchange.pool_every=10"),
+                  env=SLOW, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows, evals = train(run)
+    assert list(evals) == [30, 60] and list(rows["step"]) == [10, 20, 30, 40, 50, 60]
+    wall = rows["wall_s"][-1]  # each client's own loop time at its last step
+    assert wall[3] > 1.5 * wall[:3].max(), wall  # nobody waited for the straggler
+    ages = rows["staleness_s"]
+    assert np.nanmax(ages) > 0  # the teachers' age in seconds is recorded
+
+
+def test_the_overlapped_step_trains(tmp_path, data_root):
+    run = tmp_path / "overlap"
+    res = run_mpi(4, train_args(run, data_root, *JOB, "exchange.overlap=true"), timeout=300)
+    assert res.returncode == 0, res.stderr
+    with h5py.File(run / "metrics.h5", "r") as f:
+        priv = f["eval/beta_priv"][-1][:, 0]
+        dist = f.attrs["label_distribution"]
+    assert np.all(priv > dist.max(axis=1)), priv  # better than always the commonest label
+
+
+def test_what_not_waiting_cannot_be_combined_with(tmp_path, data_root):
+    for bad, key in ((["exchange.mode=pool", "exchange.late_peers=drop"], "exchange.late_peers"),
+                     (["exchange.pool_async=true"], "exchange.pool_async"),
+                     (["exchange.overlap=true", "eval.grad_norms=true"], "eval.grad_norms")):
+        res = run_mpi(2, train_args(tmp_path / "x", data_root, *SMALL, *bad), timeout=60)
+        assert res.returncode == 2 and f"config error at '{key}'" in res.stderr, res.stderr
