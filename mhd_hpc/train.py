@@ -9,6 +9,7 @@ other ranks blocked in MPI calls.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mhd_hpc.config import ConfigError, check_environment, check_world_size, load_config
@@ -24,6 +25,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("job", help="YAML job file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     return parser.parse_args(argv)
+
+
+def report_exit(is_root: bool, code: int) -> None:
+    """The root writes the job's exit code to ``$MHD_EXIT_FILE`` (jobs/slurm's wrapper): the
+    ranks' own exit codes do not always reach the batch script (srun --kill-on-bad-exit kills
+    the ranks still finalising when the first one exits with 3, and reports their signal)."""
+    path = os.environ.get("MHD_EXIT_FILE")
+    if is_root and path:
+        with open(path, "w") as f:
+            f.write(f"{code}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(*found[0])
             from mhd_hpc.trainer import run  # after validation: a bad job fails fast
 
-            return run(cfg, world)
+            code = run(cfg, world)
+            report_exit(world.is_root, code)
+            return code
         except ConfigError as exc:
             # Every rank reached the same verdict from the same inputs; one message is enough.
             if world.is_root:

@@ -82,11 +82,19 @@ def test_missing_horovod_asked_for_by_name(tmp_path, data_root):
                                 "backend.intra=horovod"), env=env, timeout=60)
     assert res.returncode == 2
     assert "config error at 'backend.intra'" in res.stderr and "simulated" in res.stderr
-    # auto falls back to torch.distributed and says so.
+    # auto is torch.distributed (whether Horovod imports or not) and says so.
     res = run_mpi(4, train_args(tmp_path / "auto", data_root, *JOB, "clients.ranks_per_client=2",
                                 "run.steps=2", "backend.intra=auto"), env=env, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "Horovod not importable" in res.stdout and "torch.distributed (gloo)" in res.stdout
+    assert "backend.intra=auto -> torch.distributed (gloo) subgroups" in res.stdout
+
+
+@pytest.mark.slow
+def test_auto_is_torch_even_where_horovod_imports(tmp_path, data_root):
+    res = run_mpi(4, train_args(tmp_path / "auto", data_root, *JOB, "clients.ranks_per_client=2",
+                                "run.steps=2", "backend.intra=auto"), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "backend.intra=auto -> torch.distributed (gloo) subgroups" in res.stdout
 
 
 @pytest.mark.slow

@@ -44,3 +44,65 @@ def test_fedmd_probe_and_a_resampled_random_graph_train(tmp_path, data_root, cap
     at = topology.graph_schedule("random", 4, degree=1, resample_every=10, seed=0)
     for row, step in enumerate((10, 20)):
         assert np.array_equal(hops[row], topology.hop_distances(at(step)))
+
+
+FOUR = [*SMALL, "clients.count=4", "run.steps=30", "run.log_every=30", "run.eval_every=30",
+        "run.checkpoint_every=30"]
+
+
+def test_delta_random_selection_and_even_labels_train(tmp_path, data_root, capsys):
+    """Delta = 3 of 3 in-neighbours with random selection and even primary labels: every step
+    receives three messages, a random target is the client itself a quarter of the time, and
+    the four clients' tasks differ, each label primary for exactly two of them."""
+    run = tmp_path / "delta"
+    res = run_mpi(4, train_args(run, data_root, *FOUR, "distill.targets_per_step=3",
+                                "distill.selection=random", "data.label_assignment=even"),
+                  timeout=300)
+    assert res.returncode == 0, res.stderr
+    m = read_metrics(run / "metrics.h5")
+    t = m["train"]
+    message = t["bytes_received"][0] / (30 * 3)  # per client: 3 messages per step
+    assert np.allclose(t["bytes_received"], message * 90)
+    assert np.all(np.abs(t["self_target_aux1"] - 0.25) < 0.1), t["self_target_aux1"]
+    primary = json.loads((run / "partition.json").read_text())["primary"]
+    assert len({tuple(p) for p in primary}) == 4
+    assert set(np.bincount(np.concatenate(primary), minlength=10).tolist()) == {2}
+
+
+def test_skip_exponential_graph_and_mhd_plus_train(tmp_path, data_root):
+    run = tmp_path / "skip"
+    res = run_mpi(4, train_args(run, data_root, *FOUR, "distill.skip_less_confident=true",
+                                "topology.kind=exponential", "data.public_source=all"),
+                  timeout=300)
+    assert res.returncode == 0, res.stderr
+    m = read_metrics(run / "metrics.h5")
+    assert np.nanmax(m["train"]["skipped_aux1"]) > 0  # confident students skip targets
+    assert np.array_equal(m["eval"]["hop_distances"][-1],
+                          topology.hop_distances(topology.exponential(4)))
+    assert "public" in res.stdout and np.all(m["eval"]["beta_sh"][-1] >= 0)
+    dataset = json.loads((run / "dataset.json").read_text())
+    assert dataset["root"] == str(data_root)
+
+
+def test_islands_report_the_tasks_no_edge_reaches(tmp_path, data_root, capsys):
+    run = tmp_path / "islands"
+    res = run_mpi(4, train_args(run, data_root, *FOUR, "topology.kind=islands",
+                                "topology.islands=2"), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert report_main([str(run)]) == 0
+    table = capsys.readouterr().out
+    assert "1 hop" in table and "unreachable" in table
+
+
+def test_fedmd_alternates_digest_and_revisit_steps(tmp_path, data_root):
+    """FedMD's rounds: with revisit_steps=1 every other step digests the consensus without the
+    private CE (logged per step here: NaN CE on digest steps), the others train on labels."""
+    run = tmp_path / "fedmd"
+    res = run_mpi(2, train_args(run, data_root, *SMALL, "method=fedmd", "run.steps=8",
+                                "run.log_every=1", "run.eval_every=8",
+                                "run.checkpoint_every=8"), timeout=300)
+    assert res.returncode == 0, res.stderr
+    t = read_metrics(run / "metrics.h5")["train"]
+    digest = t["step"] % 2 == 0
+    assert np.all(np.isnan(t["loss_ce"][digest])) and np.all(t["loss_ce"][~digest] > 0)
+    assert np.all(t["loss_consensus"][digest] > 0) and np.all(np.isnan(t["loss_consensus"][~digest]))

@@ -7,6 +7,7 @@ import pytest
 
 from mhd_hpc.run.checkpoint_files import ClientCheckpoints
 from mhd_hpc.report import main as report_main
+from mhd_hpc.run.metrics_file import read_metrics
 
 from conftest import SMALL, run_mpi, train_args
 
@@ -41,6 +42,12 @@ def test_weight_sharing_baselines_keep_clients_identical(tmp_path, data_root, me
     a, b = final_params(run, 0, 30), final_params(run, 1, 30)
     for name in a:
         np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), atol=1e-6, err_msg=name)
+    # The BatchNorm statistics are part of the one model too (they were per client before).
+    sa, sb = (ClientCheckpoints(run, c, 2).load(30)[0]["model"] for c in (0, 1))
+    buffers = [k for k in sa if "running" in k]
+    assert buffers
+    for name in buffers:
+        np.testing.assert_allclose(sa[name].numpy(), sb[name].numpy(), atol=1e-6, err_msg=name)
 
 
 @pytest.mark.slow
@@ -83,3 +90,9 @@ def test_mhd_aux_heads_beat_separate_on_shared_accuracy(tmp_path, data_root, cap
         # The aux chain improves on the main head, which only sees the private labels.
         assert best[name]["aux2"] >= best[name]["main"], best
     assert abs(best["mhd"]["aux2"] - best["pool"]["aux2"]) < 0.1, best
+    # A baseline uses no graph: no hop distances recorded, no table by distance printed.
+    separate = read_metrics(tmp_path / "separate" / "metrics.h5")
+    assert separate["hop_distances"] is None and "hop_distances" not in separate["eval"]
+    assert report_main([str(tmp_path / "separate")]) == 0
+    assert "by distance" not in capsys.readouterr().out
+    assert "hop_distances" in read_metrics(tmp_path / "mhd" / "metrics.h5")["eval"]

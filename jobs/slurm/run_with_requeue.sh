@@ -18,6 +18,11 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 # --mpi: how srun wires the ranks into one MPI job. Open MPI 5 (also the PyPI wheel) speaks
 # PMIx only: with pmi2 or none every rank starts alone. Sites choose with MHD_SRUN_MPI (e.g.
 # pmix_v4, or pmi2 for an MPICH build of mpi4py); `srun --mpi=list` shows what SLURM offers.
+# The root rank writes the job's exit code here: srun's own exit code is not enough (when the
+# ranks stop on a signal with code 3, srun --kill-on-bad-exit kills the ranks still finalising
+# MPI and reports their SIGTERM instead).
+export MHD_EXIT_FILE="${TMPDIR:-/tmp}/mhd-exit-${SLURM_JOB_ID:-$$}-$$"
+rm -f "$MHD_EXIT_FILE"
 srun --kill-on-bad-exit=1 --mpi="${MHD_SRUN_MPI:-pmix}" python -m mhd_hpc.train "$job" "$@" &
 step_pid=$!
 
@@ -34,10 +39,17 @@ while true; do
     kill -0 "$step_pid" 2>/dev/null || break
 done
 
-if [ "$rc" -eq 3 ]; then
+reported=$(cat "$MHD_EXIT_FILE" 2>/dev/null || true)
+rm -f "$MHD_EXIT_FILE"
+if [ "$rc" -eq 3 ] || [ "$reported" = 3 ]; then
     echo "[run_with_requeue] $(date -Is) ranks checkpointed; requeueing job ${SLURM_JOB_ID}"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+fi
+if [ "$rc" -eq 0 ] && [ "$reported" != 0 ]; then  # srun succeeded, but nothing trained
+    echo "[run_with_requeue] $(date -Is) the training step ended without the job's exit code" \
+         "(srun failed to launch the ranks?): failing the job"
+    exit 1
 fi
 echo "[run_with_requeue] $(date -Is) training step ended with exit code $rc"
 exit "$rc"
