@@ -130,11 +130,16 @@ def health_after(run_steps: int, explicit: int, *warmups: int) -> int:
 def check_health(beta_priv_main: np.ndarray, distribution: np.ndarray,
                  train_ce: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
     """Is every client's main head learning its private task? A client fails when its main-head
-    private accuracy is below halfway from chance to perfect *and* its training CE (when known)
+    private accuracy is below a third of the way from chance to perfect *and* its training CE
+    (when known)
     is above half the prior's cross-entropy: both say it learned little from its own labels.
     Returns (ok per client, one reason per failing client)."""
     chance = chance_accuracy(distribution)
-    needed = chance + 0.5 * (1.0 - chance)
+    # A third, not half: on Fashion-MNIST, clients whose primary labels are the hard ones
+    # (shirt, t-shirt, pullover, coat) sit at 0.72-0.77 private accuracy a quarter into a run
+    # (half-way needed 0.77-0.78) in separate training as in MHD, and learn on (0.85-0.88 at
+    # the end); collapsed runs sit at chance (digits: 0.20-0.37 with chance 0.35-0.4).
+    needed = chance + (1.0 - chance) / 3
     low_acc = beta_priv_main < needed
     prior = prior_entropy(distribution)
     high_ce = np.ones_like(low_acc) if train_ce is None else train_ce > 0.5 * prior

@@ -81,26 +81,34 @@ class TrainStep:
         pub_emb, pub_logits = emb[b:], [l[b:] for l in logits]
         self.source.begin_step(step, self.model)
         peers = self.source.targets(step, public, pub_logits, pub_emb)
-        self.select_gen.manual_seed(seed_of(self.seed, SELECTION, self.client, step))
-        d = self.distill
-        ramp = distill_ramp(step, d.warmup_steps)
-        loss, terms, parts = losses.mhd_loss(
-            loss_ce, pub_logits, pub_emb, peers, nu_aux=ramp * d.aux_head_weight,
-            nu_emb=ramp * d.nu_emb, selection=d.selection,
-            skip_less_confident=d.skip_less_confident, generator=self.select_gen)
-        extra = self.strategy.extra_loss(step, pub_logits)
-        if extra is not None:  # the method's own terms (FedMD's consensus)
-            for name, part in extra.parts.items():
-                parts[name] = part
-                loss = loss + part
-            terms.update(extra.terms)
-            terms["loss_total"] = loss.detach()
+        loss, terms, parts = self._objective(step, loss_ce, pub_logits, pub_emb, peers)
         self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
         if grad_norms:
             terms.update(self._grad_norms(parts))
         self.opt.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         return self._update(step, terms)
+
+    def _objective(self, step: int, supervised: torch.Tensor | None,
+                   pub_logits: list[torch.Tensor], pub_emb: torch.Tensor, peers: list
+                   ) -> tuple[torch.Tensor, dict, dict]:
+        """The step's objective: ``losses.mhd_loss`` with the ramped weights and the step's
+        selection seed, plus the method's own terms (FedMD's consensus)."""
+        self.select_gen.manual_seed(seed_of(self.seed, SELECTION, self.client, step))
+        d = self.distill
+        ramp = distill_ramp(step, d.warmup_steps)
+        loss, terms, parts = losses.mhd_loss(
+            supervised, pub_logits, pub_emb, peers, nu_aux=ramp * d.aux_head_weight,
+            nu_emb=ramp * d.nu_emb, selection=d.selection,
+            skip_less_confident=d.skip_less_confident, generator=self.select_gen)
+        extra = self.strategy.extra_loss(step, pub_logits)
+        if extra is not None:
+            for name, part in extra.parts.items():
+                parts[name] = part
+                loss = loss + part
+            terms.update(extra.terms)
+            terms["loss_total"] = loss.detach()
+        return loss, terms, parts
 
     def _backward(self, loss: torch.Tensor) -> None:
         if loss.requires_grad:
@@ -125,17 +133,7 @@ class TrainStep:
             loss_ce = losses.main_ce_loss(logits[0].float(), private.labels)
             self._backward(loss_ce)
         peers = self.source.targets(step, public, pub_logits, pub_emb)
-        self.select_gen.manual_seed(seed_of(self.seed, SELECTION, self.client, step))
-        d = self.distill
-        ramp = distill_ramp(step, d.warmup_steps)
-        loss, terms, _ = losses.mhd_loss(
-            None, pub_logits, pub_emb, peers, nu_aux=ramp * d.aux_head_weight,
-            nu_emb=ramp * d.nu_emb, selection=d.selection,
-            skip_less_confident=d.skip_less_confident, generator=self.select_gen)
-        extra = self.strategy.extra_loss(step, pub_logits)
-        if extra is not None:
-            loss = loss + sum(extra.parts.values())
-            terms.update(extra.terms)
+        loss, terms, _ = self._objective(step, None, pub_logits, pub_emb, peers)
         self._backward(loss)
         if loss_ce is not None:
             terms["loss_ce"] = loss_ce.detach()

@@ -27,7 +27,7 @@ def test_health_rule_on_hand_made_numbers():
     dist = np.array([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
     np.testing.assert_allclose(chance_accuracy(dist), [0.5, 0.25])
     np.testing.assert_allclose(prior_entropy(dist), [np.log(2), np.log(4)])
-    # Client 0 learns (0.9 > 0.75); client 1 sits at chance with CE at its prior's: fails.
+    # Client 0 learns (0.9 > 0.67); client 1 sits at chance with CE at its prior's: fails.
     ok, reasons = check_health(np.array([0.9, 0.3]), dist, np.array([0.1, 1.38]))
     assert ok.tolist() == [True, False]
     assert len(reasons) == 1 and reasons[0].startswith("client 1 is not learning")

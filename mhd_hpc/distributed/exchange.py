@@ -163,10 +163,6 @@ class PredictionExchange(TrafficCounters):
             copied = torch.cuda.Event()
             copied.record()
             copied.synchronize()
-        if not bool(self._finite):
-            raise FloatingPointError(f"client {self.world.client}: non-finite outputs at step "
-                                     f"{self._step} (training diverged: lower optim.lr or check "
-                                     "the data); nothing was sent to its peers")
         self._post_sends(host, key_hash, send_to)
         self.wait_seconds += time.perf_counter() - t0  # the exchange's cost: encode, copy, post
 
@@ -192,14 +188,16 @@ class PredictionExchange(TrafficCounters):
         t0 = time.perf_counter()
         host, key_hash, send_to, copied = deferred
         copied.synchronize()
-        if not bool(self._finite):
-            raise FloatingPointError(f"client {self.world.client}: non-finite outputs at step "
-                                     f"{self._step} (training diverged: lower optim.lr or check "
-                                     "the data); nothing was sent to its peers")
         self._post_sends(host, key_hash, send_to)
         self.wait_seconds += time.perf_counter() - t0
 
     def _post_sends(self, host: torch.Tensor, key_hash: int, send_to: list[int]) -> None:
+        """The header, then an ``Isend`` per receiver; outputs that are not finite stop this
+        client before anything is sent."""
+        if not bool(self._finite):
+            raise FloatingPointError(f"client {self.world.client}: non-finite outputs at step "
+                                     f"{self._step} (training diverged: lower optim.lr or check "
+                                     "the data); nothing was sent to its peers")
         message = host.numpy()
         self.codec.write_header(message, self._step, key_hash, self.world.client)
         requests = []
