@@ -11,7 +11,7 @@ from mhd_hpc.devices import Precision, to_device
 
 __all__ = ["per_class_accuracy", "beta_shared", "weighted_accuracy", "accuracy_summary",
            "evaluate", "linear_probe", "check_health", "health_after", "chance_accuracy",
-           "prior_entropy", "HEALTH_HINT"]
+           "prior_entropy", "pooled_task", "HEALTH_HINT"]
 
 
 # ----------------------------------------------------------------------------- accuracy math
@@ -152,6 +152,21 @@ def check_health(beta_priv_main: np.ndarray, distribution: np.ndarray,
                        f"{beta_priv_main[i]:.3f} (chance for its labels {chance[i]:.2f}, "
                        f"expected > {needed[i]:.2f}){ce}")
     return ok, reasons
+
+
+def pooled_task(acc_main: np.ndarray, distribution: np.ndarray, train_ce: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The health check's inputs for methods that train one model on the union of the clients'
+    private data (supervised, FedAvg): that union, each client weighing the same, is every
+    client's task. From main-head per-class accuracies (K, C): accuracies on the union (K,), the
+    union as every client's distribution (K, C) and the mean training CE as every client's.
+    (Judged on their own distributions, the clients whose primary labels are the hard classes
+    look "not learning" under a model that serves all: Fashion-MNIST, supervised, step 500 of
+    2000: 0.46-0.57 on three clients' labels, 0.68 on the union, 0.86 at the end.)"""
+    k = distribution.shape[0]
+    union = distribution.mean(axis=0)
+    ce = None if train_ce is None else np.full(k, np.nanmean(train_ce))
+    return weighted_accuracy(acc_main, union[None])[:, 0], np.tile(union, (k, 1)), ce
 
 
 HEALTH_HINT = ("likely causes: the distillation terms overpowering the main head before it "

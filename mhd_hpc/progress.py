@@ -162,8 +162,10 @@ class Recorder:
 
     def __init__(self, metrics, log: Log, *, total_steps: int, heads: list[str],
                  distribution: np.ndarray, health_from: int | None, start_step: int = 0,
-                 samples_per_step: int = 0, tensorboard: TensorBoard | None = None):
+                 samples_per_step: int = 0, tensorboard: TensorBoard | None = None,
+                 one_model: bool = False):
         """``health_from``: the first step the health check judges (None: no check);
+        ``one_model``: the method trains one model for all clients, judged on their pooled task;
         ``samples_per_step``: images one client processes per step (private + public)."""
         self.metrics, self.log, self.total_steps = metrics, log, total_steps
         self.heads, self.distribution, self.health_from = heads, distribution, health_from
@@ -171,6 +173,7 @@ class Recorder:
         self.train_ce: np.ndarray | None = None  # per client, from the latest log interval
         self.failures: dict[int, list[int]] = {}  # client -> steps at which it failed
         self.start_step, self.samples_per_step, self.tb = start_step, samples_per_step, tensorboard
+        self.one_model = one_model
         self.started = time.perf_counter()
 
     def eta_s(self, step: int) -> float:
@@ -195,7 +198,7 @@ class Recorder:
                    hop_distances: np.ndarray | None) -> None:
         """Record one evaluation of every client: per-class accuracies (K of (H, C)), linear
         probe accuracies (None without the probe), and the graph distances at this step."""
-        from mhd_hpc.evaluation import HEALTH_HINT, accuracy_summary, check_health
+        from mhd_hpc.evaluation import HEALTH_HINT, accuracy_summary, check_health, pooled_task
 
         summary = accuracy_summary(np.stack(accs), self.distribution)
         if hop_distances is not None:  # None: the method uses no graph
@@ -204,8 +207,10 @@ class Recorder:
             summary["probe_acc"] = np.array([np.nan if p is None else p for p in probes])
         health = np.full(len(self.distribution), -1, dtype=np.int8)  # -1: not judged yet
         if self.health_from is not None and step >= self.health_from:
-            ok, reasons = check_health(summary["beta_priv"][:, 0], self.distribution,
-                                       self.train_ce)
+            judged = (pooled_task(np.stack(accs)[:, 0], self.distribution, self.train_ce)
+                      if self.one_model else
+                      (summary["beta_priv"][:, 0], self.distribution, self.train_ce))
+            ok, reasons = check_health(*judged)
             health = ok.astype(np.int8)
             for i in np.flatnonzero(~ok):
                 self.failures.setdefault(int(i), []).append(step)

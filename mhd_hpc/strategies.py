@@ -53,6 +53,7 @@ class Strategy:
     method builds on)."""
 
     shared_init = False  # every client starts from the same initialisation
+    one_model = False  # the clients train one model on the union of their data (health: pooled)
     exchanges_targets = False  # the clients distill from each other's outputs (MHD)
 
     def __init__(self, world: World, intra: IntraBackend):
@@ -103,6 +104,7 @@ class Supervised(Strategy):
     step: every client holds the one model."""
 
     shared_init = True
+    one_model = True
 
     def reduce_gradients(self, grads):
         self.bytes_sent += self.world.clients_mean_(grads)
@@ -117,6 +119,7 @@ class FedAvg(Strategy):
     evaluations that do not fall on a round, each client holds its local model)."""
 
     shared_init = True
+    one_model = True
 
     def __init__(self, world: World, intra: IntraBackend, every: int, total_steps: int):
         super().__init__(world, intra)

@@ -305,7 +305,7 @@ def open_recorder(cfg: JobConfig, setup: RunSetup, client: Client, data: Data, l
     return Recorder(metrics, log, total_steps=cfg.run.steps, heads=heads, distribution=dist,
                     health_from=health_from, start_step=start,
                     samples_per_step=cfg.data.batch_size + cfg.data.public_batch_size,
-                    tensorboard=tb)
+                    tensorboard=tb, one_model=client.strategy.one_model)
 
 
 @dataclass

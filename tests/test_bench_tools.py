@@ -44,3 +44,17 @@ def test_bench_loader_runs_every_stream_through_the_trainers_path(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["streams"] for r in rows] == ["train", "public", "train+public"]
     assert all(r["img_s"] > 0 and r["train_thread_ms_per_batch"] >= 0 for r in rows)
+
+
+def test_bench_loader_with_a_simulated_step_measures_the_hand_over(tmp_path):
+    """With --step-ms the loader works while the rank sleeps: fewer batches in the same time
+    (the sleep bounds the rate), and only the chosen streams are measured."""
+    import bench_loader
+
+    out = tmp_path / "loader.json"
+    assert bench_loader.main(["--images", "40", "--crop", "32", "--batch", "4", "--ranks", "1",
+                              "--seconds", "0.5", "--loaders", "wds", "--streams", "train",
+                              "--step-ms", "100", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["streams"] for r in rows] == ["train"]
+    assert rows[0]["img_s"] <= 4 / 0.1 * 1.05  # at most one batch of 4 per 100 ms step

@@ -3,7 +3,7 @@
 import numpy as np
 
 from mhd_hpc.evaluation import (accuracy_summary, chance_accuracy, check_health, health_after,
-                                linear_probe, per_class_accuracy, prior_entropy)
+                                linear_probe, per_class_accuracy, pooled_task, prior_entropy)
 from mhd_hpc.schedules import distill_ramp
 
 
@@ -36,6 +36,24 @@ def test_health_rule_on_hand_made_numbers():
     assert ok.all()
     # Without a training CE the accuracy alone decides.
     assert check_health(np.array([0.9, 0.3]), dist, None)[0].tolist() == [True, False]
+
+
+def test_one_model_for_all_clients_is_judged_on_their_pooled_task():
+    # Two clients with disjoint labels and one shared model that knows client 0's classes well,
+    # client 1's badly: on client 1's own labels it fails, on the union it learns.
+    dist = np.array([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
+    acc_main = np.tile([0.95, 0.95, 0.3, 0.3], (2, 1))
+    ce = np.array([0.1, 1.0])
+    assert check_health(np.array([0.95, 0.3]), dist, ce)[0].tolist() == [True, False]
+    beta, union, mean_ce = pooled_task(acc_main, dist, ce)
+    np.testing.assert_allclose(beta, [0.625, 0.625])
+    np.testing.assert_allclose(union, np.full((2, 4), 0.25))
+    np.testing.assert_allclose(mean_ce, [0.55, 0.55])
+    assert check_health(beta, union, mean_ce)[0].all()
+    # A shared model at chance on the union, with CE at the union prior's, still fails.
+    beta, union, mean_ce = pooled_task(np.full((2, 4), 0.25), dist, np.full(2, 1.39))
+    assert not check_health(beta, union, mean_ce)[0].any()
+    assert pooled_task(acc_main, dist, None)[2] is None
 
 
 def test_when_the_check_starts_and_the_distillation_ramp():

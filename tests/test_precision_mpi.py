@@ -27,7 +27,8 @@ def test_bf16_trains_like_fp32_on_cpu(tmp_path, data_root):
         assert res.returncode == 0, res.stderr
     assert "backend.precision=bf16" in res.stdout
     fp32, bf16 = beta_sh(tmp_path / "fp32"), beta_sh(tmp_path / "bf16")
-    assert np.all(np.abs(fp32 - bf16) < 0.08), (fp32, bf16)
+    # Measured on seeds 1-3: at most 0.0042, 0.0055, 0.0056 apart per head.
+    assert np.all(np.abs(fp32 - bf16) < 0.03), (fp32, bf16)
     assert bf16[-1] > 0.5  # it trained
 
 

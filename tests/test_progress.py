@@ -21,3 +21,34 @@ def test_interval_rows_average_and_reset():
     assert interval.steps == 0 and interval.sums == {}
     line = train_line(20, 600, [dict(row, loss_total=2.0)])
     assert line.startswith("step     20/600 | ce 2.000 total 2.000 |")
+
+
+class _Metrics:
+    def __init__(self):
+        self.eval = []
+
+    def write_train(self, step, columns):
+        pass
+
+    def write_eval(self, step, summary):
+        self.eval.append(summary)
+
+
+def test_recorder_judges_one_model_methods_on_the_pooled_task():
+    """The same evaluation fails client 1 when each client owns its model (its own labels) and
+    passes when the clients train one model (supervised, FedAvg: judged on the union)."""
+    import numpy as np
+
+    from mhd_hpc.progress import Recorder
+
+    dist = np.array([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
+    accs = [np.array([[0.95, 0.95, 0.3, 0.3]])] * 2  # (H=1, C) per client
+    for one_model, health in ((False, [1, 0]), (True, [1, 1])):
+        metrics, lines = _Metrics(), []
+        rec = Recorder(metrics, lines.append, total_steps=10, heads=["main"], distribution=dist,
+                       health_from=0, one_model=one_model)
+        row = {"step_time_s": 0.1, "exchange_wait_s": 0.0, "bytes_sent": 0}
+        rec.train_rows(5, [(0, {**row, "loss_ce": 0.1}), (1, {**row, "loss_ce": 1.0})])
+        rec.evaluation(5, accs, [None, None], None)
+        assert metrics.eval[-1]["health"].tolist() == health
+        assert any("WARNING health" in line for line in lines) == (not one_model)

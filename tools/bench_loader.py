@@ -16,7 +16,9 @@ step's batch is prepared in the background, normalised where it is used) for ``-
 
 Per loader and stream (train, public, both together) it reports the node's images/s, images/s
 per CPU core busy (CPU seconds of every process and thread of the ranks, workers included, over the wall
-time), and the training thread's time per batch (what the step waits for). Run it with
+time), and the training thread's time per batch (what the step waits for). With ``--step-ms
+MS`` every rank sleeps MS after each batch, as a GPU step leaves the CPU to the loader: when the
+loader keeps up, the training thread's time per batch is then the hand-over alone. Run it with
 PYTHONPATH pointing at an older checkout to compare versions: it falls back to the older API.
 """
 
@@ -116,6 +118,8 @@ def _rank(rank: int, args: dict, start, results) -> None:
         get(step)
         waits.append(time.perf_counter() - w0)
         step += 1
+        if args.get("step_ms"):  # the step's compute, on a device, while the loader works
+            time.sleep(args["step_ms"] / 1000)
     wall = time.perf_counter() - t0
     cpu = _cpu(me) - cpu0
     close()
@@ -140,7 +144,7 @@ def measure(dataset: str, loader: str, kinds: list[str], args: argparse.Namespac
     start, results = ctx.Barrier(args.ranks), ctx.Queue()
     spec = {"dataset": dataset, "loader": loader, "batch": args.batch, "threads": args.threads,
             "ranks": args.ranks, "device": args.device, "seconds": args.seconds,
-            "kinds": kinds}
+            "kinds": kinds, "step_ms": args.step_ms}
     procs = [ctx.Process(target=_rank, args=(r, spec, start, results))
              for r in range(args.ranks)]
     for p in procs:
@@ -169,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loaders", default="wds,dali")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dataset", default=None, help="reuse a dataset folder (else generated)")
+    p.add_argument("--step-ms", type=float, default=0.0,
+                   help="sleep this long after each batch (a device step); 0: loader-bound")
+    p.add_argument("--streams", default="train,public,train+public",
+                   help="which stream sets to measure, comma-separated")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from mhd_hpc.data.stream_factory import dali_available
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             if loader == "dali" and not dali_available():
                 print("dali: not importable, skipped", file=sys.stderr)
                 continue
-            for kinds in (["train"], ["public"], ["train", "public"]):
+            for kinds in (k.split("+") for k in args.streams.split(",")):
                 rows.append(measure(dataset, loader, kinds, args))
                 r = rows[-1]
                 print(f"{loader} {r['streams']}: {r['img_s']:.0f} img/s, {r['cores_busy']:.2f} "
