@@ -43,7 +43,7 @@ def test_two_ranks_per_client_match_one_rank_per_client(tmp_path, data_root, cap
         got = mean_betas(run, capsys)
         for head, values in reference.items():
             for key, value in values.items():
-                # Measured (torch, seeds 1-3): at most 0.0056, 0.0084, 0.0057 apart.
+                # Measured (torch): at most 0.0149 apart on seed 0 (this test), 0.0056-0.0084 on seeds 1-3.
                 assert abs(got[head][key] - value) < 0.03, (backend, head, key, got, reference)
 
 

@@ -34,7 +34,7 @@ def test_fedmd_probe_and_a_resampled_random_graph_train(tmp_path, data_root, cap
     assert m["eval"]["probe_acc"].shape == (2, 2)
     assert np.all((0 <= m["eval"]["probe_acc"]) & (m["eval"]["probe_acc"] <= 1))
     assert report_main([str(fedmd), "--json"]) == 0
-    # Chance is 0.1; measured 0.82, 0.84, 0.84 on seeds 1-3.
+    # Chance is 0.1; measured 0.85 on seed 0 (this test), 0.82-0.84 on seeds 1-3.
     assert json.loads(capsys.readouterr().out)["linear_probe"]["mean"] > 0.6
     rnd = tmp_path / "random"
     res = run_mpi(4, train_args(rnd, data_root, *SHORT, "clients.count=4",

@@ -27,7 +27,7 @@ def test_bf16_trains_like_fp32_on_cpu(tmp_path, data_root):
         assert res.returncode == 0, res.stderr
     assert "backend.precision=bf16" in res.stdout
     fp32, bf16 = beta_sh(tmp_path / "fp32"), beta_sh(tmp_path / "bf16")
-    # Measured on seeds 1-3: at most 0.0042, 0.0055, 0.0056 apart per head.
+    # Measured: at most 0.0013 apart per head on seed 0 (this test), 0.0042-0.0056 on seeds 1-3.
     assert np.all(np.abs(fp32 - bf16) < 0.03), (fp32, bf16)
     assert bf16[-1] > 0.5  # it trained
 
