@@ -131,8 +131,7 @@ def check_health(beta_priv_main: np.ndarray, distribution: np.ndarray,
                  train_ce: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
     """Is every client's main head learning its private task? A client fails when its main-head
     private accuracy is below a third of the way from chance to perfect *and* its training CE
-    (when known)
-    is above half the prior's cross-entropy: both say it learned little from its own labels.
+    (when known) is above half the prior's cross-entropy: both say it learned little from its own labels.
     Returns (ok per client, one reason per failing client)."""
     chance = chance_accuracy(distribution)
     # A third, not half: on Fashion-MNIST, clients whose primary labels are the hard ones

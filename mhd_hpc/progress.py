@@ -207,7 +207,7 @@ class Recorder:
             summary["probe_acc"] = np.array([np.nan if p is None else p for p in probes])
         health = np.full(len(self.distribution), -1, dtype=np.int8)  # -1: not judged yet
         if self.health_from is not None and step >= self.health_from:
-            judged = (pooled_task(np.stack(accs)[:, 0], self.distribution, self.train_ce)
+            judged = (pooled_task(summary["per_class_acc"][:, 0], self.distribution, self.train_ce)
                       if self.one_model else
                       (summary["beta_priv"][:, 0], self.distribution, self.train_ce))
             ok, reasons = check_health(*judged)

@@ -185,8 +185,8 @@ class EvalConfig:
                              "private accuracy well above chance for its label distribution "
                              "and training CE below that of always predicting its label prior "
                              "(supervised, fedavg: one model for all, judged on the clients' "
-                             "pooled labels); a failing client gets a WARNING in the log, eval/health in "
-                             "metrics.h5 and the report.", True, on_resume=MAY_CHANGE, added=False)
+                             "pooled labels); a failing client gets a WARNING in the log, "
+                             "eval/health in metrics.h5 and the report.", True, on_resume=MAY_CHANGE, added=False)
     health_after: int = doc("First step the health check judges (0 = a quarter of run.steps, "
                             "at least the distillation and lr warm-ups).", 0,
                             on_resume=MAY_CHANGE, added=0)
