@@ -124,8 +124,10 @@ class BatchFeed:
     """A stream's batches on the device, one step ahead: while step t trains, a background
     thread reads batch t + 1 (the stream's workers fill it) and, on a GPU, copies it (uint8)
     to the device on a side CUDA stream, with an event the compute stream waits for; the
-    normalisation runs on the compute stream when the batch is taken. The training thread
-    only hands over and waits for what is ready. Batches stay a pure function of the step:
+    normalisation runs on the compute stream when the batch is taken. On a CPU there is no
+    device to hand the normalisation to, so the background thread normalises and mirrors too
+    (the same ``to_device``, so the same numbers). The training thread only hands over and
+    waits for what is ready. Batches stay a pure function of the step:
     the feed prefetches the step after the one asked for, and a jump (a resume) reads directly.
     """
 
@@ -139,10 +141,11 @@ class BatchFeed:
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _prepare(self, step: int) -> tuple[Batch, object]:
-        """Background: the host batch of ``step`` and, on a GPU, its copy in flight."""
+        """Background: the host batch of ``step`` and, on a GPU, its copy in flight; on a CPU
+        the finished batch (normalised, in the memory format)."""
         batch = self.stream.batch(step)
         if self._side is None:
-            return batch, None
+            return to_device(batch, self.device, self.memory_format), None
         with torch.cuda.stream(self._side):
             images = batch.images.to(self.device, non_blocking=True)
             labels = batch.labels.to(self.device, non_blocking=True)
@@ -159,6 +162,8 @@ class BatchFeed:
         else:
             batch, copied = self._prepare(step)
         self._ahead = (step + 1, self._pool.submit(self._prepare, step + 1))
+        if self._side is None:
+            return batch  # a CPU batch is finished in the background
         if copied is not None:  # the compute stream waits for the copy, the host does not
             current = torch.cuda.current_stream(self.device)
             current.wait_event(copied)

@@ -46,6 +46,24 @@ def test_bench_loader_runs_every_stream_through_the_trainers_path(tmp_path):
     assert all(r["img_s"] > 0 and r["train_thread_ms_per_batch"] >= 0 for r in rows)
 
 
+def test_bench_loader_max_side_stores_the_training_jpegs_smaller(tmp_path):
+    """--max-side builds the training JPEGs as make_shards --max-side does: none is larger."""
+    import io
+    import tarfile
+
+    import bench_loader
+    from PIL import Image
+
+    out = Path(bench_loader.make_dataset(tmp_path, 20, 32, max_side=100))
+    sides = []
+    for tar in sorted(out.rglob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".jpg"):
+                    sides.append(max(Image.open(io.BytesIO(t.extractfile(m).read())).size))
+    assert len(sides) >= 10 and max(sides) == 100  # generated at 500 px and more
+
+
 def test_bench_loader_with_a_simulated_step_measures_the_hand_over(tmp_path):
     """With --step-ms the loader works while the rank sleeps: fewer batches in the same time
     (the sleep bounds the rate), and only the chosen streams are measured."""

@@ -33,3 +33,51 @@ def test_shared_gpu_rule_is_a_function_of_the_layout():
     assert clients_sharing_a_gpu([[0, 1], [2, 3]], hosts, [0, 0, 1, 2], 1) == [1]
     assert clients_sharing_a_gpu([[0], [1]], ["a", "a"], [0, 1], 1) == []  # one rank each
     assert clients_sharing_a_gpu([[0, 1]], ["a", "a"], [0, 1], 0) == []  # no GPU at all
+
+
+class _SteppedStream:
+    """A stream whose batch is a pure function of the step (uint8, with normalise and flip)."""
+
+    def batch(self, step: int):
+        from mhd_hpc.data.batches import Batch
+
+        g = torch.Generator().manual_seed(step)
+        images = torch.randint(0, 256, (4, 3, 5, 5), generator=g, dtype=torch.uint8)
+        return Batch(keys=[f"{step}-{i}" for i in range(4)], images=images,
+                     labels=torch.arange(4) + step,
+                     normalize={"scale": 1 / 255, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4]},
+                     flip=torch.tensor([True, False, step % 2 == 0, False]))
+
+
+def test_cpu_feed_finishes_batches_in_the_background(monkeypatch):
+    """On a CPU the feed's background thread normalises and mirrors step t + 1 while step t
+    trains: the training thread only hands over, and the batches are exactly to_device's, in
+    order and after a jump (a resume)."""
+    import threading
+
+    from mhd_hpc import devices
+
+    threads: list[str] = []
+    real = devices.normalize_tensor
+
+    def recording(images, spec):
+        threads.append(threading.current_thread().name)
+        return real(images, spec)
+
+    monkeypatch.setattr(devices, "normalize_tensor", recording)
+    stream, cpu = _SteppedStream(), torch.device("cpu")
+    feed = devices.BatchFeed(stream, cpu)
+    try:
+        for step in [0, 1, 2, 3, 7, 8]:
+            got = feed.batch(step)
+            want = devices.to_device(stream.batch(step), cpu)
+            assert got.keys == want.keys and torch.equal(got.labels, want.labels)
+            assert got.normalize is None and got.flip is None
+            assert torch.equal(got.images, want.images), step
+    finally:
+        feed.close()
+    # every "want" above ran on this thread; of the feed's own work only the first batch and
+    # the jump to step 7 (nothing prefetched for them) ran here
+    main = threading.current_thread().name
+    assert threads.count(main) == 6 + 2
+    assert sum(name.startswith("batch-feed") for name in threads) == len(threads) - 8 >= 4

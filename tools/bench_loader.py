@@ -6,6 +6,7 @@ Usage (from the repository root)::
     python tools/bench_loader.py                        # 2 ranks, PIL and DALI (CPU), 224 px
     python tools/bench_loader.py --ranks 8 --threads 2 --images 4000 --json bench.json
     python tools/bench_loader.py --device cuda          # on a GPU node: to the device
+    python tools/bench_loader.py --max-side 256         # training JPEGs stored near 224 px
 
 Generates ImageNet-like JPEGs (500 x 375 px and similar, gradients, shapes and noise, quality
 90) in one folder, builds them with tools/make_shards.py's logic into one client's shards (and,
@@ -44,8 +45,10 @@ except ImportError:  # run from a checkout without `pip install -e .`
 SIZES = [(500, 375), (375, 500), (500, 333), (500, 400), (400, 300), (500, 500)]
 
 
-def make_dataset(work: Path, n: int, crop: int, seed: int = 0) -> str:
-    """``n`` JPEGs in 10 classes, 20% of them the public split, built into one client."""
+def make_dataset(work: Path, n: int, crop: int, seed: int = 0, max_side: int | None = None
+                 ) -> str:
+    """``n`` JPEGs in 10 classes, 20% of them the public split, built into one client
+    (``max_side``: re-encoded no larger, as ``make_shards --max-side`` stores them)."""
     from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
     from mhd_hpc.data.synthetic import synthetic_jpeg
 
@@ -58,7 +61,7 @@ def make_dataset(work: Path, n: int, crop: int, seed: int = 0) -> str:
             (d / f"{split}{i:05d}.jpg").write_bytes(synthetic_jpeg(rng, w, h))
     s = ShardSettings(train_dir=str(work / "src" / "train"), val_dir=str(work / "src" / "val"),
                       clients=1, public_fraction=0.2, labels_per_client=1, skew=0.0,
-                      image_size=crop, samples_per_shard=250)
+                      image_size=crop, samples_per_shard=250, max_side=max_side)
     out = str(work / "shards")
     build_imagefolder_shards(s, out, workers=max(1, (os.cpu_count() or 2) - 1),
                              log=lambda m: None)
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loaders", default="wds,dali")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dataset", default=None, help="reuse a dataset folder (else generated)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="store the training JPEGs at most this large (make_shards --max-side)")
     p.add_argument("--step-ms", type=float, default=0.0,
                    help="sleep this long after each batch (a device step); 0: loader-bound")
     p.add_argument("--streams", default="train,public,train+public",
@@ -182,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     from mhd_hpc.data.stream_factory import dali_available
 
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = args.dataset or make_dataset(Path(tmp), args.images, args.crop)
+        dataset = args.dataset or make_dataset(Path(tmp), args.images, args.crop,
+                                                max_side=args.max_side)
         rows = []
         for loader in args.loaders.split(","):
             if loader == "dali" and not dali_available():

@@ -109,9 +109,12 @@ class PilStream(BatchStream):
     def _loader(self, jobs: Iterator) -> Iterator:
         kw: dict = {"pin_memory": self.pin}
         if self.threads:
-            kw.update(num_workers=self.threads, prefetch_factor=max(1, self.prefetch))
-            if _mpi_initialised():  # fork under an initialised MPI is unsafe on some fabrics
-                kw["multiprocessing_context"] = "forkserver"
+            # Never fork: the process has threads (BatchFeed's, DataLoader's, MPI's) and a
+            # forked worker inherits their locks; with fork, 3 of 6 benchmark processes lost a
+            # worker to "terminate called without an active exception" at shutdown (0 of 6
+            # with forkserver), and fork under an initialised MPI is unsafe on some fabrics.
+            kw.update(num_workers=self.threads, prefetch_factor=max(1, self.prefetch),
+                      multiprocessing_context="forkserver")
         return iter(torch.utils.data.DataLoader(self._jobs, batch_size=None, sampler=jobs, **kw))
 
     def _step_jobs(self, start: int) -> Iterator:
@@ -138,9 +141,3 @@ class PilStream(BatchStream):
         self._it = None  # DataLoader workers exit when their iterator is collected
         self._jobs.reader.close()
 
-
-def _mpi_initialised() -> bool:
-    import sys
-
-    mpi = sys.modules.get("mpi4py.MPI")
-    return bool(mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized())
