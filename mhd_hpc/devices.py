@@ -164,12 +164,11 @@ class BatchFeed:
         self._ahead = (step + 1, self._pool.submit(self._prepare, step + 1))
         if self._side is None:
             return batch  # a CPU batch is finished in the background
-        if copied is not None:  # the compute stream waits for the copy, the host does not
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(copied)
-            for t in (batch.images, batch.labels, batch.flip):
-                if t is not None:
-                    t.record_stream(current)  # allocated on the side stream, used here
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(copied)  # the compute stream waits for the copy, the host does not
+        for t in (batch.images, batch.labels, batch.flip):
+            if t is not None:
+                t.record_stream(current)  # allocated on the side stream, used here
         return to_device(batch, self.device, self.memory_format)
 
     def close(self) -> None:
