@@ -81,3 +81,32 @@ def test_cpu_feed_finishes_batches_in_the_background(monkeypatch):
     main = threading.current_thread().name
     assert threads.count(main) == 6 + 2
     assert sum(name.startswith("batch-feed") for name in threads) == len(threads) - 8 >= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
+def test_mirror_flips_exactly_the_marked_samples(dtype):
+    from mhd_hpc.devices import mirror
+
+    images = torch.randint(0, 256, (5, 3, 4, 6)).to(dtype)
+    before = images.clone()
+    flip = torch.tensor([True, False, True, True, False])
+    out = mirror(images, flip)
+    assert torch.equal(out, torch.where(flip[:, None, None, None], images.flip(-1), images))
+    assert torch.equal(out[0, :, :, 0], images[0, :, :, -1]) and torch.equal(out[1], images[1])
+    assert torch.equal(images, before)  # the given batch is left as it is
+    # A channels-last view mirrors the same pixels.
+    cl = images.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(mirror(cl, flip), out)
+
+
+def test_to_device_numbers_are_the_normalise_then_mirror_definition():
+    """Mirroring the uint8 batch before the normalisation gives the same bits as normalising
+    first (the order the numbers were defined in)."""
+    from mhd_hpc.data.batches import normalize_tensor
+    from mhd_hpc.devices import to_device
+
+    batch = _SteppedStream().batch(2)
+    want = normalize_tensor(batch.images, batch.normalize)
+    want = torch.where(batch.flip[:, None, None, None], want.flip(-1), want)
+    got = to_device(batch, torch.device("cpu"))
+    assert got.flip is None and got.normalize is None and torch.equal(got.images, want)
