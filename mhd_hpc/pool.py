@@ -77,8 +77,15 @@ class CheckpointPool:
         self.entries: list[PoolEntry] = []
 
     def insert(self, step: int, source_client: int, source_step: int, arch: str,
-               flat: np.ndarray, made_at: float = float("nan")) -> int:
-        """Add a checkpoint received at ``step``; returns the slot it went to."""
+               flat: np.ndarray, made_at: float = float("nan"), same_source: bool = False
+               ) -> int:
+        """Add a checkpoint received at ``step``; returns the slot it went to.
+
+        ``same_source`` (``pool_async``): a full pool replaces this source's oldest entry when
+        it holds one, else a random entry. Clients at their own pace send at different rates;
+        with random replacement a fast sender's checkpoints would crowd a slow one's out of the
+        pool (its share of the entries is its share of the arrivals), and with it what only the
+        slow client knows. Lock-step senders send equally often: the paper's random rule."""
         model = self.build(arch)
         load_flat_state(model, flat)
         model.eval()  # targets come from the peer's inference mode (BN running statistics)
@@ -86,8 +93,12 @@ class CheckpointPool:
         if len(self.entries) < self.capacity:
             self.entries.append(entry)
             return len(self.entries) - 1
-        slot = int(np.random.default_rng([self.seed, POOL_SLOT, self.client, step])
-                   .integers(self.capacity))
+        own = [n for n, e in enumerate(self.entries) if e.source_client == source_client]
+        if same_source and own:
+            slot = min(own, key=lambda n: self.entries[n].source_step)
+        else:
+            slot = int(np.random.default_rng([self.seed, POOL_SLOT, self.client, step])
+                       .integers(self.capacity))
         self.entries[slot] = entry
         return slot
 

@@ -156,6 +156,7 @@ class PoolSettings:
     send_embedding: bool  # the entries' embeddings are targets too (nu_emb > 0)
     precision: Precision = Precision("fp32")  # of the entries' forward passes
     asynchronous: bool = False  # exchange.pool_async: at every client's own pace
+    max_lead: float = 0.0  # exchange.pool_max_lead: 0 = unbounded
 
 
 class PoolTargets(NoTargets):
@@ -182,6 +183,12 @@ class PoolTargets(NoTargets):
         self.transfer = (AsyncWeightTransfer(world, settings.timeout_s,
                                              max(self._size(a) for a in set(archs)))
                          if self.asynchronous else WeightTransfer(world, settings.timeout_s))
+        self.lead = None  # exchange.pool_max_lead: the leader's bound on its lead
+        if self.asynchronous and settings.max_lead and world.is_leader:
+            from mhd_hpc.distributed.transfer import LeadBound
+
+            self.lead = LeadBound(world, settings.max_lead, settings.every, settings.timeout_s)
+        self._lead_steps = 0
 
     def _size(self, arch: str) -> int:
         if arch not in self._sizes:
@@ -225,6 +232,9 @@ class PoolTargets(NoTargets):
         """exchange.pool_async: send at this client's own refresh steps (the receivers the
         shared seed assigns to this step index), and insert whatever has arrived now."""
         me, leader = self.world.client, self.world.is_leader
+        if self.lead is not None:
+            self.lead.begin_step(step)
+            self._lead_steps += 1
         if step % self.pool_every == 0 and leader:
             sources = refresh_sources(self.graph_at(step), step, self.seed)
             receivers = [i for i, src in enumerate(sources) if src == me]
@@ -239,7 +249,7 @@ class PoolTargets(NoTargets):
                 for n, (src, st, age) in enumerate(meta)]
         for source, source_step, age_s, flat in arrived:
             self.pool.insert(step, source, source_step, self.archs[source], flat,
-                             made_at=time.time() - age_s)
+                             made_at=time.time() - age_s, same_source=True)
 
     def _share(self, arrived: list) -> list:
         """The leader's arrivals -> the same list on every rank of the client."""
@@ -262,6 +272,10 @@ class PoolTargets(NoTargets):
         if self._age_s:  # pool_async: the same in seconds (the sender's steps are its own)
             out["staleness_s"] = sum(self._age_s) / len(self._age_s)
             self._age_s = []
+        if self.lead is not None and self._lead_steps:  # seconds per step spent held back
+            out["lead_wait_s"] = self.lead.wait_seconds / self._lead_steps
+            out["slowest_peer_step"] = float(self.lead.slowest())
+            self.lead.wait_seconds, self._lead_steps = 0.0, 0
         return out
 
     def _insert(self, step: int, arrived: list) -> None:
@@ -302,11 +316,15 @@ class PoolTargets(NoTargets):
             if leader:
                 self.transfer.arrived()
             busy = leader and not self.transfer.sends_done()
+            if self.lead is not None:
+                busy = not self.lead.sends_done() or busy
             if self.world.max_over_ranks(1.0 if busy else 0.0) == 0:
                 break
             poll.pause()
         if self.world.is_leader:
             self.transfer.close()
+            if self.lead is not None:
+                self.lead.close()
 
     def take_counters(self):
         return self.transfer.take_counters()

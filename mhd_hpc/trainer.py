@@ -202,7 +202,8 @@ def make_targets(cfg: JobConfig, world: World, strategy: Strategy, graph_at, bui
         settings = PoolSettings(capacity=ex.pool_size or cfg.clients.count, every=ex.pool_every,
                                 transfer_steps=ex.pool_transfer_steps, delta=delta, seed=seed,
                                 timeout_s=ex.timeout_s, send_embedding=send_embedding,
-                                precision=precision, asynchronous=ex.pool_async)
+                                precision=precision, asynchronous=ex.pool_async,
+                                max_lead=ex.pool_max_lead)
         return PoolTargets(world, graph_at, cfg.client_archs(), build, settings)
     drop = ex.late_peers == "drop"
     exchange = ClientExchange(world, num_heads=model.num_heads - 1,  # the last head: no target

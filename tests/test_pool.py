@@ -49,6 +49,23 @@ def test_pool_fills_then_replaces_deterministically():
     assert [e.source_step for e in pools[0].draw(7, 1)] == [e.source_step for e in pools[1].draw(7, 1)]
 
 
+def test_a_fast_sender_does_not_crowd_a_slow_one_out_with_same_source():
+    flat = flatten_state(build("cnn_small"))
+    sources = {}
+    for same in (False, True):
+        pool = CheckpointPool(3, client=0, seed=1, build=build)
+        pool.insert(0, 2, 0, "cnn_small", flat, same_source=same)  # the slow peer, once
+        for step in range(1, 40):  # two fast peers, again and again
+            pool.insert(step, 1 + step % 2 * 2, step, "cnn_small", flat, same_source=same)
+        sources[same] = sorted(e.source_client for e in pool.entries)
+    assert 2 not in sources[False]  # random replacement: it was evicted long ago
+    assert sources[True] == [1, 2, 3]  # each fast one replaced its own oldest entry
+    pool = CheckpointPool(2, client=0, seed=1, build=build)
+    for step, src in ((1, 1), (2, 1), (3, 1)):
+        pool.insert(step, src, step, "cnn_small", flat, same_source=True)
+    assert sorted(e.source_step for e in pool.entries) == [2, 3]  # the oldest went
+
+
 def test_refresh_sources_follow_the_topology():
     graph = topology.cycle(4)  # i receives from i-1
     assert refresh_sources(graph, 200, seed=0) == [3, 0, 1, 2]

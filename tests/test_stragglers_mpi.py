@@ -44,6 +44,23 @@ def test_asynchronous_pool_mode_lets_fast_clients_run_ahead(tmp_path, data_root)
     assert np.nanmax(ages) > 0  # the teachers' age in seconds is recorded
 
 
+def test_a_bounded_lead_holds_fast_clients_within_the_ratio(tmp_path, data_root):
+    run = tmp_path / "bounded"
+    res = run_mpi(4, train_args(run, data_root, *JOB, "exchange.mode=pool",
+                                "exchange.pool_async=true", "exchange.pool_every=5",
+                                "exchange.pool_max_lead=1.5"), env=SLOW, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows, _ = train(run)
+    steps, slowest = rows["step"], rows["slowest_peer_step"]  # (rows,), (rows, clients)
+    # Every step s of a fast client held s <= 1.5 m + 5 (m the straggler's step it knew);
+    # the row holds the interval's means, so its last step may exceed the mean by log_every.
+    for c in range(3):
+        assert np.all(steps <= 1.5 * slowest[:, c] + 5 + 10), (c, steps, slowest[:, c])
+    assert np.all(slowest[-1, :3] >= (60 - 5 - 10) / 1.5), slowest[-1]
+    assert np.nansum(rows["lead_wait_s"][:, :3]) > 0  # they did wait for the straggler
+    assert np.nanmax(rows["lead_wait_s"][:, 3]) < 0.05  # it never waited for them
+
+
 def test_the_overlapped_step_trains(tmp_path, data_root):
     run = tmp_path / "overlap"
     res = run_mpi(4, train_args(run, data_root, *JOB, "exchange.overlap=true"), timeout=300)
@@ -57,6 +74,10 @@ def test_the_overlapped_step_trains(tmp_path, data_root):
 def test_what_not_waiting_cannot_be_combined_with(tmp_path, data_root):
     for bad, key in ((["exchange.mode=pool", "exchange.late_peers=drop"], "exchange.late_peers"),
                      (["exchange.pool_async=true"], "exchange.pool_async"),
+                     (["exchange.mode=pool", "exchange.pool_max_lead=2"],
+                      "exchange.pool_max_lead"),
+                     (["exchange.mode=pool", "exchange.pool_async=true",
+                       "exchange.pool_max_lead=0.5"], "exchange.pool_max_lead"),
                      (["exchange.overlap=true", "eval.grad_norms=true"], "eval.grad_norms")):
         res = run_mpi(2, train_args(tmp_path / "x", data_root, *SMALL, *bad), timeout=60)
         assert res.returncode == 2 and f"config error at '{key}'" in res.stderr, res.stderr

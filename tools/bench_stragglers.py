@@ -12,7 +12,8 @@ Scenarios (4 clients, one MPI rank each, ``jobs/digits.yaml``):
 * ``hetero``: client 0 a ResNet-18 among cnn_small clients (slower by itself);
 
 each run in pool mode lock-step (``exchange.pool_async=false``) and at the clients' own pace
-(``true``). Reported per scenario, mean over seeds: the fast clients' steps per second (steps
+(``true``; ``--max-lead R`` bounds the fast clients' lead, ``exchange.pool_max_lead=R``).
+Reported per scenario, mean over seeds: the fast clients' steps per second (steps
 over the wall time of their own loop, ``train/wall_s``) and their last aux head's beta_sh at
 the last step, in both modes. Then ``drop``: the ``slow`` scenario in prediction mode with
 ``exchange.late_peers=drop`` against the same job without the straggler (the fast clients' own
@@ -76,7 +77,8 @@ def per_client(m: dict) -> dict:
     return out
 
 
-def scenario(name: str, seeds: list[int], steps: int, work: Path, data: Path) -> dict:
+def scenario(name: str, seeds: list[int], steps: int, work: Path, data: Path,
+             max_lead: float = 0.0, modes: tuple[str, ...] = ("lockstep", "async")) -> dict:
     base = [f"run.steps={steps}", f"run.eval_every={steps}", "run.log_every=10",
             f"run.checkpoint_every={steps}", "exchange.mode=pool", "exchange.pool_every=10"]
     fault, fast = (SLOW, [0, 1, 2]) if name == "slow" else (None, [1, 2, 3])
@@ -84,12 +86,14 @@ def scenario(name: str, seeds: list[int], steps: int, work: Path, data: Path) ->
         base += ["clients.arch=[resnet18, cnn_small, cnn_small, cnn_small]",
                  "model.embedding_dim=64", "optim.lr=0.02", "optim.warmup_steps=50"]
     result: dict = {"fast_clients": fast}
-    for mode in ("lockstep", "async"):
+    result["max_lead"] = max_lead
+    for mode in modes:
         rows = []
+        lead = [f"exchange.pool_max_lead={max_lead}"] if mode == "async" and max_lead else []
         for seed in seeds:
             m = train(work / f"{name}-{mode}-{seed}", data,
-                      [*base, f"run.seed={seed}", f"exchange.pool_async={mode == 'async'}"],
-                      fault)
+                      [*base, f"run.seed={seed}", f"exchange.pool_async={mode == 'async'}",
+                       *lead], fault)
             rows.append(per_client(m))
         result[mode] = {
             "fast_steps_per_s": float(np.mean([r["steps_per_s"][fast].mean() for r in rows])),
@@ -97,6 +101,8 @@ def scenario(name: str, seeds: list[int], steps: int, work: Path, data: Path) ->
                                                for r in rows])),
             "fast_last_aux_sh": float(np.mean([r["last_aux_sh"][fast].mean() for r in rows])),
             "per_seed_fast_last_aux_sh": [float(r["last_aux_sh"][fast].mean()) for r in rows]}
+    if len(modes) < 2:  # one mode alone: its rows, no comparison
+        return result
     result["speedup"] = result["async"]["fast_steps_per_s"] / result["lockstep"]["fast_steps_per_s"]
     result["aux_sh_diff"] = result["async"]["fast_last_aux_sh"] - \
         result["lockstep"]["fast_last_aux_sh"]
@@ -146,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--deadline", type=float, default=0.05, help="exchange.late_deadline_s")
     p.add_argument("--only", choices=("slow", "hetero", "drop", "overlap"), default=None)
+    p.add_argument("--max-lead", type=float, default=0.0,
+                   help="exchange.pool_max_lead of the asynchronous runs (0: unbounded)")
+    p.add_argument("--modes", default="lockstep,async",
+                   help="slow/hetero: which of lockstep,async to run (one alone: no comparison)")
     p.add_argument("--data", default=None, help="data.root (default: a temporary folder)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -154,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         work, data = Path(tmp), Path(args.data or Path(tmp) / "data")
         for name in ("slow", "hetero"):
             if args.only in (None, name):
-                results[name] = scenario(name, args.seeds, args.steps, work, data)
+                results[name] = scenario(name, args.seeds, args.steps, work, data,
+                                         args.max_lead, tuple(args.modes.split(",")))
         if args.only in (None, "drop"):
             results["drop"] = drop(args.seeds[0], args.steps, work, data, args.deadline)
         if args.only in (None, "overlap"):
@@ -171,7 +182,16 @@ def print_tables(r: dict) -> None:
               "their last aux beta_sh: lock-step | own pace | difference |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name in ("slow", "hetero"):
-            if name in r:
+            if name in r and "speedup" not in r[name]:
+                for mode in ("lockstep", "async"):
+                    if mode in r[name]:
+                        m = r[name][mode]
+                        print(f"| {name} ({mode}, max_lead {r[name]['max_lead']:g}) | fast "
+                              f"clients {m['fast_steps_per_s']:.2f} steps/s, slow "
+                              f"{m['slow_steps_per_s']:.2f}; last aux beta_sh "
+                              f"{m['fast_last_aux_sh']:.3f} (per seed "
+                              f"{np.round(m['per_seed_fast_last_aux_sh'], 3).tolist()}) |")
+            elif name in r:
                 s = r[name]
                 print(f"| {name} | {s['lockstep']['fast_steps_per_s']:.2f} | "
                       f"{s['async']['fast_steps_per_s']:.2f} | {s['speedup']:.2f}x | "

@@ -246,6 +246,14 @@ class ExchangeConfig:
                            "steps and in seconds, is recorded (train/staleness, "
                            "train/staleness_s). Not reproducible: arrivals depend on timing.",
                            False, added=False)
+    pool_max_lead: float = doc("pool_async: bounded staleness. A client at step s waits while s "
+                               "> pool_max_lead x m + pool_every, m the lowest step it has "
+                               "heard of from another client (leaders report their step every "
+                               "pool_every steps), so a fast client's teachers are never far "
+                               "less trained than it is; the wait is train/lead_wait_s. It also "
+                               "caps the fast clients' speed-up at about this factor. 0: never "
+                               "wait (fastest; a fast client may finish while a slow teacher has "
+                               "barely started).", 0.0, on_resume=MAY_CHANGE, added=0.0)
     timeout_s: float = doc("Seconds to wait for a peer's message before failing with the peer "
                            "named.", 300.0, on_resume=BOOKKEEPING)
     pool_size: int = doc("mode=pool: N_P, peer checkpoints kept per client (0 = clients.count).",

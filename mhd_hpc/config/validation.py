@@ -177,6 +177,13 @@ def _check_exchange(cfg: JobConfig) -> None:
                           "all terms: set exchange.overlap=false to record them")
     if ex.pool_async and ex.mode != "pool":
         raise ConfigError("exchange.pool_async", "applies to exchange.mode=pool")
+    if ex.pool_max_lead != 0:
+        if not ex.pool_async:
+            raise ConfigError("exchange.pool_max_lead", "bounds clients at their own pace: "
+                              "set exchange.pool_async=true (lock-step pool mode never leads)")
+        if not ex.pool_max_lead >= 1:
+            raise ConfigError("exchange.pool_max_lead", f"must be 0 (off) or at least 1, got "
+                              f"{ex.pool_max_lead}")
     _positive("exchange.pool_size", ex.pool_size, allow_zero=True)
     _positive("exchange.pool_every", ex.pool_every)
     _positive("exchange.pool_transfer_steps", ex.pool_transfer_steps, allow_zero=True)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from mhd_hpc.distributed.p2p import ExchangeError, TrafficCounters, wait_until
+from mhd_hpc.distributed.p2p import ExchangeError, Poller, TrafficCounters, wait_until
 from mhd_hpc.distributed.world import World
 
-__all__ = ["WeightTransfer"]
+__all__ = ["AsyncWeightTransfer", "LeadBound", "WeightTransfer"]
 
 _WEIGHTS_TAG = 18
 _WEIGHTS_HEADER = np.dtype([("step", "<i8"), ("sender", "<i8"), ("count", "<i8")])
@@ -195,6 +195,95 @@ class AsyncWeightTransfer(TrafficCounters):
     def close(self) -> None:
         """The last receive, which nobody will match any more, is cancelled (every sender is
         done: the caller agreed on that with everyone)."""
+        if self._recv is not None:
+            self._recv.Cancel()
+            self._recv.Wait()
+            self._recv = None
+
+
+_PROGRESS_TAG = 20
+
+
+class LeadBound:
+    """Bounded staleness for ``exchange.pool_async`` (``exchange.pool_max_lead``): leaders tell
+    every other leader their step (16 bytes, every ``every`` steps and whenever they are about
+    to wait), and a client at step ``s`` waits while ``s > ratio * m + every``, ``m`` the
+    lowest step it has heard of from any other client. Fast clients then stay within ``ratio``
+    times the slowest one's progress, so their teachers are never much less trained than they
+    are; the slowest client never waits (every peer is ahead of it), so there is no deadlock.
+
+    ``ratio`` bounds the speed-up over lock-step as well: it is the trade the option makes."""
+
+    def __init__(self, world: World, ratio: float, every: int, timeout_s: float):
+        self.world, self.ratio, self.every, self.timeout_s = world, ratio, every, timeout_s
+        others = [c for c in range(world.layout.num_clients) if c != world.client]
+        self.known = {c: 0 for c in others}  # the latest step heard of, per client
+        self._buf = np.empty(2, dtype=np.int64)
+        self._recv = None
+        self._sends: list = []
+        self._told = -1  # the last step this client reported
+        self.wait_seconds = 0.0
+
+    def _tell(self, step: int) -> None:
+        if step == self._told:
+            return
+        self._told = step
+        msg = np.array([self.world.client, step], dtype=np.int64)
+        for c in self.known:
+            self._sends.append((self.world.comm.Isend([msg, MPI.INT64_T],
+                                                      dest=self.world.rank_of_client(c),
+                                                      tag=_PROGRESS_TAG), msg))
+        self._sends = [s for s in self._sends if not s[0].Test()]
+
+    def _hear(self) -> None:
+        if self._recv is None:
+            self._recv = self.world.comm.Irecv([self._buf, MPI.INT64_T], source=MPI.ANY_SOURCE,
+                                               tag=_PROGRESS_TAG)
+        while self._recv.Test():
+            client, step = int(self._buf[0]), int(self._buf[1])
+            self.known[client] = max(self.known[client], step)
+            self._recv = self.world.comm.Irecv([self._buf, MPI.INT64_T],
+                                               source=MPI.ANY_SOURCE, tag=_PROGRESS_TAG)
+
+    def slowest(self) -> int:
+        """The lowest step heard of from any other client (0 before the first report)."""
+        return min(self.known.values(), default=0)
+
+    def allows(self, step: int) -> bool:
+        return step <= self.ratio * self.slowest() + self.every
+
+    def begin_step(self, step: int) -> None:
+        """Report at refresh steps, then wait (polling, never past ``timeout_s``) until the
+        slowest client is close enough. Leaders only: a client's other ranks follow it through
+        their gradient all-reduce."""
+        if step % self.every == 0 or self._told < 0:
+            self._tell(step)
+        self._hear()
+        if self.allows(step) or not self.known:
+            return
+        self._tell(step)  # a waiting client's step must be known: the others may wait on it
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
+        poll = Poller()
+        while not self.allows(step):
+            if time.monotonic() > deadline:
+                late = min(self.known, key=self.known.get)
+                raise ExchangeError(
+                    f"{self.world.where()} waited {self.timeout_s:.0f} s at step {step} for "
+                    f"client {late} (last heard at step {self.known[late]}) to come within "
+                    f"exchange.pool_max_lead={self.ratio:g} (exchange.timeout_s)")
+            poll.pause()
+            self._hear()
+        self.wait_seconds += time.perf_counter() - t0
+
+    def sends_done(self) -> bool:
+        self._hear()  # keep draining: the others may still report while they finish
+        self._sends = [s for s in self._sends if not s[0].Test()]
+        return not self._sends
+
+    def close(self) -> None:
+        """After every rank agreed that all sends have left: drain, then cancel the receive."""
+        self._hear()
         if self._recv is not None:
             self._recv.Cancel()
             self._recv.Wait()
