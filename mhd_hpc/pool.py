@@ -93,8 +93,9 @@ class CheckpointPool:
         if len(self.entries) < self.capacity:
             self.entries.append(entry)
             return len(self.entries) - 1
-        own = [n for n, e in enumerate(self.entries) if e.source_client == source_client]
-        if same_source and own:
+        own = ([n for n, e in enumerate(self.entries) if e.source_client == source_client]
+               if same_source else [])
+        if own:
             slot = min(own, key=lambda n: self.entries[n].source_step)
         else:
             slot = int(np.random.default_rng([self.seed, POOL_SLOT, self.client, step])

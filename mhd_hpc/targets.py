@@ -188,7 +188,6 @@ class PoolTargets(NoTargets):
             from mhd_hpc.distributed.transfer import LeadBound
 
             self.lead = LeadBound(world, settings.max_lead, settings.every, settings.timeout_s)
-        self._lead_steps = 0
 
     def _size(self, arch: str) -> int:
         if arch not in self._sizes:
@@ -234,7 +233,6 @@ class PoolTargets(NoTargets):
         me, leader = self.world.client, self.world.is_leader
         if self.lead is not None:
             self.lead.begin_step(step)
-            self._lead_steps += 1
         if step % self.pool_every == 0 and leader:
             sources = refresh_sources(self.graph_at(step), step, self.seed)
             receivers = [i for i, src in enumerate(sources) if src == me]
@@ -272,10 +270,10 @@ class PoolTargets(NoTargets):
         if self._age_s:  # pool_async: the same in seconds (the sender's steps are its own)
             out["staleness_s"] = sum(self._age_s) / len(self._age_s)
             self._age_s = []
-        if self.lead is not None and self._lead_steps:  # seconds per step spent held back
-            out["lead_wait_s"] = self.lead.wait_seconds / self._lead_steps
+        if self.lead is not None:  # called once per step: this step's seconds held back
+            out["lead_wait_s"] = self.lead.wait_seconds
             out["slowest_peer_step"] = float(self.lead.slowest())
-            self.lead.wait_seconds, self._lead_steps = 0.0, 0
+            self.lead.wait_seconds = 0.0
         return out
 
     def _insert(self, step: int, arrived: list) -> None:

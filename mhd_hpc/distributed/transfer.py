@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from mhd_hpc.distributed.p2p import ExchangeError, Poller, TrafficCounters, wait_until
+from mhd_hpc.distributed.p2p import ExchangeError, TrafficCounters, wait_until
 from mhd_hpc.distributed.world import World
 
 __all__ = ["AsyncWeightTransfer", "LeadBound", "WeightTransfer"]
@@ -263,17 +263,17 @@ class LeadBound:
             return
         self._tell(step)  # a waiting client's step must be known: the others may wait on it
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.timeout_s
-        poll = Poller()
-        while not self.allows(step):
-            if time.monotonic() > deadline:
-                late = min(self.known, key=self.known.get)
-                raise ExchangeError(
-                    f"{self.world.where()} waited {self.timeout_s:.0f} s at step {step} for "
-                    f"client {late} (last heard at step {self.known[late]}) to come within "
-                    f"exchange.pool_max_lead={self.ratio:g} (exchange.timeout_s)")
-            poll.pause()
+
+        def near() -> bool:
             self._hear()
+            return self.allows(step)
+
+        def late() -> str:
+            c = min(self.known, key=self.known.get)
+            return (f"{self.world.where()} waited {self.timeout_s:.0f} s at step {step} for "
+                    f"client {c} (last heard at step {self.known[c]}) to come within "
+                    f"exchange.pool_max_lead={self.ratio:g} (exchange.timeout_s)")
+        wait_until(near, self.timeout_s, late)
         self.wait_seconds += time.perf_counter() - t0
 
     def sends_done(self) -> bool:
