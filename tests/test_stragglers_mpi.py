@@ -4,6 +4,7 @@ step. (Their speed is measured by tools/bench_stragglers.py, not here.)"""
 
 import h5py
 import numpy as np
+import pytest
 
 from conftest import SMALL, run_mpi, train_args
 
@@ -59,6 +60,29 @@ def test_a_bounded_lead_holds_fast_clients_within_the_ratio(tmp_path, data_root)
     assert np.all(slowest[-1, :3] >= (60 - 5 - 10) / 1.5), slowest[-1]
     assert np.nansum(rows["lead_wait_s"][:, :3]) > 0  # they did wait for the straggler
     assert np.nanmax(rows["lead_wait_s"][:, 3]) < 0.05  # it never waited for them
+
+
+@pytest.mark.parametrize("slow_rank", [1, 3])
+def test_a_bounded_lead_with_a_two_rank_client(tmp_path, data_root, slow_rank):
+    """Client 0 has ranks 0 and 1, clients 1 and 2 one each. Rank 1 slow: client 0 is slow
+    through its gradient all-reduce and its leader reports for it. Rank 3 slow: client 0 is a
+    fast client whose leader waits and whose second rank follows."""
+    run = tmp_path / f"bounded-{slow_rank}"
+    res = run_mpi(4, train_args(run, data_root, *JOB, "clients.count=3",
+                                "clients.per_client=[{ranks: 2}, {}, {}]", "exchange.mode=pool",
+                                "exchange.pool_async=true", "exchange.pool_every=5",
+                                "exchange.pool_max_lead=1.5"),
+                  env={"MHD_INJECT_FAULT": f"{slow_rank}:1:slow:3"}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows, evals = train(run)
+    assert list(evals) == [30, 60]
+    slow = 0 if slow_rank == 1 else 2
+    fast = [c for c in range(3) if c != slow]
+    steps, slowest = rows["step"], rows["slowest_peer_step"]
+    for c in fast:
+        assert np.all(steps <= 1.5 * slowest[:, c] + 5 + 10), (c, steps, slowest[:, c])
+        assert np.nansum(rows["lead_wait_s"][:, c]) > 0, c  # it waited for the slow client
+    assert np.nanmax(rows["lead_wait_s"][:, slow]) < 0.05  # the slow one never waited
 
 
 def test_the_overlapped_step_trains(tmp_path, data_root):
