@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from _jpeg_tree import build_dataset, make_image_folder  # noqa: E402
 from mhd_hpc.data.batches import StepBatches, iterate_eval, load_split  # noqa: E402
 from mhd_hpc.data.embedded import build_digits_shards  # noqa: E402
 from mhd_hpc.data.manifest import load_manifest  # noqa: E402
+from mhd_hpc.data.pil_stream import decode_pil, random_resized_box  # noqa: E402
+from mhd_hpc.data.synthetic import synthetic_jpeg  # noqa: E402
 from mhd_hpc.data.shards import Samples  # noqa: E402
 from mhd_hpc.data.stream_factory import LOADERS, dali_available, open_stream  # noqa: E402
 from mhd_hpc.devices import to_device  # noqa: E402
@@ -239,11 +242,6 @@ def test_train_decode_equals_pil_bilinear_up_to_rounding(wh, size) -> None:
     """The train transform's resize (torch's uint8 antialiased kernel) gives PIL's BILINEAR
     pixels for the same random box: crops larger than S (downscaled) and smaller (upscaled).
     (No crop here is twice S, so no DCT-scaled draft: the next test covers that.)"""
-    import io
-
-    from mhd_hpc.data.pil_stream import decode_pil, random_resized_box
-    from mhd_hpc.data.synthetic import synthetic_jpeg
-
     rng = np.random.default_rng(3)
     diffs = []
     for k in range(12):
@@ -265,11 +263,6 @@ def test_train_decode_equals_pil_bilinear_up_to_rounding(wh, size) -> None:
 def test_train_decode_of_a_large_jpeg_uses_the_draft() -> None:
     """A crop many times S decodes DCT-scaled (the box follows the smaller image) and still
     gives the crop's content: close to resizing the full-size decode."""
-    import io
-
-    from mhd_hpc.data.pil_stream import decode_pil, random_resized_box
-    from mhd_hpc.data.synthetic import synthetic_jpeg
-
     data = synthetic_jpeg(np.random.default_rng(0), 1600, 1200)
     got, _ = decode_pil(data, 32, True, np.random.default_rng(5))
     x, y, cw, ch = random_resized_box(1600, 1200, np.random.default_rng(5))
