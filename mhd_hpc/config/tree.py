@@ -139,7 +139,9 @@ class DataConfig:
     prefetch: int = doc("Batches each loader prepares ahead of the step that uses them (per "
                         "DataLoader worker for wds, DALI's prefetch_queue_depth).", 2,
                         on_resume=BOOKKEEPING, added=2)
-    loader_threads: int = doc("Decoding threads (DALI) or worker processes (wds) per rank.", 2,
+    loader_threads: int = doc("Decoding threads (DALI; with DALI's CPU pipeline also the "
+                              "threads resizing its training crops) or worker processes (wds) "
+                              "per rank.", 2,
                               on_resume=BOOKKEEPING, became_resumable=True)
     verify_shards: bool = doc("Check every shard against the sha256 in the dataset manifest "
                               "before training (the ranks share the work); a mismatch stops the "
