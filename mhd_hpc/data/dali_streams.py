@@ -11,13 +11,15 @@ Two ways to feed the same decode/augment graph:
   expect. Its order is DALI's own (buffer shuffle), so it serves benchmarks, not training.
 
 CPU pipelines (``device_id=None``) when CUDA is absent: uint8 batches, normalised where they
-are used. The CPU train graph stops after the ROI decode: its ragged crops are resized by torch's
-uint8 kernel (:func:`~mhd_hpc.data.streams.resize_crops`, on ``threads`` threads of the process
-that takes the batch, ``BatchFeed``'s background thread in training) and its flips are applied
-where the batch is used, as the ``wds`` loader's are. With CUDA, ``mixed`` decoding (nvJPEG; ``fn.decoders.image_random_crop`` decodes only
-the crop window, and DALI 2.x decodes through nvImageCodec, using the GPU's hardware JPEG
-decoder where there is one), GPU resize/crop/normalisation, and batches come back as CUDA
-tensors. Tested with DALI 2.4 (CPU pipelines; no GPU was available to run the mixed path).
+are used. The CPU train graph stops after the ROI decode: its ragged crops are resized by
+torch's uint8 kernel (:func:`~mhd_hpc.data.streams.resize_crops`, on ``threads`` threads of the
+process that takes the batch, ``BatchFeed``'s background thread in training) and its flips are
+applied where the batch is used, as the ``wds`` loader's are.
+
+With CUDA, ``mixed`` decoding (nvJPEG; ``fn.decoders.image_random_crop`` decodes only the crop
+window, and DALI 2.x decodes through nvImageCodec, using the GPU's hardware JPEG decoder where
+there is one), GPU resize/crop/normalisation, and batches come back as CUDA tensors. Tested
+with DALI 2.4 (CPU pipelines; no GPU was available to run the mixed path).
 """
 
 from __future__ import annotations
