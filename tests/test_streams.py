@@ -340,3 +340,31 @@ def test_resize_crops_on_threads_equals_serial() -> None:
     assert serial.shape == (4, 3, 48, 48) and serial.dtype == torch.uint8
     assert torch.equal(serial, threaded)
     assert np.array_equal(serial[2].numpy(), resize_uint8(crops[2], 48))
+
+
+def test_wds_ring_slots_are_not_overwritten_while_read(dataset) -> None:
+    """Workers decode into a reused ring of shared-memory slots: with a slow taker, workers
+    that ran ahead must not overwrite a slot before it is copied out (many laps of the ring),
+    and an eval pass in between (in process, threads=0) must not redirect the train writes."""
+    import time
+
+    ds, _, _ = dataset
+    ref, _ = open_stream(ds, "client_001", 4, seed=9, kind="train", loader="wds", threads=0)
+    want = [ref.batch(s) for s in range(14)]
+    fast, _ = open_stream(ds, "client_001", 4, seed=9, kind="train", loader="wds", threads=2,
+                          prefetch=1)  # a ring of 2 * 1 + 2 = 4 slots: 3 laps
+    for s in range(14):
+        got = fast.batch(s)
+        time.sleep(0.05)  # the workers run ahead meanwhile
+        assert torch.equal(got.images, want[s].images), s
+        assert got.flip is None and want[s].flip is None or torch.equal(got.flip, want[s].flip)
+    fast.close()
+    mixed, _ = open_stream(ds, "client_001", 4, seed=9, kind="train", loader="wds", threads=0)
+    first = mixed.batch(0)
+    evals = [b.images.clone() for b in mixed.eval_batches()]
+    assert torch.equal(first.images, want[0].images)
+    assert torch.equal(mixed.batch(1).images, want[1].images) and evals
+    assert [torch.equal(a, b.images) for a, b in zip(evals, mixed.eval_batches())] == \
+        [True] * len(evals)
+    ref.close()
+    mixed.close()
