@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mhd_hpc.config import ConfigError, format_value, load_config
+from mhd_hpc.config import ConfigError, format_value
+from mhd_hpc.job import load_job
 from mhd_hpc.report.summary import step_summary, traffic_and_speed
 from mhd_hpc.run.metrics_file import MetricsError, read_metrics
 
@@ -129,7 +130,7 @@ def plan(spec: SweepSpec) -> list[Run]:
                 out = os.path.join(folder, f"seed{seed}")
                 overrides = (*spec.overrides, *setting.get("overrides", []), *point,
                              f"run.seed={seed}", f"run.out_dir={out}")
-                cfg = load_config(str(spec.base), list(overrides))
+                cfg = load_job(str(spec.base), list(overrides))
                 ranks = spec.ranks or sum(cfg.client_ranks())
                 runs.append(Run(name, seed, overrides, out, ranks, cfg.run.steps))
     return runs

@@ -12,8 +12,9 @@ import argparse
 import os
 import sys
 
-from mhd_hpc.config import ConfigError, check_environment, check_world_size, load_config
-from mhd_hpc.signals import EXIT_CONFIG
+from mhd_hpc.config import ConfigError, check_world_size
+from mhd_hpc.job import check_environment, load_job
+from mhd_hpc.runtime.signals import EXIT_CONFIG
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     world = init_world()
     with world.guard():
         try:
-            cfg = load_config(args.job, args.overrides)
+            cfg = load_job(args.job, args.overrides)
             launcher, tasks = launcher_tasks()
             check_world_size(cfg, world.size, launcher, tasks)
             # The installation may differ between nodes: every rank checks its own, then all

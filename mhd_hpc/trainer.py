@@ -17,35 +17,35 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mhd_hpc import topology
-from mhd_hpc.codec import top_k_problem
+from mhd_hpc.method import topology
+from mhd_hpc.distributed.codec import top_k_problem
 from mhd_hpc.config import ConfigError, JobConfig
-from mhd_hpc.data.array_shards import PartitionSettings
-from mhd_hpc.data.builtin import BUILTIN_CLASSES, build_builtin
-from mhd_hpc.data.sources import DatasetFileError
+from mhd_hpc.data.build.array_shards import PartitionSettings
+from mhd_hpc.data.build.builtin import BUILTIN_CLASSES, build_builtin
+from mhd_hpc.data.build.sources import DatasetFileError
 from mhd_hpc.data.manifest import client_split, content_digest, load_manifest, verify_shards
-from mhd_hpc.data.stream_factory import open_stream
-from mhd_hpc.data.streams import BatchStream
-from mhd_hpc.devices import (BatchFeed, Precision, pick_device, resolve_channels_last,
+from mhd_hpc.data.read.stream_factory import open_stream
+from mhd_hpc.data.read.streams import BatchStream
+from mhd_hpc.runtime.devices import (BatchFeed, Precision, pick_device, resolve_channels_last,
                              resolve_precision)
 from mhd_hpc.distributed.exchange import ClientExchange
 from mhd_hpc.distributed.intra import IntraBackend, make_intra
 from mhd_hpc.distributed.world import ClientLayout, World
-from mhd_hpc.evaluation import evaluate, health_after
-from mhd_hpc.losses import aux_head_weight
+from mhd_hpc.run.evaluation import evaluate, health_after
+from mhd_hpc.method.losses import aux_head_weight
 from mhd_hpc.models import build_model
 from mhd_hpc.distributed.p2p import Poller
-from mhd_hpc.progress import (EVALS_TAG, ROWS_TAG, AsyncRecords, Interval, Log, Recorder,
+from mhd_hpc.run.progress import (EVALS_TAG, ROWS_TAG, AsyncRecords, Interval, Log, Recorder,
                               TensorBoard)
 from mhd_hpc.run.client_state import ClientState
 from mhd_hpc.run.folder import RunFolder, claim_run_dir, fingerprints
 from mhd_hpc.run.metrics_file import MetricsWriter
-from mhd_hpc.schedules import learning_rate, schedule_change_note
-from mhd_hpc.seeds import INIT, PRIVATE_ORDER, PUBLIC_ORDER, seed_of
-from mhd_hpc.signals import EXIT_RESUMABLE, Fault, StopSignal, die
-from mhd_hpc.step import DistillSettings, TrainStep
-from mhd_hpc.strategies import Strategy, make_strategy
-from mhd_hpc.targets import LiveTargets, NoTargets, PoolSettings, PoolTargets, TargetSource
+from mhd_hpc.method.schedules import learning_rate, schedule_change_note
+from mhd_hpc.runtime.seeds import INIT, PRIVATE_ORDER, PUBLIC_ORDER, seed_of
+from mhd_hpc.runtime.signals import EXIT_RESUMABLE, Fault, StopSignal, die
+from mhd_hpc.method.step import DistillSettings, TrainStep
+from mhd_hpc.method.strategies import Strategy, make_strategy
+from mhd_hpc.method.targets import LiveTargets, NoTargets, PoolSettings, PoolTargets, TargetSource
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mhd_hpc.data.synthetic import synthetic_jpeg
+from mhd_hpc.data.read.synthetic import synthetic_jpeg
 
 
 def make_image_folder(root: Path, classes: int = 4, per_class: int = 10, val_per_class: int = 3,
@@ -51,7 +51,7 @@ def make_image_folder(root: Path, classes: int = 4, per_class: int = 10, val_per
 
 def build_dataset(root: Path, out: Path, **overrides) -> dict:
     """Build shards of ``root``'s tree in-process (tiny settings); return the manifest."""
-    from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
+    from mhd_hpc.data.build.make_shards import ShardSettings, build_imagefolder_shards
 
     opts = dict(train_dir=str(root / "train"), val_dir=str(root / "val"), clients=3,
                 labels_per_client=2, skew=10.0, seed=0, image_size=32, samples_per_shard=4)

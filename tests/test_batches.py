@@ -1,4 +1,4 @@
-"""Step-indexed batches (mhd_hpc/data/batches.py): deterministic, resumable, parts; key hashes."""
+"""Step-indexed batches (mhd_hpc/data/read/batches.py): deterministic, resumable, parts; key hashes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mhd_hpc.data.batches import StepBatches, iterate_eval, key_hash
+from mhd_hpc.data.read.batches import StepBatches, iterate_eval, key_hash
 from mhd_hpc.data.shards import Samples
 
 NORM = {"scale": 1.0, "mean": [0.0], "std": [1.0]}

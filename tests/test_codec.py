@@ -1,4 +1,4 @@
-"""The message codec (mhd_hpc/codec.py): payload round trip on tensors, top-k densification."""
+"""The message codec (mhd_hpc/distributed/codec.py): payload round trip on tensors, top-k densification."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mhd_hpc.codec import MessageCodec, densify_topk
+from mhd_hpc.distributed.codec import MessageCodec, densify_topk
 
 
 @pytest.mark.parametrize("top_k", [0, 3])
@@ -61,7 +61,7 @@ def test_densify_topk_keeps_argmax_and_sums_to_one():
 def test_embedding_only_message_and_the_top_k_bound():
     """A job with one aux head sends the main head; with none, only the embedding (the last
     head is nobody's target, so it never travels): a message of 0 heads is valid."""
-    from mhd_hpc.codec import top_k_problem
+    from mhd_hpc.distributed.codec import top_k_problem
 
     emb = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
     codec = MessageCodec(0, 10, 5, 3, 4)

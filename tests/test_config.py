@@ -4,7 +4,8 @@
 import pytest
 import yaml
 
-from mhd_hpc.config import (ConfigError, JobConfig, check_world_size, load_config,
+from mhd_hpc.job import load_job as load_config  # the config's rules and the domain's
+from mhd_hpc.config import (ConfigError, JobConfig, check_world_size,
                             markdown_table, parse_override, reference)
 
 from conftest import ROOT
@@ -142,7 +143,7 @@ def test_scientific_notation_is_accepted_for_numbers(tmp_path):
 
 
 def test_config_names_the_topology_keys():
-    from mhd_hpc.config import ConfigError, load_config
+    from mhd_hpc.config import ConfigError
 
     job = str(ROOT / "jobs" / "digits.yaml")
     with pytest.raises(ConfigError) as err:

@@ -1,9 +1,9 @@
-"""Device choices (mhd_hpc/devices.py): precision, channels-last layout, the shared-GPU rule."""
+"""Device choices (mhd_hpc/runtime/devices.py): precision, channels-last layout, the shared-GPU rule."""
 
 import pytest
 import torch
 
-from mhd_hpc.devices import (Precision, clients_sharing_a_gpu, resolve_channels_last,
+from mhd_hpc.runtime.devices import (Precision, clients_sharing_a_gpu, resolve_channels_last,
                              resolve_precision)
 
 
@@ -39,7 +39,7 @@ class _SteppedStream:
     """A stream whose batch is a pure function of the step (uint8, with normalise and flip)."""
 
     def batch(self, step: int):
-        from mhd_hpc.data.batches import Batch
+        from mhd_hpc.data.read.batches import Batch
 
         g = torch.Generator().manual_seed(step)
         images = torch.randint(0, 256, (4, 3, 5, 5), generator=g, dtype=torch.uint8)
@@ -55,7 +55,7 @@ def test_cpu_feed_finishes_batches_in_the_background(monkeypatch):
     order and after a jump (a resume)."""
     import threading
 
-    from mhd_hpc import devices
+    from mhd_hpc.runtime import devices
 
     threads: list[str] = []
     real = devices.normalize_tensor
@@ -85,7 +85,7 @@ def test_cpu_feed_finishes_batches_in_the_background(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
 def test_mirror_flips_exactly_the_marked_samples(dtype):
-    from mhd_hpc.devices import mirror
+    from mhd_hpc.runtime.devices import mirror
 
     images = torch.randint(0, 256, (5, 3, 4, 6)).to(dtype)
     before = images.clone()
@@ -102,8 +102,8 @@ def test_mirror_flips_exactly_the_marked_samples(dtype):
 def test_to_device_numbers_are_the_normalise_then_mirror_definition():
     """Mirroring the uint8 batch before the normalisation gives the same bits as normalising
     first (the order the numbers were defined in)."""
-    from mhd_hpc.data.batches import normalize_tensor
-    from mhd_hpc.devices import to_device
+    from mhd_hpc.data.read.batches import normalize_tensor
+    from mhd_hpc.runtime.devices import to_device
 
     batch = _SteppedStream().batch(2)
     want = normalize_tensor(batch.images, batch.normalize)

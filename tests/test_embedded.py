@@ -1,4 +1,4 @@
-"""The digits dataset (mhd_hpc/data/embedded.py): splits, rebuilds, MHD+ public set, the CLI."""
+"""The digits dataset (mhd_hpc/data/build/embedded.py): splits, rebuilds, MHD+ public set, the CLI."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from mhd_hpc.data.batches import iterate_eval, load_split
-from mhd_hpc.data.embedded import (
+from mhd_hpc.data.read.batches import iterate_eval, load_split
+from mhd_hpc.data.build.embedded import (
     build_digits_shards, dataset_dir_name, digits_settings, load_digits_arrays,
     digits_test_split,
 )
 from mhd_hpc.data.manifest import content_digest, load_manifest
-from mhd_hpc.data.partition import make_partition
+from mhd_hpc.data.build.partition import make_partition
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = dict(num_clients=3, public_fraction=0.1, label_assignment="random",

@@ -1,10 +1,10 @@
-"""Evaluation math (mhd_hpc/evaluation.py): accuracies, the health rule, the linear probe."""
+"""Evaluation math (mhd_hpc/run/evaluation.py): accuracies, the health rule, the linear probe."""
 
 import numpy as np
 
-from mhd_hpc.evaluation import (accuracy_summary, chance_accuracy, check_health, health_after,
+from mhd_hpc.run.evaluation import (accuracy_summary, chance_accuracy, check_health, health_after,
                                 linear_probe, per_class_accuracy, pooled_task, prior_entropy)
-from mhd_hpc.schedules import distill_ramp
+from mhd_hpc.method.schedules import distill_ramp
 
 
 def test_accuracy_math_on_hand_made_predictions():

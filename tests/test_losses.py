@@ -1,4 +1,4 @@
-"""The losses (mhd_hpc/losses.py) on hand-made tensors (paper eq. 2-5) and the MHD objective."""
+"""The losses (mhd_hpc/method/losses.py) on hand-made tensors (paper eq. 2-5) and the MHD objective."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mhd_hpc import losses
-from mhd_hpc.losses import (HeadDistillStats, aux_chain_losses, embedding_loss, main_ce_loss,
+from mhd_hpc.method import losses
+from mhd_hpc.method.losses import (HeadDistillStats, aux_chain_losses, embedding_loss, main_ce_loss,
                             normalize_embedding, select_targets, soft_cross_entropy)
 
 
@@ -171,7 +171,7 @@ def test_selection_survives_nan_outputs():
 
 def _reference_objective(ce, logits, emb, peers, nu_aux, nu_emb, skip):
     """Eq. 1-5 written out per sample and candidate with Python floats, nothing shared with
-    mhd_hpc.losses: embedding term, then for each aux head k the most confident of {self head
+    mhd_hpc.method.losses: embedding term, then for each aux head k the most confident of {self head
     k-1, peers' heads k-1} (ties to self, then to the lower peer), soft CE of head k."""
     def softmax(row):
         m = max(row)

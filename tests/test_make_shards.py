@@ -1,4 +1,4 @@
-"""tools/make_shards.py (mhd_hpc/data/make_shards.py): JPEG shards, DALI indexes, resume."""
+"""tools/make_shards.py (mhd_hpc/data/build/make_shards.py): JPEG shards, DALI indexes, resume."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from PIL import Image  # noqa: E402
 
 from _jpeg_tree import make_image_folder  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from mhd_hpc.data.make_shards import FAULT_ENV  # noqa: E402
+from mhd_hpc.data.build.make_shards import FAULT_ENV  # noqa: E402
 from mhd_hpc.data.manifest import format_summary  # noqa: E402
-from mhd_hpc.data.partition import make_partition  # noqa: E402
-from mhd_hpc.data.stream_factory import dali_available  # noqa: E402
+from mhd_hpc.data.build.partition import make_partition  # noqa: E402
+from mhd_hpc.data.read.stream_factory import dali_available  # noqa: E402
 from mhd_hpc.data.tarindex import index_path, index_tar, read_index  # noqa: E402
 
 TOOL = ROOT / "tools" / "make_shards.py"
@@ -129,7 +129,7 @@ def test_index_files_match_wds2idx(built) -> None:
 
 @needs_dali
 def test_dali_reader_accepts_index_files(built) -> None:
-    from mhd_hpc.data.dali_streams import reader_batches
+    from mhd_hpc.data.read.dali_streams import reader_batches
 
     _, out, _, m = built
     paths = [str(out / f) for f in m["splits"]["client_000"]]
@@ -205,8 +205,8 @@ def test_public_and_test_splits_are_stored_decoded(built) -> None:
     """Every client reads the public split with the deterministic transform: decoded once, at
     build time, into raw uint8 records of the training size (no JPEG decode at training time),
     pixel for pixel what the PIL loader computes from the source."""
-    from mhd_hpc.data.pil_stream import decode_pil
-    from mhd_hpc.data.stream_factory import open_stream
+    from mhd_hpc.data.read.pil_stream import decode_pil
+    from mhd_hpc.data.read.stream_factory import open_stream
 
     src, out, special, m = built
     assert m["split_formats"] == {"public": "u8", "test": "u8"}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mhd_hpc.evaluation import accuracy_summary
+from mhd_hpc.run.evaluation import accuracy_summary
 from mhd_hpc.run.metrics_file import MetricsError, MetricsWriter, read_metrics
 
 
@@ -49,7 +49,7 @@ def test_metrics_rows_stay_aligned_when_columns_come_and_go(tmp_path):
 
 
 def test_report_of_a_file_with_a_torn_write_reads_complete_rows(tmp_path):
-    from mhd_hpc.evaluation import accuracy_summary
+    from mhd_hpc.run.evaluation import accuracy_summary
     from mhd_hpc.run.metrics_file import MetricsWriter
 
     path = tmp_path / "metrics.h5"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mhd_hpc import topology
+from mhd_hpc.method import topology
 from mhd_hpc.run.metrics_file import read_metrics
 from mhd_hpc.report import main as report_main
 

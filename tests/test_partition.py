@@ -1,4 +1,4 @@
-"""The dataset split (mhd_hpc/data/partition.py, paper §3.3): statistics, determinism, errors."""
+"""The dataset split (mhd_hpc/data/build/partition.py, paper §3.3): statistics, determinism, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from mhd_hpc.data.partition import Partition, assign_primary_labels, make_partition
+from mhd_hpc.data.build.partition import Partition, assign_primary_labels, make_partition
 
 
 def _labels(num_classes: int, per_class: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The checkpoint pool (mhd_hpc/pool.py, Algorithm 2) and PoolTargets (mhd_hpc/targets.py)."""
+"""The checkpoint pool (mhd_hpc/method/pool.py, Algorithm 2) and PoolTargets (mhd_hpc/method/targets.py)."""
 
 from types import SimpleNamespace
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mhd_hpc import topology
+from mhd_hpc.method import topology
 from mhd_hpc.run.checkpoint_files import CheckpointError
 from mhd_hpc.models import build_model
 from mhd_hpc.run.checkpoint_files import pool_files
-from mhd_hpc.pool import (CheckpointPool, flatten_state, load_flat_state,
+from mhd_hpc.method.pool import (CheckpointPool, flatten_state, load_flat_state,
                           refresh_sources, state_size)
 
 
@@ -99,8 +99,8 @@ def test_pool_survives_a_restart_with_heterogeneous_peers(tmp_path):
 
 
 def test_pool_targets_run_the_drawn_peer_models_on_the_public_batch():
-    from mhd_hpc.pool import flatten_state
-    from mhd_hpc.targets import PoolSettings, PoolTargets
+    from mhd_hpc.method.pool import flatten_state
+    from mhd_hpc.method.targets import PoolSettings, PoolTargets
 
     def build(arch):
         return build_model(arch, 10, 2, 1, 8)

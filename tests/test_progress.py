@@ -1,6 +1,6 @@
-"""Progress rows (mhd_hpc/progress.py): rows merged over ranks, interval averages, the line."""
+"""Progress rows (mhd_hpc/run/progress.py): rows merged over ranks, interval averages, the line."""
 
-from mhd_hpc.progress import Interval, merge_client_rows, train_line
+from mhd_hpc.run.progress import Interval, merge_client_rows, train_line
 
 
 def test_client_rows_are_means_over_ranks_and_bytes_are_summed():
@@ -39,7 +39,7 @@ def test_recorder_judges_one_model_methods_on_the_pooled_task():
     passes when the clients train one model (supervised, FedAvg: judged on the union)."""
     import numpy as np
 
-    from mhd_hpc.progress import Recorder
+    from mhd_hpc.run.progress import Recorder
 
     dist = np.array([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
     accs = [np.array([[0.95, 0.95, 0.3, 0.3]])] * 2  # (H=1, C) per client

@@ -3,7 +3,7 @@ the step summary, traffic."""
 
 import numpy as np
 
-from mhd_hpc import topology
+from mhd_hpc.method import topology
 from mhd_hpc.report.summary import accuracy_by_distance, step_summary, traffic_and_speed
 
 

@@ -1,8 +1,8 @@
-"""The learning-rate schedule (mhd_hpc/schedules.py): warm-up, cosine decay, constant, errors."""
+"""The learning-rate schedule (mhd_hpc/method/schedules.py): warm-up, cosine decay, constant, errors."""
 
 import pytest
 
-from mhd_hpc.schedules import learning_rate, lr_at
+from mhd_hpc.method.schedules import learning_rate, lr_at
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():

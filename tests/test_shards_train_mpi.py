@@ -10,7 +10,7 @@ pytest.importorskip("PIL", reason="Pillow is needed to build JPEG shards (pip in
 
 from _jpeg_tree import make_image_folder  # noqa: E402
 from conftest import ROOT, run_mpi  # noqa: E402
-from mhd_hpc.data.stream_factory import dali_available  # noqa: E402
+from mhd_hpc.data.read.stream_factory import dali_available  # noqa: E402
 from mhd_hpc.report import main as report_main  # noqa: E402
 
 JOB = ["data.dataset=shards", "clients.count=2", "run.steps=6", "run.eval_every=6",

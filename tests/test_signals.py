@@ -1,8 +1,8 @@
-"""Injected faults (mhd_hpc/signals.py): MHD_INJECT_FAULT is parsed for its own rank only."""
+"""Injected faults (mhd_hpc/runtime/signals.py): MHD_INJECT_FAULT is parsed for its own rank only."""
 
 import pytest
 
-from mhd_hpc.signals import Fault
+from mhd_hpc.runtime.signals import Fault
 
 
 def test_fault_spec_is_parsed_for_its_rank_only(monkeypatch):

@@ -1,4 +1,4 @@
-"""Dataset sources (mhd_hpc/data/sources.py, tools/make_shards.py idx | cifar): tiny IDX and
+"""Dataset sources (mhd_hpc/data/build/sources.py, tools/make_shards.py idx | cifar): tiny IDX and
 CIFAR files built here, read back exactly; truncated and missing files named."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from mhd_hpc.data.batches import load_split
+from mhd_hpc.data.read.batches import load_split
 from mhd_hpc.data.manifest import load_manifest, verify_shards
-from mhd_hpc.data.sources import (DatasetFileError, load_cifar_dataset, load_idx_dataset,
+from mhd_hpc.data.build.sources import (DatasetFileError, load_cifar_dataset, load_idx_dataset,
                                   read_idx)
 
 TOOL = ROOT / "tools" / "make_shards.py"
@@ -160,7 +160,7 @@ def test_make_shards_names_a_missing_source(tmp_path, capsys):
 
 
 def test_an_interrupted_array_build_resumes(tmp_path, monkeypatch):
-    from mhd_hpc.data.array_shards import FAULT_ENV
+    from mhd_hpc.data.build.array_shards import FAULT_ENV
 
     make_idx(tmp_path / "in", n_train=200)
     args = ["idx", str(tmp_path / "in"), str(tmp_path / "out"), "--clients", "2",

@@ -1,4 +1,4 @@
-"""Image streams (mhd_hpc/data/streams.py, stream_factory.py): backends agree with StepBatches."""
+"""Image streams (mhd_hpc/data/read/streams.py, stream_factory.py): backends agree with StepBatches."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ pytest.importorskip("PIL", reason="Pillow is needed to decode JPEG shards (pip i
 from PIL import Image  # noqa: E402
 
 from _jpeg_tree import build_dataset, make_image_folder  # noqa: E402
-from mhd_hpc.data.batches import StepBatches, iterate_eval, load_split  # noqa: E402
-from mhd_hpc.data.embedded import build_digits_shards  # noqa: E402
+from mhd_hpc.data.read.batches import StepBatches, iterate_eval, load_split  # noqa: E402
+from mhd_hpc.data.build.embedded import build_digits_shards  # noqa: E402
 from mhd_hpc.data.manifest import load_manifest  # noqa: E402
-from mhd_hpc.data.pil_stream import decode_pil, random_resized_box  # noqa: E402
-from mhd_hpc.data.synthetic import synthetic_jpeg  # noqa: E402
+from mhd_hpc.data.read.pil_stream import decode_pil, random_resized_box  # noqa: E402
+from mhd_hpc.data.read.synthetic import synthetic_jpeg  # noqa: E402
 from mhd_hpc.data.shards import Samples  # noqa: E402
-from mhd_hpc.data.stream_factory import LOADERS, dali_available, open_stream  # noqa: E402
-from mhd_hpc.devices import to_device  # noqa: E402
-from mhd_hpc.data.streams import (  # noqa: E402
+from mhd_hpc.data.read.stream_factory import LOADERS, dali_available, open_stream  # noqa: E402
+from mhd_hpc.runtime.devices import to_device  # noqa: E402
+from mhd_hpc.data.read.streams import (  # noqa: E402
     SplitTable, centre_offset, resize_shorter_to, resized_size,
 )
 
@@ -279,7 +279,7 @@ def test_dali_cpu_train_crops_resized_by_torch_match_dalis_resize() -> None:
     where used, they equal DALI's own resize + mirror of the same draws up to rounding."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from mhd_hpc.data.dali_streams import _images, build_pipeline
+    from mhd_hpc.data.read.dali_streams import _images, build_pipeline
 
     rng = np.random.default_rng(3)
     jpegs = [np.frombuffer(synthetic_jpeg(rng, w, h), np.uint8)
@@ -329,7 +329,7 @@ def test_dali_cpu_train_crops_resized_by_torch_match_dalis_resize() -> None:
 def test_resize_crops_on_threads_equals_serial() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from mhd_hpc.data.streams import resize_crops, resize_uint8
+    from mhd_hpc.data.read.streams import resize_crops, resize_uint8
 
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)

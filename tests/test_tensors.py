@@ -1,9 +1,9 @@
-"""Flat buffers (mhd_hpc/tensors.py): flatten and unflatten_into keep shapes and dtypes."""
+"""Flat buffers (mhd_hpc/runtime/tensors.py): flatten and unflatten_into keep shapes and dtypes."""
 
 import pytest
 import torch
 
-from mhd_hpc.tensors import flatten, unflatten_into
+from mhd_hpc.runtime.tensors import flatten, unflatten_into
 
 
 def test_flat_buffer_round_trip_keeps_shapes_and_dtypes():

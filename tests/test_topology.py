@@ -1,4 +1,4 @@
-"""Graphs (mhd_hpc/topology.py): builders incl. exponential and random, per-step peers, hops."""
+"""Graphs (mhd_hpc/method/topology.py): builders incl. exponential and random, per-step peers, hops."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from mhd_hpc import topology
-from mhd_hpc.topology import (build_topology, complete, cycle, from_edges, hop_distances,
+from mhd_hpc.method import topology
+from mhd_hpc.method.topology import (build_topology, complete, cycle, from_edges, hop_distances,
                               islands, no_edges, out_peers, peers_at_step, schedule)
 
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mhd_hpc import topology  # noqa: E402
+from mhd_hpc.method import topology  # noqa: E402
 from mhd_hpc.distributed.exchange import PredictionExchange  # noqa: E402
 from mhd_hpc.distributed.world import ClientLayout, init_world  # noqa: E402
 

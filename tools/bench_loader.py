@@ -49,8 +49,8 @@ def make_dataset(work: Path, n: int, crop: int, seed: int = 0, max_side: int | N
                  ) -> str:
     """``n`` JPEGs in 10 classes, 20% of them the public split, built into one client
     (``max_side``: re-encoded no larger, as ``make_shards --max-side`` stores them)."""
-    from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
-    from mhd_hpc.data.synthetic import synthetic_jpeg
+    from mhd_hpc.data.build.make_shards import ShardSettings, build_imagefolder_shards
+    from mhd_hpc.data.read.synthetic import synthetic_jpeg
 
     rng = np.random.default_rng(seed)
     for split, count in (("train", n), ("val", 20)):
@@ -78,16 +78,16 @@ def _batches(dataset: str, loader: str, batch: int, threads: int, rank: int, ran
 
     import torch
 
-    from mhd_hpc.data.stream_factory import open_stream
+    from mhd_hpc.data.read.stream_factory import open_stream
 
     name = "loader" if "loader" in inspect.signature(open_stream).parameters else "backend"
     streams = [open_stream(dataset, STREAMS[k][0], batch * ranks, 1, STREAMS[k][1],
                            part=rank, num_parts=ranks, threads=threads, **{name: loader})[0]
                for k in kinds]
     try:
-        from mhd_hpc.devices import BatchFeed
+        from mhd_hpc.runtime.devices import BatchFeed
     except ImportError:  # an older checkout: stream.batch + to_device on the training thread
-        from mhd_hpc.devices import to_device
+        from mhd_hpc.runtime.devices import to_device
 
         def get(step):
             return [to_device(s.batch(step), device) for s in streams]
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="which stream sets to measure, comma-separated")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from mhd_hpc.data.stream_factory import dali_available
+    from mhd_hpc.data.read.stream_factory import dali_available
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset = args.dataset or make_dataset(Path(tmp), args.images, args.crop,

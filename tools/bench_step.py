@@ -4,7 +4,7 @@
     python tools/bench_step.py --arch resnet34 --batch 256 --image-size 224 --classes 1000 \
         --aux-heads 4 --precision bf16 --device cuda --peers 1 --top-k 10 --json out.json
 
-*framework*: ``mhd_hpc.step.TrainStep``, the code the trainer runs (autocast, fp32 losses, the
+*framework*: ``mhd_hpc.method.step.TrainStep``, the code the trainer runs (autocast, fp32 losses, the
 device-side loss accumulation, the target source, the gradient scaler for fp16), plus the
 trainer's per-step accumulation of the loss terms. With ``--peers N`` the target source is a
 loopback: each step the client's own public outputs go through the real message codec (top-k,
@@ -36,15 +36,15 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mhd_hpc.codec import MessageCodec  # noqa: E402
-from mhd_hpc.data.batches import Batch  # noqa: E402
-from mhd_hpc.devices import resolve_channels_last, resolve_precision  # noqa: E402
-from mhd_hpc.losses import PeerOutputs, aux_head_weight, normalize_embedding  # noqa: E402
+from mhd_hpc.distributed.codec import MessageCodec  # noqa: E402
+from mhd_hpc.data.read.batches import Batch  # noqa: E402
+from mhd_hpc.runtime.devices import resolve_channels_last, resolve_precision  # noqa: E402
+from mhd_hpc.method.losses import PeerOutputs, aux_head_weight, normalize_embedding  # noqa: E402
 from mhd_hpc.models import build_model  # noqa: E402
-from mhd_hpc.progress import Interval  # noqa: E402
-from mhd_hpc.step import DistillSettings, TrainStep  # noqa: E402
-from mhd_hpc.strategies import Strategy, make_strategy  # noqa: E402
-from mhd_hpc.targets import NoTargets  # noqa: E402
+from mhd_hpc.run.progress import Interval  # noqa: E402
+from mhd_hpc.method.step import DistillSettings, TrainStep  # noqa: E402
+from mhd_hpc.method.strategies import Strategy, make_strategy  # noqa: E402
+from mhd_hpc.method.targets import NoTargets  # noqa: E402
 from mhd_hpc.distributed.intra import SingleRank  # noqa: E402
 
 
@@ -129,8 +129,8 @@ def framework_step(args, device, layout, precision, data: str | None = None):
 def data_feeds(args, data: str, device, layout):
     """BatchFeeds of ``data``'s client_000 (train) and public streams, as the trainer opens
     them (``data.loader`` = ``args.loader``, ``args.loader_threads`` workers)."""
-    from mhd_hpc.data.stream_factory import open_stream
-    from mhd_hpc.devices import BatchFeed
+    from mhd_hpc.data.read.stream_factory import open_stream
+    from mhd_hpc.runtime.devices import BatchFeed
 
     opts = dict(loader=args.loader, threads=args.loader_threads, pin=device.type == "cuda")
     private = open_stream(data, "client_000", args.batch, 1, "train", **opts)[0]

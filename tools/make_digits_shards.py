@@ -5,7 +5,7 @@ Usage (from the repository root)::
     python tools/make_digits_shards.py --root data --clients 4 --public-fraction 0.1 \
         --label-assignment random --labels-per-client 3 --skew 100 --seed 0
 
-The work is done by :func:`mhd_hpc.data.embedded.build_digits_shards` (which the training entry
+The work is done by :func:`mhd_hpc.data.build.embedded.build_digits_shards` (which the training entry
 calls too); this tool only parses arguments and prints. Rebuilding with the same settings is a
 no-op that prints the existing dataset.
 """
@@ -17,11 +17,11 @@ import os
 import sys
 
 try:
-    from mhd_hpc.data.embedded import build_digits_shards
+    from mhd_hpc.data.build.embedded import build_digits_shards
     from mhd_hpc.data.manifest import format_summary, load_manifest
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mhd_hpc.data.embedded import build_digits_shards
+    from mhd_hpc.data.build.embedded import build_digits_shards
     from mhd_hpc.data.manifest import format_summary, load_manifest
 
 

@@ -19,7 +19,7 @@ manifest, checksums and shard-by-shard resumable writing.
 The validation set is ``--val DIR`` (a ``<class>/*`` tree, or images plus ``val_labels.txt``
 with lines ``filename class_name``), ``--val-labels FILE``, or by default the sibling ``val``
 folder of the train folder. Rerunning resumes an interrupted build and is a no-op on a finished
-one. The work is done by :mod:`mhd_hpc.data.make_shards`; this tool parses arguments and owns
+one. The work is done by :mod:`mhd_hpc.data.build.make_shards`; this tool parses arguments and owns
 the (optional) MPI part.
 """
 
@@ -31,11 +31,11 @@ import sys
 from typing import Callable
 
 try:
-    from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
+    from mhd_hpc.data.build.make_shards import ShardSettings, build_imagefolder_shards
     from mhd_hpc.data.manifest import format_summary
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mhd_hpc.data.make_shards import ShardSettings, build_imagefolder_shards
+    from mhd_hpc.data.build.make_shards import ShardSettings, build_imagefolder_shards
     from mhd_hpc.data.manifest import format_summary
 
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -97,10 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_arrays(args: argparse.Namespace) -> dict:
     """The ``idx`` and ``cifar`` sources: one process (the data is in memory), resumable."""
-    from mhd_hpc.data.array_shards import PartitionSettings, build_array_shards, settings_record
-    from mhd_hpc.data.builtin import array_splits
+    from mhd_hpc.data.build.array_shards import PartitionSettings, build_array_shards, settings_record
+    from mhd_hpc.data.build.builtin import array_splits
     from mhd_hpc.data.manifest import file_sha256
-    from mhd_hpc.data.sources import load_cifar_dataset, load_idx_dataset
+    from mhd_hpc.data.build.sources import load_cifar_dataset, load_idx_dataset
 
     data = (load_idx_dataset(args.train_dir) if args.source == "idx"
             else load_cifar_dataset(args.train_dir, args.cifar_labels))

@@ -1,13 +1,20 @@
-"""Validation of a job: every rule that makes a job impossible, checked identically on every
-rank before any communication, each failure a ``ConfigError`` naming the dotted key. The choices
-and graph rules are the domain modules' own (imported here, lazily: they import torch)."""
+"""The config tree's own rules: every rule that makes a job impossible and can be judged from
+the config alone, checked identically on every rank before any communication, each failure a
+``ConfigError`` naming the dotted key. The choices are declared in :mod:`mhd_hpc.config.choices`;
+the rules that need the domain (known architectures, graphs, the codec's bound, installed
+backends) are :mod:`mhd_hpc.job`'s, which runs these first."""
 
 from __future__ import annotations
 
 from mhd_hpc.config.tree import JobConfig
 from mhd_hpc.errors import ConfigError
 
-__all__ = ["validate", "check_world_size", "check_environment"]
+from mhd_hpc.config.choices import (AUX_WEIGHTINGS, BUILTIN_DATASETS, DATASETS, DEVICES,
+                                    EXCHANGE_MODES, INTRA_BACKENDS, LABEL_ASSIGNMENTS, LATE_PEERS,
+                                    LOADERS, METHODS, PRECISIONS, PUBLIC_SOURCES, SCHEDULES,
+                                    SELECTION_MODES, TOPOLOGY_KINDS)
+
+__all__ = ["validate", "check_world_size", "num_classes"]
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -21,16 +28,14 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 
 def validate(cfg: JobConfig) -> None:
-    """Reject impossible jobs before anything runs. Pure: needs no MPI and touches no files.
-    The choices and graph rules are the domain modules' own; errors here name the key."""
+    """Reject impossible jobs before anything runs. Pure: needs no MPI, imports nothing of the
+    domain and touches no files; errors name the key."""
     for check in (_check_run, _check_clients, _check_data, _check_model_and_distill,
                   _check_topology, _check_exchange, _check_optim_and_backend):
         check(cfg)
 
 
 def _check_run(cfg: JobConfig) -> None:
-    from mhd_hpc.strategies import METHODS  # lazy: domain modules import torch (slow)
-
     _choice("method", cfg.method, METHODS)
     r = cfg.run
     for name in ("steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -41,8 +46,6 @@ def _check_run(cfg: JobConfig) -> None:
 
 
 def _check_clients(cfg: JobConfig) -> None:
-    from mhd_hpc.models import ARCHS
-
     k = cfg.clients.count
     _positive("clients.count", k)
     if isinstance(cfg.clients.arch, list) and len(cfg.clients.arch) != k:
@@ -55,39 +58,27 @@ def _check_clients(cfg: JobConfig) -> None:
     for i, spec in enumerate(cfg.clients.per_client):
         _positive(f"clients.per_client[{i}].ranks", spec.ranks, allow_zero=True)
     archs = cfg.client_archs()
-    for i, arch in enumerate(archs):
-        if arch not in ARCHS:
-            key = ("clients.arch" if isinstance(cfg.clients.arch, str) else f"clients.arch[{i}]")
-            if cfg.clients.per_client and cfg.clients.per_client[i].arch:
-                key = f"clients.per_client[{i}].arch"
-            raise ConfigError(key, f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if cfg.method in ("fedavg", "supervised") and len(set(archs)) > 1:
         raise ConfigError("clients.arch", f"method={cfg.method} averages weights or gradients "
                           f"and needs one architecture for all clients, got {sorted(set(archs))}")
 
 
-def _num_classes(cfg: JobConfig) -> int:
-    """Classes of the job's dataset when known before start (embedded datasets), else a bound
+def num_classes(cfg: JobConfig) -> int:
+    """Classes of the job's dataset when known before start (built-in datasets), else a bound
     that lets every count pass (shard datasets are checked against their manifest at start)."""
-    from mhd_hpc.data.builtin import BUILTIN_CLASSES
-
-    return BUILTIN_CLASSES.get(cfg.data.dataset, 1_000_000)
+    return BUILTIN_DATASETS.get(cfg.data.dataset, 1_000_000)
 
 
 def _check_data(cfg: JobConfig) -> None:
-    from mhd_hpc.data.builtin import BUILTIN_CLASSES
-    from mhd_hpc.data.partition import LABEL_ASSIGNMENTS, PUBLIC_SOURCES
-    from mhd_hpc.data.stream_factory import LOADERS
-
     d, k = cfg.data, cfg.clients.count
-    _choice("data.dataset", d.dataset, (*BUILTIN_CLASSES, "shards"))
+    _choice("data.dataset", d.dataset, DATASETS)
     _choice("data.loader", d.loader, LOADERS)
     _choice("data.label_assignment", d.label_assignment, LABEL_ASSIGNMENTS)
     _choice("data.public_source", d.public_source, PUBLIC_SOURCES)
     _positive("data.loader_threads", d.loader_threads)
     _positive("data.prefetch", d.prefetch)
-    num_classes = _num_classes(cfg)
-    if d.dataset in BUILTIN_CLASSES:  # built here: the partition keys must make sense
+    classes = num_classes(cfg)
+    if d.dataset in BUILTIN_DATASETS:  # built here: the partition keys must make sense
         if not 0.0 <= d.public_fraction < 1.0:
             raise ConfigError("data.public_fraction", f"must be in [0, 1), got "
                               f"{d.public_fraction}")
@@ -95,14 +86,14 @@ def _check_data(cfg: JobConfig) -> None:
                 and d.public_source == "split":
             raise ConfigError("data.public_fraction", f"method={cfg.method} distills on public "
                               "data: must be > 0 (or data.public_source=all)")
-        if not 0 <= d.labels_per_client <= num_classes:
-            raise ConfigError("data.labels_per_client", f"must be in [0, {num_classes}] "
-                              f"({d.dataset} has {num_classes} classes), got "
+        if not 0 <= d.labels_per_client <= classes:
+            raise ConfigError("data.labels_per_client", f"must be in [0, {classes}] "
+                              f"({d.dataset} has {classes} classes), got "
                               f"{d.labels_per_client}")
-        if d.label_assignment == "even" and (k * d.labels_per_client) % num_classes:
+        if d.label_assignment == "even" and (k * d.labels_per_client) % classes:
             raise ConfigError("data.label_assignment", f"'even' needs clients.count x "
                               f"data.labels_per_client ({k} x {d.labels_per_client}) to be a "
-                              f"multiple of the {num_classes} classes")
+                              f"multiple of the {classes} classes")
     _positive("data.skew", d.skew, allow_zero=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.public_batch_size", d.public_batch_size)
@@ -116,9 +107,6 @@ def _check_data(cfg: JobConfig) -> None:
 
 
 def _check_model_and_distill(cfg: JobConfig) -> None:
-    from mhd_hpc.losses import AUX_WEIGHTINGS, SELECTION_MODES
-    from mhd_hpc.models import native_embedding_dim
-
     m, dist = cfg.model, cfg.distill
     _positive("model.aux_heads", m.aux_heads, allow_zero=True)
     _positive("model.embedding_dim", m.embedding_dim, allow_zero=True)
@@ -128,41 +116,22 @@ def _check_model_and_distill(cfg: JobConfig) -> None:
     _positive("distill.warmup_steps", dist.warmup_steps, allow_zero=True)
     _choice("distill.selection", dist.selection, SELECTION_MODES)
     _choice("distill.aux_weighting", dist.aux_weighting, AUX_WEIGHTINGS)
-    if cfg.method == "mhd" and dist.nu_emb > 0 and m.embedding_dim == 0:
-        dims = {a: native_embedding_dim(a) for a in cfg.client_archs()}
-        if len(set(dims.values())) > 1:
-            raise ConfigError("model.embedding_dim", f"embedding distillation (distill.nu_emb > 0)"
-                              f" between backbones of different widths {dims} needs a shared "
-                              "model.embedding_dim > 0 (or set distill.nu_emb=0)")
 
 
 def _check_topology(cfg: JobConfig) -> None:
-    from mhd_hpc import topology
-
-    t, k = cfg.topology, cfg.clients.count
-    _choice("topology.kind", t.kind, topology.TOPOLOGY_KINDS)
+    t = cfg.topology
+    _choice("topology.kind", t.kind, TOPOLOGY_KINDS)
     _positive("topology.resample_every", t.resample_every, allow_zero=True)
-    try:  # the graph builders are the one definition of a valid graph
-        topology.graph_schedule(t.kind, k, islands=t.islands, edges=t.edges, degree=t.degree,
-                                resample_every=t.resample_every)
-    except topology.TopologyError as exc:
-        raise ConfigError(f"topology.{exc.where}", f"{exc} (clients.count={k})") from None
 
 
 def _check_exchange(cfg: JobConfig) -> None:
-    from mhd_hpc.codec import top_k_problem
-    from mhd_hpc.targets import EXCHANGE_MODES
-
     ex = cfg.exchange
-    problem = top_k_problem(ex.top_k, _num_classes(cfg))  # shard datasets: checked at start
-    if problem:
-        raise ConfigError("exchange.top_k", problem)
     _positive("exchange.timeout_s", ex.timeout_s)
     _choice("exchange.mode", ex.mode, EXCHANGE_MODES)
     if ex.mode == "pool" and cfg.method != "mhd":
         raise ConfigError("exchange.mode", f"pool mode is a way to run method=mhd, not "
                           f"method={cfg.method}")
-    _choice("exchange.late_peers", ex.late_peers, ("wait", "drop"))
+    _choice("exchange.late_peers", ex.late_peers, LATE_PEERS)
     _positive("exchange.late_deadline_s", ex.late_deadline_s)
     if ex.late_peers == "drop":
         if ex.mode != "predictions":
@@ -197,10 +166,6 @@ def _check_exchange(cfg: JobConfig) -> None:
 
 
 def _check_optim_and_backend(cfg: JobConfig) -> None:
-    from mhd_hpc.devices import DEVICES, PRECISIONS
-    from mhd_hpc.distributed.intra import INTRA_BACKENDS
-    from mhd_hpc.schedules import SCHEDULES
-
     o = cfg.optim
     _positive("optim.lr", o.lr)
     _positive("optim.momentum", o.momentum, allow_zero=True)
@@ -244,28 +209,3 @@ def check_world_size(cfg: JobConfig, world_size: int, launcher: str = "mpirun",
         use = f"mpirun -np {need}"
     raise ConfigError("clients.count", f"the job has {layout} = {need} ranks but was launched "
                       f"on {world_size}: use {use} or change {keys}")
-
-
-def check_environment(cfg: JobConfig) -> None:
-    """What validation cannot know from the file alone: installed backends and devices.
-    Every rank sees the same installation, so every rank reaches the same verdict."""
-    import torch
-
-    if max(cfg.client_ranks()) > 1 and cfg.backend.intra == "horovod":
-        from mhd_hpc.distributed.intra import horovod_import_error
-
-        problem = horovod_import_error()  # a broken build fails here, not mid-training
-        if problem:
-            raise ConfigError("backend.intra", f"horovod was asked for but cannot be imported "
-                              f"({problem}): run tools/install_horovod.sh, load the site "
-                              "Horovod, or set backend.intra=torch")
-    if cfg.run.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError as exc:
-            raise ConfigError("run.tensorboard", f"TensorBoard output was asked for but cannot "
-                              f"be written ({exc}): pip install -e '.[tensorboard]' or set "
-                              "run.tensorboard=false") from None
-    if cfg.backend.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("backend.device", "cuda was asked for but torch sees no CUDA device "
-                          "(use backend.device=auto or cpu)")

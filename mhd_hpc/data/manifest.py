@@ -1,7 +1,7 @@
 """The dataset manifest: the one description of a built dataset that everything else reads.
 
-Both shard builders (the embedded digits, :mod:`mhd_hpc.data.embedded`, and ImageFolder trees,
-:mod:`mhd_hpc.data.make_shards`) write it through :func:`write_manifest`; the training run reads
+Both shard builders (the embedded digits, :mod:`mhd_hpc.data.build.embedded`, and ImageFolder trees,
+:mod:`mhd_hpc.data.build.make_shards`) write it through :func:`write_manifest`; the training run reads
 it once (:func:`load_manifest`) and hands the dict to the streams. Layout::
 
     dataset_dir/manifest.json    format_version, num_classes, image_shape, normalize, settings,
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mhd_hpc.seeds import WRITE_ORDER
+from mhd_hpc.runtime.seeds import WRITE_ORDER
 
 __all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "client_split", "split_format", "load_manifest",
            "write_manifest",

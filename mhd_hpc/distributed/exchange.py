@@ -4,7 +4,7 @@
 At step t client j sends to every client that chose it as a distillation target, and receives
 from the peers it chose; all clients derive the same schedule from the shared seed, so no
 negotiation is needed. A message is one contiguous byte buffer in the layout of
-:mod:`mhd_hpc.codec` (``Isend``/``Irecv``, no pickle).
+:mod:`mhd_hpc.distributed.codec` (``Isend``/``Irecv``, no pickle).
 
 A step in three phases, so that nothing waits that need not: ``post_receives`` before the
 forward pass (the peers' messages can land while this client computes), ``send`` as soon as the
@@ -25,10 +25,10 @@ import torch
 
 from mpi4py import MPI
 
-from mhd_hpc.codec import MessageCodec
+from mhd_hpc.distributed.codec import MessageCodec
 from mhd_hpc.distributed.p2p import ExchangeError, Poller, TrafficCounters, wait_until
 from mhd_hpc.distributed.world import World
-from mhd_hpc.losses import PeerOutputs
+from mhd_hpc.method.losses import PeerOutputs
 
 _TAG = 17
 

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
-from mhd_hpc.tensors import flatten, unflatten_into
+from mhd_hpc.runtime.tensors import flatten, unflatten_into
+from mhd_hpc.config.choices import INTRA_BACKENDS  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # the world arrives as an argument; config imports INTRA_BACKENDS from here
     from mhd_hpc.distributed.world import World
 
-INTRA_BACKENDS = ("auto", "horovod", "torch")
 
 
 class IntraBackend(Protocol):
@@ -193,7 +193,7 @@ def make_intra(kind: str, world: World, device: torch.device) -> tuple[IntraBack
     """The data-parallel backend for this job, and a line saying what was chosen and why.
     Collective: every rank learns where the others' GPUs are (NCCL refuses two ranks of one
     group on one GPU, so such clients average with gloo instead)."""
-    from mhd_hpc.devices import clients_sharing_a_gpu
+    from mhd_hpc.runtime.devices import clients_sharing_a_gpu
     from mhd_hpc.errors import ConfigError
 
     assert world.layout is not None

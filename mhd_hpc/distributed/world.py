@@ -20,7 +20,7 @@ import torch
 
 from mpi4py import MPI  # noqa: E402  (imported before any torch.distributed use, see environment.md)
 
-from mhd_hpc.tensors import flatten, unflatten_into
+from mhd_hpc.runtime.tensors import flatten, unflatten_into
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from mhd_hpc import topology
+from mhd_hpc.method import topology
 from mhd_hpc.distributed.exchange import ClientExchange, PredictionExchange
 from mhd_hpc.distributed.world import ClientLayout, init_world
 

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mhd_hpc import losses
-from mhd_hpc.data.batches import Batch
-from mhd_hpc.devices import Precision
-from mhd_hpc.schedules import distill_ramp
-from mhd_hpc.seeds import SELECTION, seed_of
+from mhd_hpc.method import losses
+from mhd_hpc.data.read.batches import Batch
+from mhd_hpc.runtime.devices import Precision
+from mhd_hpc.method.schedules import distill_ramp
+from mhd_hpc.runtime.seeds import SELECTION, seed_of
 
 if TYPE_CHECKING:
-    from mhd_hpc.strategies import Strategy
-    from mhd_hpc.targets import TargetSource
+    from mhd_hpc.method.strategies import Strategy
+    from mhd_hpc.method.targets import TargetSource
 
 __all__ = ["DistillSettings", "TrainStep"]
 

@@ -1,13 +1,13 @@
 """Step-indexed image streams over built datasets: the base class and what backends share.
 
-:class:`BatchStream` owns the sample *order*, :class:`~mhd_hpc.data.batches.StepBatches`' order
+:class:`BatchStream` owns the sample *order*, :class:`~mhd_hpc.data.read.batches.StepBatches`' order
 for ``(seed, step)`` sliced by ``part``/``num_parts``: the private stream resumes exactly at any
 step, and the public stream is aligned across clients. Backends only decode: :class:`NpyStream`
-(in-memory ``.npy`` datasets, here), ``PilStream`` (:mod:`mhd_hpc.data.pil_stream`) and
-``DaliStream`` (:mod:`mhd_hpc.data.dali_streams`), both reading encoded JPEG bytes through
+(in-memory ``.npy`` datasets, here), ``PilStream`` (:mod:`mhd_hpc.data.read.pil_stream`) and
+``DaliStream`` (:mod:`mhd_hpc.data.read.dali_streams`), both reading encoded JPEG bytes through
 :class:`SplitTable` at offsets from the DALI index files (which is why the DALI backend feeds
 ``fn.external_source`` instead of using ``fn.readers.webdataset``, whose shuffle is its own).
-:func:`mhd_hpc.data.stream_factory.open_stream` picks the backend.
+:func:`mhd_hpc.data.read.stream_factory.open_stream` picks the backend.
 
 Transforms (``kind``), identical in both backends up to decoder/resampler rounding:
 
@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mhd_hpc.data.batches import Batch, StepBatches, key_hash
+from mhd_hpc.data.read.batches import Batch, StepBatches, key_hash
 from mhd_hpc.data.shards import Samples
 from mhd_hpc.data.tarindex import index_path, index_tar, read_index
 

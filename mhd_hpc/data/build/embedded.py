@@ -3,7 +3,7 @@
 ``load_digits`` (1797 grey 8x8 images, pixel values 0..16, 10 classes) ships with scikit-learn,
 so a demo or a test needs no download. A fixed stratified test split (seed 0, independent of the
 run seed) is held out so that every run is evaluated on the same samples; the rest, the *pool*,
-is split by :func:`mhd_hpc.data.partition.make_partition` into the public set and the clients.
+is split by :func:`mhd_hpc.data.build.partition.make_partition` into the public set and the clients.
 
 Layout of a built dataset (``root/<dataset_dir_name>/``)::
 
@@ -13,7 +13,7 @@ Layout of a built dataset (``root/<dataset_dir_name>/``)::
     client_000/shard-000000.tar  ...
 
 The folder name hashes the settings, so different partitions live side by side. The shards are
-written by :func:`mhd_hpc.data.array_shards.build_array_shards` (resumable shard by shard, the
+written by :func:`mhd_hpc.data.build.array_shards.build_array_shards` (resumable shard by shard, the
 manifest last, one builder per folder at a time).
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mhd_hpc.data.array_shards import ArraySplits, PartitionSettings, build_array_shards
+from mhd_hpc.data.build.array_shards import ArraySplits, PartitionSettings, build_array_shards
 from mhd_hpc.data.manifest import FORMAT_VERSION
 
 __all__ = [

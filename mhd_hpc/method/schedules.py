@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 from typing import Callable
+from mhd_hpc.config.choices import SCHEDULES  # noqa: F401 (re-exported)
 
 __all__ = ["SCHEDULES", "lr_at", "learning_rate", "distill_ramp", "schedule_change_note"]
 
-SCHEDULES = ("cosine", "constant")
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0,

@@ -198,7 +198,7 @@ class Recorder:
                    hop_distances: np.ndarray | None) -> None:
         """Record one evaluation of every client: per-class accuracies (K of (H, C)), linear
         probe accuracies (None without the probe), and the graph distances at this step."""
-        from mhd_hpc.evaluation import HEALTH_HINT, accuracy_summary, check_health, pooled_task
+        from mhd_hpc.run.evaluation import HEALTH_HINT, accuracy_summary, check_health, pooled_task
 
         summary = accuracy_summary(np.stack(accs), self.distribution)
         if hop_distances is not None:  # None: the method uses no graph

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mhd_hpc.devices import Precision, to_device
+from mhd_hpc.runtime.devices import Precision, to_device
 
 __all__ = ["per_class_accuracy", "beta_shared", "weighted_accuracy", "accuracy_summary",
            "evaluate", "linear_probe", "check_health", "health_after", "chance_accuracy",

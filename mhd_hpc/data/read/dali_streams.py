@@ -12,7 +12,7 @@ Two ways to feed the same decode/augment graph:
 
 CPU pipelines (``device_id=None``) when CUDA is absent: uint8 batches, normalised where they
 are used. The CPU train graph stops after the ROI decode: its ragged crops are resized by
-torch's uint8 kernel (:func:`~mhd_hpc.data.streams.resize_crops`, on ``threads`` threads of the
+torch's uint8 kernel (:func:`~mhd_hpc.data.read.streams.resize_crops`, on ``threads`` threads of the
 process that takes the batch, ``BatchFeed``'s background thread in training) and its flips are
 applied where the batch is used, as the ``wds`` loader's are.
 
@@ -33,8 +33,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.tensors import TensorListGPU
 
-from mhd_hpc.data.batches import Batch
-from mhd_hpc.data.streams import (BatchStream, ByteReader, SplitTable, resize_crops,
+from mhd_hpc.data.read.batches import Batch
+from mhd_hpc.data.read.streams import (BatchStream, ByteReader, SplitTable, resize_crops,
                                   resize_shorter_to)
 from mhd_hpc.data.tarindex import index_path
 

@@ -1,7 +1,7 @@
 """The datasets a job names instead of a folder (``data.dataset``), built into partitioned shards
 under ``data.root`` on first use and found again by their settings afterwards:
 
-* ``digits``: scikit-learn's 8x8 digits, embedded in scikit-learn (:mod:`mhd_hpc.data.embedded`);
+* ``digits``: scikit-learn's 8x8 digits, embedded in scikit-learn (:mod:`mhd_hpc.data.build.embedded`);
 * ``fashion_mnist``: Fashion-MNIST (Xiao et al. 2017; 60000 + 10000 28x28 grayscale images, 10
   classes) from its four official IDX files, by default where Debian's
   ``dataset-fashion-mnist`` package puts them (``data.source`` to read them from elsewhere).
@@ -18,17 +18,18 @@ import os
 
 import numpy as np
 
-from mhd_hpc.data.array_shards import (ArraySplits, PartitionSettings, build_array_shards,
+from mhd_hpc.config.choices import BUILTIN_DATASETS
+from mhd_hpc.data.build.array_shards import (ArraySplits, PartitionSettings, build_array_shards,
                                        settings_record)
-from mhd_hpc.data.embedded import build_digits_shards
+from mhd_hpc.data.build.embedded import build_digits_shards
 from mhd_hpc.data.manifest import file_sha256
-from mhd_hpc.data.sources import FASHION_MNIST_CLASSES, DatasetFileError, load_idx_dataset
+from mhd_hpc.data.build.sources import FASHION_MNIST_CLASSES, DatasetFileError, load_idx_dataset
 
 __all__ = ["BUILTIN_CLASSES", "FASHION_MNIST_DIR", "FASHION_MNIST_HELP", "build_builtin",
            "array_splits"]
 
 #: Classes of every built-in dataset (known before start, so the config can check label counts).
-BUILTIN_CLASSES = {"digits": 10, "fashion_mnist": 10}
+BUILTIN_CLASSES = BUILTIN_DATASETS  # name -> number of classes
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HELP = (
     "install Debian's package (apt-get install dataset-fashion-mnist, which puts the files in "

@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 import torch
 
-from mhd_hpc import losses, topology
-from mhd_hpc.data.batches import Batch, key_hash
-from mhd_hpc.devices import Precision
-from mhd_hpc.losses import PeerOutputs
-from mhd_hpc.pool import CheckpointPool, flatten_state, refresh_sources, state_size
+from mhd_hpc.method import losses, topology
+from mhd_hpc.data.read.batches import Batch, key_hash
+from mhd_hpc.runtime.devices import Precision
+from mhd_hpc.method.losses import PeerOutputs
+from mhd_hpc.method.pool import CheckpointPool, flatten_state, refresh_sources, state_size
+from mhd_hpc.config.choices import EXCHANGE_MODES  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # MPI-bound: imported where they are used, so config can import this module
-    from mhd_hpc.data.streams import BatchStream
+    from mhd_hpc.data.read.streams import BatchStream
     from mhd_hpc.distributed.exchange import ClientExchange
     from mhd_hpc.distributed.world import World
 
-EXCHANGE_MODES = ("predictions", "pool")
 
 
 class TargetSource(Protocol):

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from mhd_hpc.config.choices import SELECTION_MODES, AUX_WEIGHTINGS  # noqa: F401 (re-exported)
 
-SELECTION_MODES = ("confidence", "random")
-AUX_WEIGHTINGS = ("chain", "per_head")
 
 
 def aux_head_weight(nu_aux: float, aux_heads: int, weighting: str) -> float:

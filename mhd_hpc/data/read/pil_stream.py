@@ -1,7 +1,7 @@
 """The ``wds`` loader for JPEG shards: webdataset tar shards decoded by PIL in ``torch``
 DataLoader worker processes.
 
-Same sample order as every loader (:class:`~mhd_hpc.data.streams.BatchStream`); the transforms
+Same sample order as every loader (:class:`~mhd_hpc.data.read.streams.BatchStream`); the transforms
 match DALI's up to decoder and resampler rounding (``train``: random-resized crop + flip;
 ``public``/``eval``: resize the shorter side to S/0.875 and centre crop). Workers hand over
 uint8 batches (through a reused shared-memory ring; pinned for a GPU) and the flip of each
@@ -19,9 +19,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mhd_hpc.seeds import AUGMENT
-from mhd_hpc.data.batches import Batch
-from mhd_hpc.data.streams import (BatchStream, ByteReader, SplitTable, _round, centre_offset,
+from mhd_hpc.runtime.seeds import AUGMENT
+from mhd_hpc.data.read.batches import Batch
+from mhd_hpc.data.read.streams import (BatchStream, ByteReader, SplitTable, _round, centre_offset,
                                   resize_shorter_to, resize_uint8, resized_size)
 
 __all__ = ["PilStream", "decode_pil", "random_resized_box", "resize_uint8"]

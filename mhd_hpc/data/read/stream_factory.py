@@ -1,4 +1,4 @@
-"""Open a split of a built dataset as a :class:`~mhd_hpc.data.streams.BatchStream`, choosing
+"""Open a split of a built dataset as a :class:`~mhd_hpc.data.read.streams.BatchStream`, choosing
 the loader by name (like timm's ``reader_factory``). Loaders are imported lazily, so a job that
 does not use DALI never imports it.
 """
@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import logging
 
-from mhd_hpc.data.batches import load_split
+from mhd_hpc.data.read.batches import load_split
 from mhd_hpc.data.manifest import load_manifest, split_format
-from mhd_hpc.data.pil_stream import PilStream
+from mhd_hpc.data.read.pil_stream import PilStream
 from mhd_hpc.data.records import RECORDS_FORMAT
-from mhd_hpc.data.streams import KINDS, BatchStream, NpyStream, SplitTable
+from mhd_hpc.data.read.streams import KINDS, BatchStream, NpyStream, SplitTable
+from mhd_hpc.config.choices import LOADERS  # noqa: F401 (re-exported)
 
 __all__ = ["LOADERS", "dali_available", "open_stream"]
 
-LOADERS = ("auto", "dali", "wds")
 _log = logging.getLogger(__name__)
 
 
@@ -72,7 +72,7 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
         if not dali_available():
             raise ValueError("data.loader 'dali' requested but nvidia.dali is not importable "
                              "(pip install nvidia-dali-cuda120); use 'wds' or 'auto'")
-        from mhd_hpc.data.dali_streams import DaliStream  # lazy: DALI is optional
+        from mhd_hpc.data.read.dali_streams import DaliStream  # lazy: DALI is optional
 
         return DaliStream(table, manifest["normalize"], size, threads, prefetch=prefetch,
                           **common), "dali"

@@ -20,9 +20,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from mhd_hpc.seeds import RANDOM_GRAPH
+from mhd_hpc.runtime.seeds import RANDOM_GRAPH
+from mhd_hpc.config.choices import TOPOLOGY_KINDS  # noqa: F401 (re-exported)
 
-TOPOLOGY_KINDS = ("complete", "cycle", "islands", "none", "edges", "exponential", "random")
 
 
 class TopologyError(ValueError):

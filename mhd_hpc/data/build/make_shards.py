@@ -42,7 +42,7 @@ import numpy as np
 
 from mhd_hpc.data.manifest import (FORMAT_VERSION, file_sha256, use_whole_pool_as_public,
                                    write_manifest, write_order)
-from mhd_hpc.data.partition import make_partition
+from mhd_hpc.data.build.partition import make_partition
 from mhd_hpc.data.records import RECORDS_FORMAT, meta_path, write_record_shard
 from mhd_hpc.data.shards import add_member, shard_name
 from mhd_hpc.data.tarindex import index_path, write_index
@@ -265,7 +265,7 @@ def _atomic_json(path: str, obj: dict) -> None:
 
 def _write_decoded(job: ShardJob, out_dir: str) -> dict:
     """A record shard of the centre crops (the eval/public transform) of ``job``'s images."""
-    from mhd_hpc.data.pil_stream import decode_pil
+    from mhd_hpc.data.read.pil_stream import decode_pil
 
     corrupt: dict[str, str] = {}
     keys, labels, images = [], [], []

@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mhd_hpc.seeds import POOL_DRAW, POOL_REFRESH, POOL_SLOT
-from mhd_hpc.tensors import flatten, total_numel, unflatten_into
+from mhd_hpc.runtime.seeds import POOL_DRAW, POOL_REFRESH, POOL_SLOT
+from mhd_hpc.runtime.tensors import flatten, total_numel, unflatten_into
 
 
 def flatten_state(model: torch.nn.Module) -> np.ndarray:

@@ -18,17 +18,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mhd_hpc.data.batches import normalize_tensor
+from mhd_hpc.data.read.batches import normalize_tensor
+from mhd_hpc.config.choices import DEVICES, PRECISIONS  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
-    from mhd_hpc.data.batches import Batch
+    from mhd_hpc.data.read.batches import Batch
 
 __all__ = ["DEVICES", "PRECISIONS", "Precision", "pick_device", "to_device", "mirror",
            "BatchFeed", "resolve_precision", "resolve_channels_last", "gpu_of",
            "clients_sharing_a_gpu"]
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

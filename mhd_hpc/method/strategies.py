@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from mhd_hpc.losses import soft_cross_entropy
+from mhd_hpc.method.losses import soft_cross_entropy
+from mhd_hpc.config.choices import METHODS  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # MPI-bound; config imports METHODS from here without starting MPI
     from mhd_hpc.distributed.intra import IntraBackend
@@ -36,7 +37,6 @@ if TYPE_CHECKING:  # MPI-bound; config imports METHODS from here without startin
 
 __all__ = ["METHODS", "ExtraLoss", "Strategy", "make_strategy"]
 
-METHODS = ("mhd", "separate", "fedavg", "supervised", "fedmd")
 
 
 @dataclass

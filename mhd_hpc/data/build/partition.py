@@ -17,11 +17,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from mhd_hpc.config.choices import LABEL_ASSIGNMENTS, PUBLIC_SOURCES  # noqa: F401 (re-exported)
 
-LABEL_ASSIGNMENTS = ("random", "even")
 #: Where the public set comes from: the held-out public fraction, or the whole training pool
 #: (the paper's MHD+; the clients' private samples then appear unlabeled in the public set too).
-PUBLIC_SOURCES = ("split", "all")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ CIFAR files), in the layout of :mod:`mhd_hpc.data.manifest`: raw uint8 record sh
 (``u8``, :mod:`mhd_hpc.data.records`: read at I/O speed, no decode, memory-mapped), or, for the
 embedded digits (kept as their run folders know them), WebDataset tars of ``.npy`` samples.
 
-The partition is :func:`~mhd_hpc.data.partition.make_partition` of the training labels; the
+The partition is :func:`~mhd_hpc.data.build.partition.make_partition` of the training labels; the
 public and client splits are written in :func:`~mhd_hpc.data.manifest.write_order`, the test
 split in source order. Writing is resumable shard by shard, as for ImageFolder trees: a shard is
 written to a temporary name and renamed, then a ``.done`` sidecar records its plan (keys,
@@ -26,7 +26,7 @@ import numpy as np
 
 from mhd_hpc.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_manifest,
                                    use_whole_pool_as_public, write_manifest, write_order)
-from mhd_hpc.data.partition import make_partition
+from mhd_hpc.data.build.partition import make_partition
 from mhd_hpc.data.records import RECORDS_FORMAT, write_record_shard
 from mhd_hpc.data.shards import shard_name, write_shards
 
