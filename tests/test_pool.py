@@ -1,4 +1,4 @@
-"""The checkpoint pool (mhd_hpc/method/pool.py, Algorithm 2) and PoolTargets (mhd_hpc/method/targets.py)."""
+"""The checkpoint pool (mhd_hpc/method/pool.py, Algorithm 2) and PoolTargets (mhd_hpc/method/pool_targets.py)."""
 
 from types import SimpleNamespace
 
@@ -100,7 +100,7 @@ def test_pool_survives_a_restart_with_heterogeneous_peers(tmp_path):
 
 def test_pool_targets_run_the_drawn_peer_models_on_the_public_batch():
     from mhd_hpc.method.pool import flatten_state
-    from mhd_hpc.method.targets import PoolSettings, PoolTargets
+    from mhd_hpc.method.pool_targets import PoolSettings, PoolTargets
 
     def build(arch):
         return build_model(arch, 10, 2, 1, 8)

@@ -239,36 +239,3 @@ class Recorder:
                         for c, s in sorted(self.failures.items()))
         return [f"WARNING: {len(self.failures)} client(s) failed the health check: {who}. This "
                 "run did not train as intended; do not read its numbers as a result."]
-
-
-ROWS_TAG, EVALS_TAG = 41, 42  # posts to the root when clients run at their own pace
-
-
-class AsyncRecords:
-    """The root's side of ``exchange.pool_async``: log rows and evaluations arrive from each
-    rank (leader) when it reaches the step, at its own pace; a step is recorded once every rank
-    (rows) or every client (evaluations) has reported it, in step order, through the same
-    :class:`Recorder` the lock-step loop uses."""
-
-    def __init__(self, recorder: Recorder, num_ranks: int, num_clients: int, hops_at):
-        self.recorder, self.num_ranks, self.num_clients = recorder, num_ranks, num_clients
-        self.hops_at = hops_at  # step -> hop distances (or None)
-        self.rows: dict[int, list] = {}
-        self.evals: dict[int, list] = {}
-
-    def take(self, rows: list, evals: list) -> None:
-        """``rows``: (step, (client, row)); ``evals``: (step, client, accuracies, probe)."""
-        for step, row in rows:
-            self.rows.setdefault(step, []).append(row)
-        for step, client, acc, probe in evals:
-            self.evals.setdefault(step, []).append((client, acc, probe))
-        for step in sorted(s for s, got in self.rows.items() if len(got) == self.num_ranks):
-            self.recorder.train_rows(step, self.rows.pop(step))
-        for step in sorted(s for s, got in self.evals.items() if len(got) == self.num_clients):
-            results = sorted(self.evals.pop(step))
-            self.recorder.evaluation(step, [a for _, a, _ in results], [p for _, _, p in results],
-                                     self.hops_at(step))
-
-    @property
-    def complete(self) -> bool:
-        return not self.rows and not self.evals

@@ -1,0 +1,107 @@
+"""A run's dataset, the one door between training and data: :func:`find_dataset` gives the
+folder of a built dataset (asking the builder once for the built-in ones), and
+:func:`open_data` opens one rank's streams on it. Nothing here writes into a built dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mhd_hpc.config.tree import DataConfig
+from mhd_hpc.data.build.array_shards import PartitionSettings
+from mhd_hpc.data.build.builtin import BUILTIN_CLASSES, build_builtin
+from mhd_hpc.data.build.sources import DatasetFileError
+from mhd_hpc.data.manifest import client_split, load_manifest
+from mhd_hpc.data.read.stream_factory import open_stream
+from mhd_hpc.data.read.streams import BatchStream
+from mhd_hpc.runtime.seeds import PRIVATE_ORDER, PUBLIC_ORDER, seed_of
+
+__all__ = ["Data", "find_dataset", "open_data"]
+
+
+@dataclass
+class Data:
+    """The dataset of this run, read once: folder, manifest and this rank's streams."""
+
+    folder: str
+    manifest: dict
+    private: BatchStream
+    public: BatchStream
+    test: BatchStream | None  # leaders only evaluate
+    loader: str  # the loader actually used (data.loader resolved)
+    probe: BatchStream | None = None  # leaders, eval.probe: the labelled public set, whole
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    def label_distribution(self) -> np.ndarray:
+        """(K, C) private label distribution p_i(c) of every client."""
+        counts = np.asarray(self.manifest["partition"]["counts"], dtype=np.float64)
+        return counts / counts.sum(axis=1, keepdims=True)
+
+    def close(self) -> None:
+        for stream in (self.private, self.public, self.test, self.probe):
+            if stream is not None:
+                stream.close()
+
+
+def find_dataset(d: DataConfig, num_clients: int, seed: int, log: Callable[[str], None],
+                 ) -> tuple[str, dict | None, tuple[str, str] | None]:
+    """(dataset folder, its manifest, None), or (path, None, (key, message)) when the dataset
+    does not fit the job, so that every rank can stop with the same config error. A built-in
+    dataset is built here when missing (once; later runs reuse it)."""
+    k = num_clients
+    if d.dataset in BUILTIN_CLASSES:
+        log(f"dataset {d.dataset}: preparing shards under {d.root} (built once, then reused)")
+        partition = PartitionSettings(k, d.public_fraction, d.label_assignment,
+                                      d.labels_per_client, d.skew, seed, d.public_source)
+        try:
+            folder = build_builtin(d.dataset, d.root, d.source, partition)
+        except DatasetFileError as exc:
+            return d.root, None, ("data.source", str(exc))
+        return folder, load_manifest(folder), None
+    try:
+        manifest = load_manifest(d.root)
+    except (OSError, ValueError) as exc:
+        return d.root, None, ("data.root", f"not a dataset folder from tools/make_shards.py: "
+                              f"{exc}")
+    n = manifest["partition"]["num_clients"]
+    if n != k:
+        return d.root, None, ("clients.count", f"{d.root} was partitioned for {n} clients, "
+                              f"the job has {k}: rebuild the shards with --clients {k} or set "
+                              f"clients.count={n}")
+    built = manifest.get("public_source", "split")
+    if built != d.public_source:
+        return d.root, None, ("data.public_source", f"{d.root} was built with public source "
+                              f"{built!r}, the job asks for {d.public_source!r}: rebuild with "
+                              f"tools/make_shards.py --public-source {d.public_source} or set "
+                              f"data.public_source={built}")
+    log(f"dataset {d.root}: {manifest.get('dataset', '?')} shards, {manifest['num_classes']} "
+        f"classes, partition fixed at build time ({manifest['partition'].get('settings', {})})")
+    return d.root, manifest, None
+
+
+def open_data(folder: str, manifest: dict, d: DataConfig, *, client: int, part: int,
+              num_parts: int, seed: int, leader: bool, probe: bool,
+              device: torch.device) -> Data:
+    """This rank's slice (``part`` of its client's ``num_parts`` ranks) of client ``client``'s
+    private stream and of the public stream; on the client's leader the test stream (and with
+    ``probe`` the whole public split) for evaluation."""
+    opts = {"loader": d.loader, "threads": d.loader_threads, "manifest": manifest,
+            "pin": device.type == "cuda", "prefetch": d.prefetch}
+    mine = {"part": part, "num_parts": num_parts, **opts}
+    private, loader = open_stream(folder, client_split(client), d.batch_size,
+                                  seed_of(seed, PRIVATE_ORDER, client), "train", **mine)
+    public, _ = open_stream(folder, "public", d.public_batch_size,  # one seed: aligned
+                            seed_of(seed, PUBLIC_ORDER), "public", **mine)
+
+    def whole(split: str) -> BatchStream:  # leaders evaluate on whole splits, in order
+        return open_stream(folder, split, 256, 0, "eval", **opts)[0]
+    test = whole("test") if leader else None
+    probe_stream = whole("public") if leader and probe else None
+    return Data(folder, manifest, private, public, test, loader, probe_stream)
