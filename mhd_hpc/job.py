@@ -93,3 +93,27 @@ def check_environment(cfg: JobConfig) -> None:
     if cfg.backend.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("backend.device", "cuda was asked for but torch sees no CUDA device "
                           "(use backend.device=auto or cpu)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mhd_hpc.job JOB.yaml [key=value ...]``: the resolved config of a job, checked
+    as a job start checks it (the config's rules, the domain's and the installation's), or the
+    error naming the key (exit code 2)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(main.__doc__.replace("``", ""))
+        return 0 if args else 2
+    try:
+        cfg = load_job(args[0], args[1:])
+        check_environment(cfg)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

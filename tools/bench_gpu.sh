@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks and figures of the README (issue 11), in one script for a one-GPU machine:
+# The GPU checks and figures of docs/performance.md, in one script for a one-GPU machine:
 #   bash tools/bench_gpu.sh OUT_DIR
 # 1. tools/bench_step.py: ResNet-34, 1000 classes, 4 aux heads, batch 256 + 256, 224 px:
 #    framework step vs bare PyTorch loop in bf16 and fp32, one loopback peer with top-10

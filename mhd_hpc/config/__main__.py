@@ -1,6 +1,7 @@
 """``python -m mhd_hpc.config [--markdown | JOB.yaml key=value ...]``: print the option reference
-(as the README's Markdown table with ``--markdown``), or the resolved config of a job
-(validated)."""
+(as docs/options.md's Markdown table with ``--markdown``), or the resolved config of a job
+checked by the config's own rules (``python -m mhd_hpc.job`` adds the domain's, as a job start
+does)."""
 
 from __future__ import annotations
 

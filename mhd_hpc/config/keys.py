@@ -11,7 +11,7 @@ documentation, default, resume rule and history are stated once, next to each ot
 * :data:`V1_RESUMABLE` and :data:`LATER_RESUMABLE`: what older run folders' fingerprints left out
   and kept in (so that they keep resuming);
 * :func:`reference` and :func:`markdown_table`: the option reference (``python -m
-  mhd_hpc.config``) and the README's option table, generated from the same documentation.
+  mhd_hpc.config``) and docs/options.md's option table, generated from the same documentation.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def reference() -> list[tuple[str, str, str]]:
 
 
 def markdown_table() -> str:
-    """The README's option table (``python -m mhd_hpc.config --markdown``)."""
+    """docs/options.md's option table (``python -m mhd_hpc.config --markdown``)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, text in reference():
         lines.append(f"| `{key}` | `{default}` | {text.replace('|', chr(92) + '|')} |")

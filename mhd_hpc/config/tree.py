@@ -2,7 +2,7 @@
 and its facts for run folders, declared once, beside each other.
 
 ``doc(text, default, on_resume=..., location=..., added=...)`` is the one place where a key says
-what it is: its meaning (printed by ``python -m mhd_hpc.config`` and in the README's option
+what it is: its meaning (printed by ``python -m mhd_hpc.config`` and in docs/options.md's option
 table), whether it may change when a run is resumed (``on_resume``), whether it says where
 something is rather than what (``location``), and, for keys added after run folders were first
 written, the value that reproduces what runs from before them did (``added``). The lists the
@@ -231,7 +231,7 @@ class ExchangeConfig:
                         "batch's forward and backward while they travel, then the distillation "
                         "terms. BatchNorm then sees the two batches separately, so results "
                         "differ from the joint pass (off: one forward pass over both batches; "
-                        "see the README for what was measured).", False, added=False)
+                        "see docs/own_pace.md for what was measured).", False, added=False)
     late_peers: str = doc("mode=predictions: what a client does when a peer's message is late: "
                           "'wait' for it (lock-step; the default, reproducible) or 'drop' it "
                           "after exchange.late_deadline_s (the peer is left out of that step's "
