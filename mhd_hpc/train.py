@@ -25,7 +25,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "distill.nu_aux=3 topology.kind=cycle. All options: python -m mhd_hpc.config")
     parser.add_argument("job", help="YAML job file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    return parser.parse_args(argv)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the job and where every rank runs (host, GPU, CPUs, the "
+                             "intra-client backend), log it and exit without training")
+    return parser.parse_intermixed_args(argv)
 
 
 def report_exit(is_root: bool, code: int) -> None:
@@ -61,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             found = [p for p in world.allgather(problem) if p is not None]
             if found:
                 raise ConfigError(*found[0])
-            from mhd_hpc.trainer import run  # after validation: a bad job fails fast
+            from mhd_hpc.trainer import check_placement, run  # after validation: fail fast
 
-            code = run(cfg, world)
+            code = check_placement(cfg, world) if args.dry_run else run(cfg, world)
             report_exit(world.is_root, code)
             return code
         except ConfigError as exc:

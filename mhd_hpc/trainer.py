@@ -21,7 +21,7 @@ import torch
 from mhd_hpc.config import ConfigError, JobConfig
 from mhd_hpc.data.build.builtin import BUILTIN_CLASSES
 from mhd_hpc.data.dataset import Data, find_dataset, open_data
-from mhd_hpc.data.manifest import content_digest, verify_shards
+from mhd_hpc.data.manifest import Manifest, content_digest, verify_shards
 from mhd_hpc.distributed.codec import top_k_problem
 from mhd_hpc.distributed.exchange import ClientExchange
 from mhd_hpc.distributed.intra import IntraBackend, make_intra
@@ -42,8 +42,8 @@ from mhd_hpc.run.folder import RunFolder, claim_run_dir, fingerprints
 from mhd_hpc.run.metrics_file import MetricsWriter
 from mhd_hpc.run.progress import Log, Recorder, TensorBoard
 from mhd_hpc.run.reporting import make_reports
-from mhd_hpc.runtime.devices import (Precision, pick_device, resolve_channels_last,
-                                     resolve_precision)
+from mhd_hpc.runtime.devices import (Placement, Precision, place, resolve_channels_last,
+                                     resolve_precision, usable_cpus)
 from mhd_hpc.runtime.seeds import INIT, seed_of
 from mhd_hpc.runtime.signals import Fault, StopSignal
 
@@ -53,7 +53,7 @@ class RunSetup:
     """What the root found and decided before training, sent to every rank."""
 
     dataset_dir: str
-    manifest: dict
+    manifest: Manifest
     fingerprints: tuple[str, ...]  # the run's own first, then older spellings files may carry
     old_config: JobConfig | None  # the config the run started with, when resuming
     notes: list[str]
@@ -68,11 +68,11 @@ def prepare_run(cfg: JobConfig, world: World, log: Log) -> tuple[RunSetup, RunFo
         dataset_dir, manifest, error = find_dataset(cfg.data, cfg.clients.count, cfg.run.seed,
                                                     log)
         if error is None and cfg.data.dataset not in BUILTIN_CLASSES:  # its classes known now
-            problem = top_k_problem(cfg.exchange.top_k, manifest["num_classes"])
+            problem = top_k_problem(cfg.exchange.top_k, manifest.num_classes)
             error = ("exchange.top_k", f"{problem} ({dataset_dir})") if problem else None
         if error is None:
-            digest = content_digest(manifest)
-            folder, problem = claim_run_dir(cfg, digest, manifest["partition"])
+            digest = content_digest(manifest.raw)
+            folder, problem = claim_run_dir(cfg, digest, manifest.raw["partition"])
             error = ("run.out_dir", problem) if problem else None
         found = (RunSetup(dataset_dir, manifest, fingerprints(cfg, digest), folder.old_config,
                           folder.notes) if error is None else None, error)
@@ -86,7 +86,8 @@ def prepare_run(cfg: JobConfig, world: World, log: Log) -> tuple[RunSetup, RunFo
 
 def verify_dataset(world: World, setup: RunSetup, log: Log) -> None:
     """Collective (``data.verify_shards``): every rank hashes its share of the shards."""
-    checked, problems = verify_shards(setup.dataset_dir, setup.manifest, world.rank, world.size)
+    checked, problems = verify_shards(setup.dataset_dir, setup.manifest.raw, world.rank,
+                                      world.size)
     reports = world.allgather((checked, problems))
     problems = sorted({p for _, found in reports for p in found})
     if problems:
@@ -144,10 +145,16 @@ def make_targets(cfg: JobConfig, world: World, strategy: Strategy, graph_at, bui
                        send_embedding=send_embedding, drops_late=drop)
 
 
-def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
+def build_client(cfg: JobConfig, world: World, data: Data, placement: Placement,
                  log: Log) -> Client:
     """Collective (intra-client backends start here): model, optimizer and communication."""
-    intra, why = make_intra(cfg.backend.intra, world, device)
+    device = placement.device
+    intra, why = make_intra(cfg.backend.intra, world, device, placement.gpus)
+    mapping = placement.describe(why)
+    decoding = data.loader in ("wds", "dali")  # memory, raw: no loader threads run
+    for line in ([mapping] if mapping else []) + placement.cpu_lines(
+            torch.get_num_threads(), cfg.data.loader_threads if decoding else 0):
+        log(line)
     precision, why_precision = resolve_precision(cfg.backend.precision, device)
     layout = (torch.channels_last if resolve_channels_last(cfg.backend.channels_last, device)
               else torch.contiguous_format)
@@ -156,14 +163,14 @@ def build_client(cfg: JobConfig, world: World, data: Data, device: torch.device,
         f"{data.loader}; {why}; {why_precision}, channels_last "
         f"{layout == torch.channels_last}")
     log(f"{data.private.num_samples} private samples on client 0, {data.public.num_samples} "
-        f"public, {data.manifest['counts']['test']} test, {data.num_classes} classes; run "
+        f"public, {data.manifest.counts['test']} test, {data.num_classes} classes; run "
         f"folder {cfg.run.out_dir}")
     strategy = make_strategy(cfg.method, world, intra, total_steps=cfg.run.steps,
                              fedavg_every=cfg.fedavg.every,
                              fedmd_revisit_steps=cfg.fedmd.revisit_steps,
                              fedmd_weight=cfg.fedmd.weight)
     torch.manual_seed(seed_of(cfg.run.seed, INIT, 0 if strategy.shared_init else world.client))
-    shape = data.manifest["image_shape"]
+    shape = data.manifest.image_shape
 
     def build(arch: str) -> torch.nn.Module:
         return build_model(arch, data.num_classes, cfg.model.aux_heads, shape[0], shape[-1],
@@ -244,8 +251,7 @@ def run(cfg: JobConfig, world: World) -> int:
     job is being aborted, and a collective would wait for ranks that are gone)."""
     log = Log(world.is_root)
     world.assign_clients(ClientLayout.contiguous(cfg.client_ranks()))
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    torch.set_num_threads(cfg.run.threads or usable_cpus())  # 0: one per CPU the rank has
     stop, fault = StopSignal(), Fault.for_rank(world.rank)
     with contextlib.ExitStack() as held:
         setup, folder = prepare_run(cfg, world, log)  # the root holds the folder's lock
@@ -253,10 +259,11 @@ def run(cfg: JobConfig, world: World) -> int:
             held.callback(folder.lock.release)
         if cfg.data.verify_shards:
             verify_dataset(world, setup, log)
-        device = pick_device(cfg.backend.device, world.node_local_rank())  # DALI decodes there
+        placement = place(cfg.backend.device, world.rank, world.allgather)  # DALI decodes there
+        device = placement.device
         data = open_rank_data(cfg, world, setup, device)
         held.callback(data.close)
-        client = build_client(cfg, world, data, device, log)
+        client = build_client(cfg, world, data, placement, log)
         held.push(lambda failed, *_: None if failed else client.intra.shutdown())
         start, state = resume(cfg, world, setup, client, log)
         if start >= cfg.run.steps:  # nothing to do, and nothing written into the folder
@@ -268,9 +275,34 @@ def run(cfg: JobConfig, world: World) -> int:
         recorder = open_recorder(cfg, setup, client, data, log, start) if world.is_root else None
         if recorder:
             held.callback(recorder.close)
-        reports = make_reports(world, recorder, asynchronous=cfg.exchange.pool_async,
+        # Clients at their own pace, or dropping late peers: nothing that runs every few steps
+        # (log rows, evaluations) may wait for a late client; its rows are filled in later.
+        at_own_pace = cfg.exchange.pool_async or cfg.exchange.late_peers == "drop"
+        reports = make_reports(world, recorder, asynchronous=at_own_pace,
                                num_clients=cfg.clients.count,
                                hops_at=lambda step: hops_at(client, step),
                                timeout_s=cfg.exchange.timeout_s)
         return train(Session(cfg, world, log, device, data, client, state, reports, recorder,
                              stop, fault), start)
+
+
+def check_placement(cfg: JobConfig, world: World) -> int:
+    """``--dry-run``: place every rank (GPU, CPUs), start the intra-client backends and log the
+    mapping, then stop: nothing is trained and no dataset or run folder is touched. Run it with
+    the allocation and launcher of the long job, to check the binding before spending it."""
+    log = Log(world.is_root)
+    world.assign_clients(ClientLayout.contiguous(cfg.client_ranks()))
+    torch.set_num_threads(cfg.run.threads or usable_cpus())
+    placement = place(cfg.backend.device, world.rank, world.allgather)
+    intra, why = make_intra(cfg.backend.intra, world, placement.device, placement.gpus)
+    log(f"{cfg.clients.count} clients on {world.size} ranks (ranks per client "
+        f"{cfg.client_ranks()}), device {placement.device.type}; {why}")
+    decoding = cfg.data.dataset == "shards"  # built-in datasets are served from memory
+    for line in [placement.describe(why)] + placement.cpu_lines(
+            torch.get_num_threads(), cfg.data.loader_threads if decoding else 0):
+        if line:
+            log(line)
+    intra.shutdown()
+    log("dry run: placement checked; nothing trained, no dataset or run folder touched")
+    return 0
+

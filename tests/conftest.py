@@ -79,3 +79,17 @@ def train_args(out_dir: Path, data_root: Path, *overrides: str) -> list[str]:
 def data_root(tmp_path_factory) -> Path:
     """One shard folder for the whole session: partitions are built once and reused."""
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def one_rank_world():
+    """This process alone as an MPI world (mpi4py's COMM_WORLD of size 1, started without
+    mpirun) with one client: real MPI for unit tests of MPI-bound classes."""
+    os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")  # read when MPI starts (on import)
+    os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    from mhd_hpc.distributed.world import ClientLayout, World
+
+    world = World()
+    assert world.size == 1, "a one-rank test run under mpirun with several ranks"
+    world.assign_clients(ClientLayout.one_rank_per_client(1))
+    return world

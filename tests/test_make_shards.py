@@ -16,17 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("PIL", reason="Pillow is needed to build JPEG shards (pip install pillow)")
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-from _jpeg_tree import make_image_folder  # noqa: E402
-from conftest import ROOT  # noqa: E402
-from mhd_hpc.data.build.make_shards import FAULT_ENV  # noqa: E402
-from mhd_hpc.data.manifest import format_summary  # noqa: E402
-from mhd_hpc.data.build.partition import make_partition  # noqa: E402
-from mhd_hpc.data.read.stream_factory import dali_available  # noqa: E402
-from mhd_hpc.data.tarindex import index_path, index_tar, read_index  # noqa: E402
+from _jpeg_tree import make_image_folder
+from conftest import ROOT
+from mhd_hpc.data.build.make_shards import FAULT_ENV
+from mhd_hpc.data.manifest import format_summary
+from mhd_hpc.data.build.partition import make_partition
+from mhd_hpc.data.read.stream_factory import dali_available
+from mhd_hpc.data.tarindex import index_path, index_tar, read_index
 
 TOOL = ROOT / "tools" / "make_shards.py"
 ARGS = ["--clients", "3", "--labels-per-client", "2", "--skew", "10", "--seed", "0",

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("PIL", reason="Pillow is needed to build JPEG shards (pip install pillow)")
-
-import test_make_shards  # noqa: E402
-from conftest import run_mpi  # noqa: E402
-from test_make_shards import ARGS, TOOL, _shards  # noqa: E402
+import test_make_shards
+from conftest import run_mpi
+from test_make_shards import ARGS, TOOL, _shards
 
 built = test_make_shards.built  # its module-scoped fixture (the reference build), reused here
 

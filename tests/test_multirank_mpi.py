@@ -112,3 +112,18 @@ def test_signal_checkpoints_and_exits_resumable(tmp_path, data_root):
                                 "backend.intra=torch"), timeout=180)
     assert res.returncode == 0, res.stderr
     assert "resuming every client from step 20" in res.stdout
+
+
+def test_dry_run_logs_the_placement_and_touches_nothing(tmp_path, data_root):
+    """--dry-run places every rank, starts the intra-client backends, logs the mapping and
+    exits: no dataset is built and no run folder is written."""
+    run, fresh_data = tmp_path / "run", tmp_path / "data"
+    res = run_mpi(4, train_args(run, fresh_data, *SMALL, "clients.ranks_per_client=2",
+                                "run.threads=0") + ["--dry-run"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "2 clients on 4 ranks (ranks per client [2, 2]), device cpu" in out
+    assert "torch.distributed (gloo) subgroups" in out
+    assert "CPUs per rank (affinity):" in out and "ranks per host:" in out and " x4" in out
+    assert "dry run: placement checked" in out
+    assert not run.exists() and not fresh_data.exists()

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from mhd_hpc.data.build.embedded import load_digits_arrays
+from mhd_hpc.data.manifest import content_digest, load_manifest
 from mhd_hpc.method import topology
 from mhd_hpc.run.metrics_file import read_metrics
 from mhd_hpc.report import main as report_main
@@ -80,9 +82,18 @@ def test_skip_exponential_graph_and_mhd_plus_train(tmp_path, data_root):
     assert np.nanmax(m["train"]["skipped_aux1"]) > 0  # confident students skip targets
     assert np.array_equal(m["eval"]["hop_distances"][-1],
                           topology.hop_distances(topology.exponential(4)))
-    assert "public" in res.stdout and np.all(m["eval"]["beta_sh"][-1] >= 0)
     dataset = json.loads((run / "dataset.json").read_text())
     assert dataset["root"] == str(data_root)
+    # MHD+: the run read a dataset whose public split is the whole training pool (the held-out
+    # public samples and every client's), found by the content digest the run recorded.
+    [manifest] = [mf for mf in map(load_manifest, map(str, sorted(data_root.glob("digits-*"))))
+                  if content_digest(mf) == dataset["digest"]]
+    counts = manifest["counts"]
+    assert manifest["public_source"] == "all"
+    assert counts["public"] == len(load_digits_arrays()[1]) - counts["test"]
+    assert set(manifest["splits"]["public"]) >= set(manifest["splits"]["client_000"])
+    # and learned from it: chance is 0.1 on the shared (uniform) task
+    assert np.mean(m["eval"]["beta_sh"][-1][:, 0]) > 0.3, m["eval"]["beta_sh"][-1]
 
 
 def test_islands_report_the_tasks_no_edge_reaches(tmp_path, data_root, capsys):

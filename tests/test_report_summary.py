@@ -26,7 +26,7 @@ def _metrics(hops):
 
 
 def test_accuracy_by_hop_distance_on_a_ring_and_on_islands():
-    """The README's transitive-distillation table rests on this grouping: client i's accuracy
+    """The transitive-distillation tables (docs/results) rests on this grouping: client i's accuracy
     on client j's task averaged over the pairs j -> i at each hop distance, unreachable last."""
     ring = topology.hop_distances(topology.cycle(4))  # 1, 2 and 3 hops
     rows = accuracy_by_distance(_metrics(ring), 0)

@@ -6,12 +6,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("PIL", reason="Pillow is needed to build JPEG shards (pip install pillow)")
-
-from _jpeg_tree import make_image_folder  # noqa: E402
-from conftest import ROOT, run_mpi  # noqa: E402
-from mhd_hpc.data.read.stream_factory import dali_available  # noqa: E402
-from mhd_hpc.report import main as report_main  # noqa: E402
+from _jpeg_tree import make_image_folder
+from conftest import ROOT, run_mpi
+from mhd_hpc.data.read.stream_factory import dali_available
+from mhd_hpc.report import main as report_main
 
 JOB = ["data.dataset=shards", "clients.count=2", "run.steps=6", "run.eval_every=6",
        "run.log_every=3", "run.checkpoint_every=6", "data.batch_size=8",

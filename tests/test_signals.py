@@ -30,7 +30,14 @@ def test_a_straggler_is_stretched_by_its_factor(monkeypatch):
     assert time.perf_counter() - t0 < 0.03
     fault.after_step(5, 0.05)  # from its step on: 2 x 50 ms more
     assert time.perf_counter() - t0 >= 0.1
-    for bad in ("0:5:slow", "0:5:slow:0.5", "0:5:kill:3"):
+    monkeypatch.setenv("MHD_INJECT_FAULT", "0:5:pause:0.2")
+    fault = Fault.for_rank(0)
+    t0 = time.perf_counter()
+    fault.at_step_start(4)
+    assert time.perf_counter() - t0 < 0.1
+    fault.at_step_start(5)  # an outage: the rank stands still for 0.2 s
+    assert time.perf_counter() - t0 >= 0.2
+    for bad in ("0:5:slow", "0:5:slow:0.5", "0:5:kill:3", "0:5:pause"):
         monkeypatch.setenv("MHD_INJECT_FAULT", bad)
         with pytest.raises(ValueError, match="FACTOR"):
             Fault.for_rank(0)

@@ -101,6 +101,21 @@ def test_sbatch_runs_the_digits_job_to_the_end(slurm, tmp_path, data_root):
     assert report.returncode == 0 and '"step": 60' in report.stdout
 
 
+def test_cpus_per_task_reach_the_ranks(slurm, tmp_path, data_root):
+    """sbatch's --cpus-per-task reaches the rank through run_with_requeue.sh (srun >= 22.05
+    does not pass it on by itself: each rank would be bound to one CPU), and every rank sizes
+    its torch threads from the CPUs it really has (run.threads=0). Two tasks of 2 CPUs on this
+    2-CPU machine (--overcommit)."""
+    run = tmp_path / "run"
+    job, res = sbatch(slurm, tmp_path / "out.txt", DIGITS,
+                      *digits_args(run, data_root, "clients.count=2", "run.steps=20",
+                                   "run.eval_every=20", "run.log_every=10", "run.threads=0"),
+                      wait=True, extra=("--ntasks=2", "--cpus-per-task=2"))
+    log = (tmp_path / "out.txt").read_text()
+    assert res.returncode == 0, res.stderr + log
+    assert "CPUs per rank (affinity): 2; threads per rank: 2 torch + 0 loader" in log, log
+
+
 @pytest.mark.slow
 def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm, tmp_path, data_root):
     """What --signal=B:USR1@600 does before a time limit, sent at once: the wrapper forwards

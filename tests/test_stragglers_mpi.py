@@ -40,6 +40,28 @@ def test_late_peers_are_dropped_and_the_run_ends_cleanly(tmp_path, data_root):
     assert np.all(np.isfinite(rows["loss_total"]))
 
 
+def test_with_dropped_peers_the_others_keep_stepping_through_an_outage(tmp_path, data_root):
+    """Rank 3 stands still for 5 s at step 50 (like SIGSTOP): with late_peers=drop the other
+    clients go on stepping (log rows, evaluations and checkpoints wait for nobody), and the late
+    client's rows are filled in when it returns."""
+    run = tmp_path / "outage"
+    res = run_mpi(4, train_args(run, data_root, *JOB, "exchange.late_peers=drop",
+                                "exchange.late_deadline_s=0.05", "run.steps=150",
+                                "run.eval_every=50", "run.checkpoint_every=50"),
+                  env={"MHD_INJECT_FAULT": "3:50:pause:5"}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows, evals = train(run)
+    steps, wall = list(rows["step"]), rows["wall_s"]  # (rows,), (rows, clients): own clocks
+    at = {s: i for i, s in enumerate(steps)}
+    assert steps == list(range(10, 151, 10)) and list(evals) == [50, 100, 150]
+    assert np.all(np.isfinite(rows["loss_total"]))  # the late client's rows are all there
+    late = wall[at[60], 3] - wall[at[40], 3]
+    assert late >= 5.0, late  # the outage happened
+    # While client 3 stood still, client 0 advanced at least 20 steps past step 50.
+    fast = wall[at[70], 0] - wall[at[50], 0]
+    assert fast < 5.0 - 0.5, (fast, late)
+
+
 def test_asynchronous_pool_mode_lets_fast_clients_run_ahead(tmp_path, data_root):
     run = tmp_path / "async"
     res = run_mpi(4, train_args(run, data_root, *JOB, "exchange.mode=pool",

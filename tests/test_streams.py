@@ -9,20 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("PIL", reason="Pillow is needed to decode JPEG shards (pip install pillow)")
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-from _jpeg_tree import build_dataset, make_image_folder  # noqa: E402
-from mhd_hpc.data.read.batches import StepBatches, iterate_eval, load_split  # noqa: E402
-from mhd_hpc.data.build.embedded import build_digits_shards  # noqa: E402
-from mhd_hpc.data.manifest import load_manifest  # noqa: E402
-from mhd_hpc.data.read.pil_stream import decode_pil, random_resized_box  # noqa: E402
-from mhd_hpc.data.read.synthetic import synthetic_jpeg  # noqa: E402
-from mhd_hpc.data.shards import Samples  # noqa: E402
-from mhd_hpc.data.read.stream_factory import LOADERS, dali_available, open_stream  # noqa: E402
-from mhd_hpc.runtime.devices import to_device  # noqa: E402
-from mhd_hpc.data.read.streams import (  # noqa: E402
+from _jpeg_tree import build_dataset, make_image_folder
+from mhd_hpc.data.read.batches import StepBatches, iterate_eval, load_split
+from mhd_hpc.data.build.embedded import build_digits_shards
+from mhd_hpc.data.manifest import load_manifest
+from mhd_hpc.data.read.pil_stream import decode_pil, random_resized_box
+from mhd_hpc.data.read.synthetic import synthetic_jpeg
+from mhd_hpc.data.shards import Samples
+from mhd_hpc.data.read.stream_factory import LOADERS, dali_available, open_stream
+from mhd_hpc.runtime.devices import to_device
+from mhd_hpc.data.read.streams import (
     SplitTable, centre_offset, resize_shorter_to, resized_size,
 )
 
@@ -176,7 +174,7 @@ def test_npy_dataset_through_open_stream(tmp_path: Path) -> None:
     ds = build_digits_shards(str(tmp_path), num_clients=2, public_fraction=0.1,
                              label_assignment="random", labels_per_client=3, skew=10.0, seed=0)
     stream, name = open_stream(ds, "client_000", 8, seed=4, kind="train", loader="auto")
-    assert name == "wds"
+    assert name == "memory"  # .npy samples are served from memory: no loader decodes them
     samples = load_split(ds, "client_000")
     norm = load_manifest(ds)["normalize"]
     ref = StepBatches(samples, 8, norm, seed=4)

@@ -53,7 +53,8 @@ SlurmUser=root
 AuthType=auth/munge
 MpiDefault=pmix
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# task/affinity: each task is bound to the CPUs it was allocated, as on a cluster.
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2

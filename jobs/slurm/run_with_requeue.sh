@@ -13,6 +13,14 @@ job=${1:?usage: run_with_requeue.sh JOB.yaml [key=value ...]}
 shift
 # One thread pool per rank sized to its CPUs; without this every rank starts one thread per core.
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+# From Slurm 22.05 on, srun does not inherit sbatch's --cpus-per-task: without passing it, every
+# task of the step is bound to one CPU while it runs torch and loader threads. Pass it explicitly
+# (and export it for any srun a site wrapper adds). The ranks log the CPUs they really got.
+cpus=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+    export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+    cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
 
 # --kill-on-bad-exit: a rank that dies takes the step down instead of leaving the others in MPI.
 # --mpi: how srun wires the ranks into one MPI job. Open MPI 5 (also the PyPI wheel) speaks
@@ -23,7 +31,7 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 # MPI and reports their SIGTERM instead).
 export MHD_EXIT_FILE="${TMPDIR:-/tmp}/mhd-exit-${SLURM_JOB_ID:-$$}-$$"
 rm -f "$MHD_EXIT_FILE"
-srun --kill-on-bad-exit=1 --mpi="${MHD_SRUN_MPI:-pmix}" python -m mhd_hpc.train "$job" "$@" &
+srun --kill-on-bad-exit=1 --mpi="${MHD_SRUN_MPI:-pmix}" "${cpus[@]}" python -m mhd_hpc.train "$job" "$@" &
 step_pid=$!
 
 forward() {

@@ -1,7 +1,7 @@
 """One typed config tree for a job (``tree``), the facts its keys declare (``keys``), reading a
 job (``parse``), the choices of enumerated keys (``choices``) and the config's own rules that
-make a job impossible (``validation``; the domain's rules are ``mhd_hpc.job``'s). Every error names the
-dotted key; validation runs identically on every rank before any communication.
+make a job impossible (``validation``; the domain's rules are ``mhd_hpc.job``'s). Every error
+names the dotted key; validation runs identically on every rank before any communication.
 ``python -m mhd_hpc.config`` prints the option reference."""
 
 from mhd_hpc.config.keys import (ADDED_KEYS, BOOKKEEPING_KEYS, LOCATION_KEYS, RESUMABLE_CHANGES,

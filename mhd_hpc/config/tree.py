@@ -57,8 +57,10 @@ class RunConfig:
     keep_checkpoints: int = doc("How many checkpoints each client keeps (older ones are "
                                 "deleted).", 2,
                                 on_resume=BOOKKEEPING)
-    threads: int = doc("torch intra-op threads per rank (0 = leave torch's default). One thread "
-                       "per rank avoids oversubscribing cores when several ranks share a node.", 1,
+    threads: int = doc("torch intra-op threads per rank (0 = one per CPU the rank may use, its "
+                       "affinity). One thread per rank avoids oversubscribing cores when several "
+                       "ranks share a node; the log warns when a rank runs more threads (torch + "
+                       "data.loader_threads) than it has CPUs.", 1,
                        on_resume=BOOKKEEPING)
     tensorboard: bool = doc("The root rank also writes TensorBoard event files under "
                             "RUN_DIR/tensorboard/ (every train row and evaluation, per client and "

@@ -15,7 +15,7 @@ from mhd_hpc.config.tree import DataConfig
 from mhd_hpc.data.build.array_shards import PartitionSettings
 from mhd_hpc.data.build.builtin import BUILTIN_CLASSES, build_builtin
 from mhd_hpc.data.build.sources import DatasetFileError
-from mhd_hpc.data.manifest import client_split, load_manifest
+from mhd_hpc.data.manifest import Manifest, client_split
 from mhd_hpc.data.read.stream_factory import open_stream
 from mhd_hpc.data.read.streams import BatchStream
 from mhd_hpc.runtime.seeds import PRIVATE_ORDER, PUBLIC_ORDER, seed_of
@@ -28,7 +28,7 @@ class Data:
     """The dataset of this run, read once: folder, manifest and this rank's streams."""
 
     folder: str
-    manifest: dict
+    manifest: Manifest
     private: BatchStream
     public: BatchStream
     test: BatchStream | None  # leaders only evaluate
@@ -37,12 +37,11 @@ class Data:
 
     @property
     def num_classes(self) -> int:
-        return int(self.manifest["num_classes"])
+        return self.manifest.num_classes
 
     def label_distribution(self) -> np.ndarray:
         """(K, C) private label distribution p_i(c) of every client."""
-        counts = np.asarray(self.manifest["partition"]["counts"], dtype=np.float64)
-        return counts / counts.sum(axis=1, keepdims=True)
+        return self.manifest.partition.label_distribution()
 
     def close(self) -> None:
         for stream in (self.private, self.public, self.test, self.probe):
@@ -51,7 +50,7 @@ class Data:
 
 
 def find_dataset(d: DataConfig, num_clients: int, seed: int, log: Callable[[str], None],
-                 ) -> tuple[str, dict | None, tuple[str, str] | None]:
+                 ) -> tuple[str, Manifest | None, tuple[str, str] | None]:
     """(dataset folder, its manifest, None), or (path, None, (key, message)) when the dataset
     does not fit the job, so that every rank can stop with the same config error. A built-in
     dataset is built here when missing (once; later runs reuse it)."""
@@ -64,29 +63,29 @@ def find_dataset(d: DataConfig, num_clients: int, seed: int, log: Callable[[str]
             folder = build_builtin(d.dataset, d.root, d.source, partition)
         except DatasetFileError as exc:
             return d.root, None, ("data.source", str(exc))
-        return folder, load_manifest(folder), None
+        return folder, Manifest.read(folder), None
     try:
-        manifest = load_manifest(d.root)
+        manifest = Manifest.read(d.root)
     except (OSError, ValueError) as exc:
         return d.root, None, ("data.root", f"not a dataset folder from tools/make_shards.py: "
                               f"{exc}")
-    n = manifest["partition"]["num_clients"]
+    n = manifest.partition.num_clients
     if n != k:
         return d.root, None, ("clients.count", f"{d.root} was partitioned for {n} clients, "
                               f"the job has {k}: rebuild the shards with --clients {k} or set "
                               f"clients.count={n}")
-    built = manifest.get("public_source", "split")
+    built = manifest.public_source
     if built != d.public_source:
         return d.root, None, ("data.public_source", f"{d.root} was built with public source "
                               f"{built!r}, the job asks for {d.public_source!r}: rebuild with "
                               f"tools/make_shards.py --public-source {d.public_source} or set "
                               f"data.public_source={built}")
-    log(f"dataset {d.root}: {manifest.get('dataset', '?')} shards, {manifest['num_classes']} "
-        f"classes, partition fixed at build time ({manifest['partition'].get('settings', {})})")
+    log(f"dataset {d.root}: {manifest.dataset} shards, {manifest.num_classes} classes, "
+        f"partition fixed at build time ({manifest.partition.settings})")
     return d.root, manifest, None
 
 
-def open_data(folder: str, manifest: dict, d: DataConfig, *, client: int, part: int,
+def open_data(folder: str, manifest: Manifest, d: DataConfig, *, client: int, part: int,
               num_parts: int, seed: int, leader: bool, probe: bool,
               device: torch.device) -> Data:
     """This rank's slice (``part`` of its client's ``num_parts`` ranks) of client ``client``'s

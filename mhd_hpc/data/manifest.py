@@ -1,8 +1,9 @@
 """The dataset manifest: the one description of a built dataset that everything else reads.
 
-Both shard builders (the embedded digits, :mod:`mhd_hpc.data.build.embedded`, and ImageFolder trees,
-:mod:`mhd_hpc.data.build.make_shards`) write it through :func:`write_manifest`; the training run reads
-it once (:func:`load_manifest`) and hands the dict to the streams. Layout::
+The shard builders (:mod:`mhd_hpc.data.build.array_shards` for arrays such as the embedded
+digits, :mod:`mhd_hpc.data.build.make_shards` for ImageFolder trees) write it through
+:func:`write_manifest`; the training run reads it once as a typed :class:`Manifest` (:meth:`Manifest.read`) and hands it to the streams;
+:func:`load_manifest` gives the JSON object as stored (builders, tools, digests). Layout::
 
     dataset_dir/manifest.json    format_version, num_classes, image_shape, normalize, settings,
                                  partition (primary labels, per-client per-class counts),
@@ -10,7 +11,8 @@ it once (:func:`load_manifest`) and hands the dict to the streams. Layout::
                                  shard_sha256 (shard file -> digest)
     dataset_dir/<split>/shard-000000.tar ...
 
-Splits are named ``test``, ``public`` and ``client_000``, ``client_001``, ... (:func:`client_split`).
+Splits are named ``test``, ``public`` and ``client_000``, ``client_001``, ...
+(:func:`client_split`).
 The write order of the public and client splits is one rule for both builders
 (:func:`write_order`): DALI only shuffles within a buffer, so samples are shuffled when written.
 """
@@ -20,13 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from mhd_hpc.runtime.files import atomic_write
 from mhd_hpc.runtime.seeds import WRITE_ORDER
 
-__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "client_split", "split_format", "load_manifest",
+__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "Manifest", "Partition", "client_split",
+           "split_format", "load_manifest",
            "write_manifest",
            "write_order", "format_summary", "file_sha256", "content_digest", "verify_shards",
            "use_whole_pool_as_public"]
@@ -64,21 +69,77 @@ def load_manifest(dataset_dir: str) -> dict:
     if version != FORMAT_VERSION:
         raise ValueError(f"dataset manifest {path} has format_version {version!r}; this code "
                          f"reads {FORMAT_VERSION} (rebuild the dataset)")
-    for field in _REQUIRED:
-        if field not in manifest:
-            raise ValueError(f"corrupt dataset manifest {path}: missing {field!r}")
+    for key in _REQUIRED:
+        if key not in manifest:
+            raise ValueError(f"corrupt dataset manifest {path}: missing {key!r}")
     return manifest
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How the training pool was split into clients (paper §3.3), fixed when the dataset was
+    built."""
+
+    num_clients: int
+    counts: list[list[int]]  # (K, C): samples of each class in each client's split
+    primary: list[list[int]]  # each client's primary labels
+    settings: dict[str, Any]  # the builder's partition settings, for the log and the audit
+
+    def label_distribution(self) -> np.ndarray:
+        """(K, C) private label distribution p_i(c) of every client."""
+        counts = np.asarray(self.counts, dtype=np.float64)
+        return counts / counts.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A built dataset's description as the training side reads it (typed); ``raw`` is the
+    JSON object as stored, for digests, audits and the run folder's copy."""
+
+    num_classes: int
+    image_shape: tuple[int, ...]  # (channels, height, width) of a stored sample
+    normalize: dict[str, Any]  # scale, mean, std: (x * scale - mean) / std
+    splits: dict[str, list[str]]  # split -> shard files, relative to the dataset folder
+    counts: dict[str, int]  # split -> samples
+    partition: Partition
+    dataset: str = "?"  # the source's name, for the log
+    format: str = "npy"  # how images are stored: jpg | npy | u8
+    split_formats: dict[str, str] = field(default_factory=dict)  # splits stored otherwise
+    public_source: str = "split"  # split | all (MHD+)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Manifest":
+        part = raw.get("partition", {})
+        return cls(num_classes=int(raw["num_classes"]),
+                   image_shape=tuple(int(x) for x in raw["image_shape"]),
+                   normalize=raw["normalize"], splits=raw["splits"], counts=raw["counts"],
+                   partition=Partition(int(part.get("num_clients", 0)), part.get("counts", []),
+                                       part.get("primary", []), part.get("settings", {})),
+                   dataset=raw.get("dataset", "?"), format=raw.get("format", "npy"),
+                   split_formats=raw.get("split_formats", {}),
+                   public_source=raw.get("public_source", "split"), raw=raw)
+
+    @classmethod
+    def read(cls, dataset_dir: str) -> "Manifest":
+        """Read and check ``dataset_dir/manifest.json``; errors name the file."""
+        return cls.from_dict(load_manifest(dataset_dir))
+
+    @classmethod
+    def of(cls, manifest: "Manifest | dict") -> "Manifest":
+        """A manifest as read, whether typed already or the stored JSON object."""
+        return manifest if isinstance(manifest, Manifest) else cls.from_dict(manifest)
+
+    def split_format(self, split: str) -> str:
+        """How ``split`` is stored (see :func:`split_format`)."""
+        return self.split_formats.get(split, self.format)
 
 
 def write_manifest(dataset_dir: str, manifest: dict) -> str:
     """Write ``manifest.json`` atomically (temp file, fsync, rename); returns its path."""
     path = os.path.join(dataset_dir, MANIFEST_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:
         json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from mhd_hpc.data.shards import Samples
+from mhd_hpc.runtime.files import atomic_write, temp_path
 
 __all__ = ["RECORDS_FORMAT", "meta_path", "write_record_shard", "RecordImages", "read_records"]
 
@@ -31,12 +32,8 @@ def meta_path(shard_path: str) -> str:
 
 
 def _replace_into(path: str, write) -> None:
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, tmp=temp_path(path, hidden=True)) as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_record_shard(path: str, keys: list[str], images: np.ndarray, labels: np.ndarray

@@ -23,6 +23,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from mhd_hpc.runtime.files import replace_durably
+
 __all__ = ["Samples", "write_shards", "read_shards", "shard_name", "add_member"]
 
 
@@ -87,11 +89,9 @@ class _ShardWriter:
 
     def commit(self) -> str:
         self.tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         os.chmod(self.tmp_path, 0o644)  # mkstemp creates 0600; shards are meant to be shared
-        os.replace(self.tmp_path, self.final_path)
+        replace_durably(self.tmp_path, self.final_path)  # fsync, rename, fsync the folder
         return self.final_path
 
     def abort(self) -> None:

@@ -19,6 +19,8 @@ import os
 import tarfile
 from dataclasses import dataclass
 
+from mhd_hpc.runtime.files import atomic_write
+
 __all__ = ["INDEX_VERSION", "IndexEntry", "index_path", "index_tar", "write_index", "read_index"]
 
 INDEX_VERSION = "v1.2"
@@ -80,10 +82,8 @@ def write_index(shard_path: str, idx_path: str | None = None) -> str:
     for comps in samples:
         lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in comps)
                      + "\n")
-    tmp = idx_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(idx_path, "w") as f:
         f.writelines(lines)
-    os.replace(tmp, idx_path)
     return idx_path
 
 

@@ -27,6 +27,7 @@ all clients after it, and every backend then keeps the same plain optimizer and 
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import TYPE_CHECKING, Protocol, Sequence
 
@@ -141,13 +142,7 @@ class TorchIntra(SingleRank):
 
         assert world.layout is not None
         hosts = world.allgather(socket.gethostname())
-        addr, port = None, None
-        if world.is_root:
-            # One node: loopback always works; several: rank 0's name must resolve everywhere.
-            addr = "127.0.0.1" if len(set(hosts)) == 1 else hosts[0]
-            with socket.socket() as s:  # a free port; tiny race window, retried by users rarely
-                s.bind(("", 0))
-                port = s.getsockname()[1]
+        addr, port = rendezvous(world.is_root, hosts)
         addr, port = world.bcast((addr, port))
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=world.rank,
                                 world_size=world.size)
@@ -180,6 +175,23 @@ class TorchIntra(SingleRank):
         self.dist.destroy_process_group()
 
 
+def rendezvous(is_root: bool, hosts: list[str]) -> tuple[str | None, int | None]:
+    """Root: where torch.distributed's ranks meet. ``MASTER_ADDR`` / ``MASTER_PORT`` when set
+    (torch's own names: the address of an interface every node reaches, a port the site's
+    firewall allows); otherwise loopback on one node, rank 0's host name on several (it must
+    resolve to a reachable interface everywhere), and a free port found by binding (a small
+    race window: set MASTER_PORT where other jobs share the node)."""
+    if not is_root:
+        return None, None
+    env_addr, env_port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    addr = env_addr or ("127.0.0.1" if len(set(hosts)) == 1 else hosts[0])
+    if env_port:
+        return addr, int(env_port)
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return addr, s.getsockname()[1]
+
+
 def horovod_import_error() -> str | None:
     """None when ``horovod.torch`` imports, else why not."""
     try:
@@ -189,22 +201,19 @@ def horovod_import_error() -> str | None:
     return None
 
 
-def make_intra(kind: str, world: World, device: torch.device) -> tuple[IntraBackend, str]:
+def make_intra(kind: str, world: World, device: torch.device,
+               gpus: Sequence[tuple[str, str]] = ()) -> tuple[IntraBackend, str]:
     """The data-parallel backend for this job, and a line saying what was chosen and why.
-    Collective: every rank learns where the others' GPUs are (NCCL refuses two ranks of one
-    group on one GPU, so such clients average with gloo instead)."""
+    ``gpus``: per rank, the host and identity of the GPU it uses (``devices.place``): NCCL
+    refuses two ranks of one group on one GPU, so such clients average with gloo instead."""
     from mhd_hpc.runtime.devices import clients_sharing_a_gpu
     from mhd_hpc.errors import ConfigError
 
     assert world.layout is not None
     if max(len(r) for r in world.layout.ranks_of_client) == 1:
         return SingleRank(world), "one rank per client: no intra-client data parallelism"
-    shared: list[int] = []
-    if device.type == "cuda":
-        places = world.allgather((socket.gethostname(), world.node_local_rank()))
-        shared = clients_sharing_a_gpu([list(r) for r in world.layout.ranks_of_client],
-                                       [h for h, _ in places], [n for _, n in places],
-                                       torch.cuda.device_count())
+    shared = (clients_sharing_a_gpu([list(r) for r in world.layout.ranks_of_client], gpus)
+              if device.type == "cuda" else [])
     if kind == "auto":  # the maintained backend; Horovod only when asked for by name
         kind, why = "torch", "backend.intra=auto"
     else:
@@ -212,7 +221,7 @@ def make_intra(kind: str, world: World, device: torch.device) -> tuple[IntraBack
     if kind == "horovod":
         if shared:
             raise ConfigError("backend.intra", f"clients {shared} have several ranks on one GPU "
-                              "(clients.ranks_per_client > GPUs per node), which Horovod's NCCL "
+                              "(more ranks than GPUs on a node), which Horovod's NCCL "
                               "allreduce cannot serve: use backend.intra=torch (it falls back "
                               "to gloo), or give each rank its own GPU")
         return HorovodIntra(world), f"{why} -> Horovod process sets"

@@ -85,8 +85,6 @@ def build_model(
     """Build a client model: backbone -> (projection if embedding_dim > 0) -> main + aux heads."""
     _check_arch(arch)
     # Validate the head arguments before building a (possibly large) backbone.
-    _check_int("num_classes", num_classes, 1)
-    _check_int("aux_heads", aux_heads, 0)
-    _check_int("embedding_dim", embedding_dim, 0)
+    MultiHeadModel.check_heads(num_classes, aux_heads, embedding_dim)
     backbone = build_backbone(arch, in_channels, image_size)
     return MultiHeadModel(backbone, arch, num_classes, aux_heads, embedding_dim)

@@ -47,6 +47,14 @@ class MultiHeadModel(nn.Module):
         heads: ``nn.ModuleDict`` of the heads keyed by head name.
     """
 
+    @staticmethod
+    def check_heads(num_classes: object, aux_heads: object, embedding_dim: object) -> None:
+        """The one rule for the heads' arguments: classes >= 1, aux heads >= 0, embedding >= 0
+        (0: the backbone's own width)."""
+        _check_int("num_classes", num_classes, 1)
+        _check_int("aux_heads", aux_heads, 0)
+        _check_int("embedding_dim", embedding_dim, 0)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -56,9 +64,7 @@ class MultiHeadModel(nn.Module):
         embedding_dim: int = 0,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes, 1)
-        _check_int("aux_heads", aux_heads, 0)
-        _check_int("embedding_dim", embedding_dim, 0)
+        self.check_heads(num_classes, aux_heads, embedding_dim)
         native = getattr(backbone, "out_dim", None)
         if not isinstance(native, int) or native < 1:
             raise ValueError("backbone must have a positive integer attribute out_dim")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mhd_hpc.run.compat import hop_distances_at
 from mhd_hpc.run.metrics_file import MetricsError
 
 __all__ = ["step_summary", "health_failures", "traffic_and_speed", "hops_at",
@@ -65,9 +66,8 @@ def traffic_and_speed(metrics: dict) -> dict[str, float]:
 
 def hops_at(metrics: dict, row: int) -> np.ndarray | None:
     """Hop distances (K, K) of the graph of evaluation ``row`` (it may change during a run);
-    files from before per-step graphs: the run's one graph."""
-    ev = metrics["eval"]
-    return ev["hop_distances"][row] if "hop_distances" in ev else metrics.get("hop_distances")
+    files from before per-step graphs: the run's one graph (``run.compat``)."""
+    return hop_distances_at(metrics, row)
 
 
 def accuracy_by_distance(metrics: dict, row: int) -> list[tuple[str, list[float]]]:

@@ -5,7 +5,8 @@ A checkpoint is any nested structure of dicts, lists, tensors and JSON-able leav
 optimizer state dicts, step, RNG states). Tensors become HDF5 datasets, everything else a JSON
 attribute, so the files can be inspected with h5py/h5dump without this package.
 
-Writes go to ``*.tmp`` first, are flushed and fsync'ed, then ``os.replace``d into place: a kill
+Writes go to ``*.tmp`` first, are flushed and fsync'ed, then renamed into place
+(``runtime.files.replace_durably``): a kill
 during a write never damages the previous checkpoint. Each client keeps the last N checkpoints;
 on resume the job restarts from the newest step that *every* client has complete and intact.
 
@@ -26,6 +27,9 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 import torch
+
+from mhd_hpc.run.compat import checkpoint_checksum_ok
+from mhd_hpc.runtime.files import replace_durably, temp_path
 
 FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d{9})\.h5$")
@@ -123,7 +127,7 @@ def save_atomic(path: str | Path, state: dict, meta: dict,
     ``before_commit`` runs between writing the temp file and renaming it (fault injection)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)  # ``*.tmp``: ignored by steps(), cleared by save()
     h = hashlib.sha256()
     with h5py.File(tmp, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
@@ -135,17 +139,7 @@ def save_atomic(path: str | Path, state: dict, meta: dict,
         os.fsync(f.id.get_vfd_handle())
     if before_commit is not None:
         before_commit()
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself must reach the disk, or a crash could resurrect the old directory entry.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_durably(tmp, path)  # the rename reaches the disk too (the folder is fsync'ed)
 
 
 def read_meta(path: str | Path) -> dict:
@@ -172,7 +166,7 @@ def load(path: str | Path) -> tuple[dict, dict]:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
-    if stored is not None and stored != h.hexdigest():
+    if not checkpoint_checksum_ok(stored, h.hexdigest()):
         raise CheckpointError(f"{path}: corrupt checkpoint (content sha256 {h.hexdigest()[:12]}... "
                               f"does not match the stored {str(stored)[:12]}...)")
     return state, meta

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -28,65 +27,17 @@ from pathlib import Path
 import yaml
 
 from mhd_hpc.config import ConfigError, JobConfig, config_from_saved, format_value
-from mhd_hpc.config.keys import (ADDED_KEYS, LATER_RESUMABLE, LOCATION_KEYS, RESUMABLE_CHANGES,
-                                 V1_RESUMABLE)
 from mhd_hpc.run.checkpoint_files import CheckpointError, read_meta
+# identity and fingerprints live in their own modules; re-exported here, where callers look
+from mhd_hpc.run.compat import fingerprints, legacy_fingerprint  # noqa: F401
+from mhd_hpc.run.identity import fingerprint, flatten_keys, identity  # noqa: F401
 from mhd_hpc.run.metrics_file import check_metrics_file
+from mhd_hpc.runtime.files import atomic_write_text
 
 __all__ = ["identity", "fingerprints", "RunLock", "RunFolder", "claim_run_dir"]
 
 LOCK_NAME = ".lock"
 DATASET_RECORD = "dataset.json"
-
-
-def flatten_keys(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys of a config."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten_keys(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def identity(cfg: JobConfig, keep: tuple[str, ...] = ()) -> dict:
-    """The settings that define what a run learns; a resumed run must match them (``keep``:
-    resumable keys to count as identity anyway, as older fingerprints did)."""
-    skip = set(RESUMABLE_CHANGES + LOCATION_KEYS) - set(keep)
-    return {k: v for k, v in flatten_keys(cfg.to_dict()).items() if k not in skip}
-
-
-def fingerprint(cfg: JobConfig, dataset_digest: str = "", keep: tuple[str, ...] = ()) -> str:
-    """16 hex digits of sha256 over the run's identity and its dataset's content digest: stored
-    in checkpoints and metrics, compared on resume. Keys added to the config after a run folder
-    was written leave the hash alone while they hold the value that reproduces the old
-    behaviour (``ADDED_KEYS``): adding a key never makes existing run folders unresumable."""
-    stable = {k: v for k, v in identity(cfg, keep).items()
-              if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
-    blob = json.dumps({"identity": stable, "dataset": dataset_digest}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def fingerprints(cfg: JobConfig, dataset_digest: str) -> tuple[str, ...]:
-    """The run's fingerprint (written into new files) first, then the older spellings of the
-    same identity that existing files may carry: before keys became resumable
-    (``LATER_RESUMABLE``), and before the dataset was identified by content."""
-    found = [fingerprint(cfg, dataset_digest), fingerprint(cfg, dataset_digest, LATER_RESUMABLE),
-             legacy_fingerprint(cfg)]
-    return tuple(dict.fromkeys(found))
-
-
-def legacy_fingerprint(cfg: JobConfig) -> str:
-    """The fingerprint that run folders written before the dataset was identified by content
-    carry (identity over that version's keys, ``data.root`` included): accepted on resume, never
-    written. A job that sets a later-added key to anything but its old behaviour cannot be such
-    a run, and gets a fingerprint no file carries."""
-    flat = flatten_keys(cfg.to_dict())
-    if any(flat[k] != v for k, v in ADDED_KEYS.items() if k not in RESUMABLE_CHANGES):
-        return "-"
-    ident = {k: v for k, v in flat.items() if k not in V1_RESUMABLE and k not in ADDED_KEYS}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RunLock:
@@ -281,6 +232,4 @@ def _write_atomic(path: Path, text: str) -> None:
             return
     except OSError:
         pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

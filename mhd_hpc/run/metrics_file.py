@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterator
 
 import h5py
 import numpy as np
+
+from mhd_hpc.runtime.files import atomic_write_text
 
 
 class MetricsError(RuntimeError):
@@ -63,9 +64,9 @@ def _read_seq(path: Path) -> int:
 
 
 def _write_seq(path: Path, value: int) -> None:
-    tmp = _seq_path(path).with_name(_seq_path(path).name + ".tmp")
-    tmp.write_text(str(value))
-    os.replace(tmp, _seq_path(path))
+    # Atomic, not durable: the number only keeps readers off a file being written (two writes
+    # per metrics row); after a crash a missing or stale one is harmless (see _read_seq).
+    atomic_write_text(_seq_path(path), str(value), durable=False)
 
 
 def _missing(dtype: np.dtype):

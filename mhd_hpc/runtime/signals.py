@@ -6,7 +6,8 @@
 * ``MHD_INJECT_FAULT=RANK:STEP[:MODE[:FACTOR]]`` (tests, benchmarks) makes that rank, at that
   step, raise an exception (``raise``, default), die by SIGKILL like ``kill -9`` (``kill``), die
   by SIGKILL in the middle of writing its checkpoint (``kill_in_checkpoint``, the step must be a
-  checkpoint step), send itself SIGUSR1 like SLURM before a time limit (``signal``), or, from
+  checkpoint step), send itself SIGUSR1 like SLURM before a time limit (``signal``), stand still
+  for FACTOR seconds like a process stopped by SIGSTOP or a node's hiccup (``pause``), or, from
   that step on, run FACTOR times slower than it would (``slow``: after each step it sleeps
   FACTOR - 1 times the step's own duration; a straggler, like a slower GPU or a busy node).
 """
@@ -22,7 +23,8 @@ __all__ = ["EXIT_CONFIG", "EXIT_RESUMABLE", "FAULT_MODES", "StopSignal", "Fault"
 
 EXIT_CONFIG = 2  # a config error: every rank stopped before training
 EXIT_RESUMABLE = 3  # stopped on a signal after a checkpoint: rerun the same command to continue
-FAULT_MODES = ("raise", "kill", "kill_in_checkpoint", "signal", "slow")
+FAULT_MODES = ("raise", "kill", "kill_in_checkpoint", "signal", "slow", "pause")
+_WITH_FACTOR = ("slow", "pause")
 FAULT_ENV = "MHD_INJECT_FAULT"
 
 
@@ -49,7 +51,7 @@ class Fault:
 
     step: int
     mode: str
-    factor: float = 1.0  # mode slow: how many times slower
+    factor: float = 1.0  # mode slow: how many times slower; pause: seconds
 
     @classmethod
     def for_rank(cls, rank: int) -> "Fault | None":
@@ -58,13 +60,14 @@ class Fault:
             return None
         parts = spec.split(":")
         mode = parts[2] if len(parts) > 2 else "raise"
-        usage = f"{FAULT_ENV}={spec!r}: expected RANK:STEP[:{'|'.join(FAULT_MODES)}], or " \
-                "RANK:STEP:slow:FACTOR (FACTOR >= 1)"
-        if mode not in FAULT_MODES or len(parts) != (4 if mode == "slow" else len(parts)) \
-                or len(parts) not in (2, 3, 4) or (len(parts) == 4 and mode != "slow"):
+        usage = f"{FAULT_ENV}={spec!r}: expected RANK:STEP[:{'|'.join(FAULT_MODES)}], " \
+                "RANK:STEP:slow:FACTOR (FACTOR >= 1) or RANK:STEP:pause:SECONDS"
+        with_factor = mode in _WITH_FACTOR
+        if mode not in FAULT_MODES or len(parts) not in (2, 3, 4) \
+                or (len(parts) == 4) != with_factor:
             raise ValueError(usage)
-        factor = float(parts[3]) if mode == "slow" else 1.0
-        if factor < 1:
+        factor = float(parts[3]) if with_factor else 1.0
+        if factor < (1 if mode == "slow" else 0):
             raise ValueError(usage)
         return cls(int(parts[1]), mode, factor) if int(parts[0]) == rank else None
 
@@ -84,6 +87,8 @@ class Fault:
             die()
         if self.mode == "signal":
             os.kill(os.getpid(), signal.SIGUSR1)
+        if self.mode == "pause":
+            time.sleep(self.factor)
 
     def in_checkpoint(self, step: int) -> bool:
         """True if this rank must die inside its checkpoint write of ``step``."""

@@ -29,6 +29,8 @@ from mhd_hpc.data.manifest import (FORMAT_VERSION, MANIFEST_NAME, file_sha256, l
 from mhd_hpc.data.build.partition import make_partition
 from mhd_hpc.data.records import RECORDS_FORMAT, write_record_shard
 from mhd_hpc.data.shards import shard_name, write_shards
+from mhd_hpc.run.compat import dataset_settings
+from mhd_hpc.runtime.files import atomic_write
 
 __all__ = ["PartitionSettings", "ArraySplits", "build_array_shards", "FAULT_ENV"]
 
@@ -179,10 +181,8 @@ def _write_splits(data: ArraySplits, order: dict, out_dir: str, samples_per_shar
                 done = {"plan": plan, "count": len(keys[lo:hi]),
                         "bytes": sum(os.path.getsize(f) for f in files),
                         "sha256": {os.path.relpath(f, out_dir): file_sha256(f) for f in files}}
-                tmp = _done_path(out_dir, relpath) + ".tmp"
-                with open(tmp, "w", encoding="utf-8") as f:
+                with atomic_write(_done_path(out_dir, relpath), "w") as f:
                     json.dump(done, f)
-                os.replace(tmp, _done_path(out_dir, relpath))
                 written += 1
                 if fail_after and written >= fail_after:
                     raise RuntimeError(f"{FAULT_ENV}={fail_after}: injected failure")
@@ -199,7 +199,6 @@ def _write_splits(data: ArraySplits, order: dict, out_dir: str, samples_per_shar
 
 def settings_record(dataset: str, s: PartitionSettings, **extra) -> dict:
     """The manifest's ``settings`` of a built-in dataset: what it is and how it was split."""
-    record = {"dataset": dataset, "format_version": FORMAT_VERSION, **asdict(s), **extra}
-    if s.public_source == "split":
-        record.pop("public_source")
-    return record
+    # settings added since the first builds are left out at their old value (run.compat)
+    return dataset_settings({"dataset": dataset, "format_version": FORMAT_VERSION, **asdict(s),
+                             **extra})

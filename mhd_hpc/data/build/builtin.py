@@ -1,7 +1,8 @@
 """The datasets a job names instead of a folder (``data.dataset``), built into partitioned shards
 under ``data.root`` on first use and found again by their settings afterwards:
 
-* ``digits``: scikit-learn's 8x8 digits, embedded in scikit-learn (:mod:`mhd_hpc.data.build.embedded`);
+* ``digits``: scikit-learn's 8x8 digits, embedded in scikit-learn
+  (:mod:`mhd_hpc.data.build.embedded`);
 * ``fashion_mnist``: Fashion-MNIST (Xiao et al. 2017; 60000 + 10000 28x28 grayscale images, 10
   classes) from its four official IDX files, by default where Debian's
   ``dataset-fashion-mnist`` package puts them (``data.source`` to read them from elsewhere).

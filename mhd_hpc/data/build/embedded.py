@@ -28,6 +28,7 @@ import numpy as np
 
 from mhd_hpc.data.build.array_shards import ArraySplits, PartitionSettings, build_array_shards
 from mhd_hpc.data.manifest import FORMAT_VERSION
+from mhd_hpc.run.compat import EMBEDDED_DIGITS_LAYOUT, dataset_settings
 
 __all__ = [
     "DIGITS_TEST_FRACTION", "DIGITS_TEST_SEED", "load_digits_arrays", "digits_test_split",
@@ -65,7 +66,7 @@ def digits_settings(num_clients: int, public_fraction: float, label_assignment: 
                     labels_per_client: int, skew: float, seed: int,
                     public_source: str = "split") -> dict[str, Any]:
     """The settings that determine a built dataset, with normalised types (10 == 10.0)."""
-    extra = {} if public_source == "split" else {"public_source": public_source}
+    extra = dataset_settings({"public_source": public_source})  # left out when "split"
     if label_assignment == "even":  # distinct sets since rule 2 (rule 1 could repeat a set)
         extra["even_rule"] = 2
     return extra | {
@@ -108,5 +109,5 @@ def build_digits_shards(root: str, *, num_clients: int, public_fraction: float,
     partition = PartitionSettings(num_clients, public_fraction, label_assignment,
                                   labels_per_client, skew, seed, public_source)
     build_array_shards(splits, final, partition, settings=settings,
-                       samples_per_shard=SAMPLES_PER_SHARD, layout="npy")
+                       samples_per_shard=SAMPLES_PER_SHARD, layout=EMBEDDED_DIGITS_LAYOUT)
     return final

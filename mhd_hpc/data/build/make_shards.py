@@ -46,6 +46,7 @@ from mhd_hpc.data.build.partition import make_partition
 from mhd_hpc.data.records import RECORDS_FORMAT, meta_path, write_record_shard
 from mhd_hpc.data.shards import add_member, shard_name
 from mhd_hpc.data.tarindex import index_path, write_index
+from mhd_hpc.runtime.files import atomic_write, temp_path
 
 __all__ = ["ShardSettings", "ShardJob", "list_image_folder", "list_label_file", "plan_jobs",
            "write_shard", "build_imagefolder_shards", "IMAGENET_MEAN",
@@ -257,10 +258,8 @@ def read_done(out_dir: str, job: ShardJob) -> dict | None:
 
 
 def _atomic_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _write_decoded(job: ShardJob, out_dir: str) -> dict:
@@ -296,11 +295,11 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     final = os.path.join(out_dir, job.relpath)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     # One fixed temp name per shard: a killed run's leftover is simply overwritten next time.
-    tmp = os.path.join(os.path.dirname(final), "." + os.path.basename(final) + ".tmp")
+    tmp = temp_path(final, hidden=True)
     corrupt: dict[str, str] = {}
     labels: list[int] = []
     converted = 0
-    with open(tmp, "wb") as f:
+    with atomic_write(final, tmp=tmp, chmod=0o644) as f:
         with tarfile.open(fileobj=f, mode="w") as tar:
             for key, path, label in job.items:
                 try:
@@ -312,10 +311,6 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
                 add_member(tar, f"{key}.cls", str(label).encode("ascii"))
                 labels.append(label)
                 converted += conv
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, final)
     write_index(final)
     done = {"plan": job.plan_hash(), "count": len(labels), "bytes": os.path.getsize(final),
             "sha256": file_sha256(final), "labels": labels, "corrupt": corrupt,

@@ -21,12 +21,15 @@ import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from mhd_hpc.data.shards import Samples
+
+if TYPE_CHECKING:
+    from mhd_hpc.data.manifest import Manifest
 
 __all__ = ["Batch", "load_split", "key_hash", "normalize_images", "StepBatches", "iterate_eval"]
 
@@ -52,28 +55,29 @@ class Batch:
         return len(self.keys)
 
 
-def load_split(dataset_dir: str, split: str, manifest: dict | None = None) -> Samples:
+def load_split(dataset_dir: str, split: str, manifest: Manifest | dict | None = None
+               ) -> Samples:
     """Read one ``.npy`` split (``test``, ``public``, ``client_000``, ...) of a built dataset into
     memory; ``manifest`` is the dataset's manifest when the caller has already read it."""
-    from mhd_hpc.data.manifest import MANIFEST_NAME, load_manifest, split_format
+    from mhd_hpc.data.manifest import MANIFEST_NAME, Manifest
     from mhd_hpc.data.records import RECORDS_FORMAT, read_records
     from mhd_hpc.data.shards import read_shards
 
-    manifest = load_manifest(dataset_dir) if manifest is None else manifest
+    manifest = Manifest.read(dataset_dir) if manifest is None else Manifest.of(manifest)
     manifest_path = os.path.join(dataset_dir, MANIFEST_NAME)
-    if split not in manifest["splits"]:
+    if split not in manifest.splits:
         raise ValueError(
-            f"split {split!r} not in {manifest_path}; splits: {', '.join(manifest['splits'])}"
+            f"split {split!r} not in {manifest_path}; splits: {', '.join(manifest.splits)}"
         )
-    paths = [os.path.join(dataset_dir, f) for f in manifest["splits"][split]]
-    if split_format(manifest, split) == RECORDS_FORMAT:
-        samples = read_records(paths, tuple(manifest["image_shape"]))
+    paths = [os.path.join(dataset_dir, f) for f in manifest.splits[split]]
+    if manifest.split_format(split) == RECORDS_FORMAT:
+        samples = read_records(paths, manifest.image_shape)
     else:
         samples = read_shards(paths)
     if len(samples) == 0:
         # An empty split (possible for a client under extreme skew) still has a known shape.
-        samples.images = np.zeros((0, *manifest["image_shape"]), dtype=np.uint8)
-    expected = manifest["counts"].get(split)
+        samples.images = np.zeros((0, *manifest.image_shape), dtype=np.uint8)
+    expected = manifest.counts.get(split)
     if expected is not None and expected != len(samples):
         raise ValueError(
             f"split {split!r}: read {len(samples)} samples from {', '.join(paths)} but "

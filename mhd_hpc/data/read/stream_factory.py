@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from mhd_hpc.data.read.batches import load_split
-from mhd_hpc.data.manifest import load_manifest, split_format
+from mhd_hpc.data.manifest import Manifest
 from mhd_hpc.data.read.pil_stream import PilStream
 from mhd_hpc.data.records import RECORDS_FORMAT
 from mhd_hpc.data.read.streams import KINDS, BatchStream, NpyStream, SplitTable
@@ -30,7 +30,7 @@ def dali_available() -> bool:
 
 def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: str, *,
                 loader: str = "auto", part: int = 0, num_parts: int = 1, threads: int = 2,
-                manifest: dict | None = None, pin: bool = False,
+                manifest: Manifest | dict | None = None, pin: bool = False,
                 prefetch: int = 2) -> tuple[BatchStream, str]:
     """Open ``split`` of a built dataset as a :class:`BatchStream`; returns (stream, the loader
     used).
@@ -39,19 +39,20 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
     ``wds`` (webdataset tar shards decoded by PIL in ``threads`` DataLoader workers; also serves
     ``.npy`` datasets, from memory), or ``auto``
     (``dali`` when importable and the dataset is JPEG, else ``wds``). The second return value
-    names the loader actually used, for the caller's log. ``manifest``: the dataset's manifest
-    when the caller has read it already (a run reads it once). ``pin``: batches in page-locked
-    memory (a GPU job); ``prefetch``: batches a loader prepares ahead.
+    names the loader actually used, for the caller's log (``memory`` and ``raw``: samples
+    stored at training size, served from memory without a decoding loader). ``manifest``: the
+    dataset's manifest when the caller has read it already (a run reads it once). ``pin``:
+    batches in page-locked memory (a GPU job); ``prefetch``: batches a loader prepares ahead.
     """
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; expected one of {LOADERS}")
     if kind not in KINDS:
         raise ValueError(f"unknown stream kind {kind!r}; expected one of {KINDS}")
-    manifest = load_manifest(dataset_dir) if manifest is None else manifest
-    if split not in manifest["splits"]:
+    manifest = Manifest.read(dataset_dir) if manifest is None else Manifest.of(manifest)
+    if split not in manifest.splits:
         raise ValueError(f"split {split!r} not in {dataset_dir}; splits: "
-                         f"{', '.join(manifest['splits'])}")
-    fmt, stored = manifest.get("format", "npy"), split_format(manifest, split)
+                         f"{', '.join(manifest.splits)}")
+    fmt, stored = manifest.format, manifest.split_format(split)
     common = dict(batch_size=batch_size, seed=seed, kind=kind, part=part, num_parts=num_parts)
     if loader == "auto":
         loader = "dali" if fmt == "jpg" and dali_available() else "wds"
@@ -61,20 +62,20 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
         raise ValueError(f"{dataset_dir} holds raw uint8 samples ({fmt}); the DALI loader "
                          f"reads JPEG shards only: use loader='wds' (or 'auto')")
     if stored in ("npy", RECORDS_FORMAT):  # raw uint8 at training resolution: no decode
-        stream = NpyStream(load_split(dataset_dir, split, manifest), manifest["normalize"],
+        stream = NpyStream(load_split(dataset_dir, split, manifest), manifest.normalize,
                            **common)
-        return stream, "wds" if stored == "npy" else "raw"
+        return stream, "memory" if stored == "npy" else "raw"  # no decoding loader runs
     if fmt != "jpg":
         raise ValueError(f"{dataset_dir}: unknown sample format {fmt!r}")
     table = SplitTable.load(dataset_dir, split, manifest)
-    size = int(manifest["image_shape"][-1])
+    size = manifest.image_shape[-1]
     if loader == "dali":
         if not dali_available():
             raise ValueError("data.loader 'dali' requested but nvidia.dali is not importable "
                              "(pip install nvidia-dali-cuda120); use 'wds' or 'auto'")
         from mhd_hpc.data.read.dali_streams import DaliStream  # lazy: DALI is optional
 
-        return DaliStream(table, manifest["normalize"], size, threads, prefetch=prefetch,
+        return DaliStream(table, manifest.normalize, size, threads, prefetch=prefetch,
                           **common), "dali"
-    return PilStream(table, manifest["normalize"], size, threads, pin=pin, prefetch=prefetch,
+    return PilStream(table, manifest.normalize, size, threads, pin=pin, prefetch=prefetch,
                      **common), "wds"

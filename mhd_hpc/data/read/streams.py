@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mhd_hpc.data.manifest import Manifest
 from mhd_hpc.data.read.batches import Batch, StepBatches, key_hash
 from mhd_hpc.data.shards import Samples
 from mhd_hpc.data.tarindex import index_path, index_tar, read_index
@@ -107,8 +108,9 @@ class SplitTable:
         return len(self.keys)
 
     @classmethod
-    def load(cls, dataset_dir: str, split: str, manifest: dict) -> "SplitTable":
-        paths = [os.path.join(dataset_dir, f) for f in manifest["splits"][split]]
+    def load(cls, dataset_dir: str, split: str, manifest: Manifest | dict) -> "SplitTable":
+        manifest = Manifest.of(manifest)
+        paths = [os.path.join(dataset_dir, f) for f in manifest.splits[split]]
         shard, offset, size, keys, labels = [], [], [], [], []
         for s, path in enumerate(paths):
             idx = index_path(path)
@@ -124,7 +126,7 @@ class SplitTable:
                     offset.append(e.members["jpg"][0])
                     size.append(e.members["jpg"][1])
                     keys.append(e.key)
-        expected = manifest["counts"].get(split)
+        expected = manifest.counts.get(split)
         if expected is not None and expected != len(keys):
             raise ValueError(f"{dataset_dir}: split {split!r} has {len(keys)} indexed samples, "
                              f"manifest says {expected}")
