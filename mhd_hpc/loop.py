@@ -7,8 +7,10 @@ not branch on the mode.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -19,15 +21,33 @@ from mhd_hpc.run.client_state import ClientState
 from mhd_hpc.run.evaluation import evaluate
 from mhd_hpc.run.progress import Interval, Log, Recorder
 from mhd_hpc.run.reporting import AsyncReports, LockstepReports
-from mhd_hpc.runtime.devices import BatchFeed
-from mhd_hpc.runtime.signals import EXIT_RESUMABLE, Fault, StopSignal, die
+from mhd_hpc.data.read.feed import BatchFeed
+from mhd_hpc.runtime.files import atomic_write_text
+from mhd_hpc.runtime.signals import EXIT_RESUMABLE, Fault, StopSignal, die, under_mpirun
 
 if TYPE_CHECKING:
     from mhd_hpc.data.dataset import Data
-    from mhd_hpc.distributed.world import World
-    from mhd_hpc.trainer import Client
+    from mhd_hpc.distributed.intra import IntraBackend
+    from mhd_hpc.distributed.world import StopVote, World
+    from mhd_hpc.method.step import TrainStep
+    from mhd_hpc.method.strategies import Strategy
+    from mhd_hpc.method.targets import TargetSource
 
-__all__ = ["Session", "train"]
+__all__ = ["Client", "Session", "train"]
+
+
+@dataclass
+class Client:
+    """This rank's part of the run: model, optimizer, targets, method and the step."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    source: TargetSource
+    intra: IntraBackend
+    strategy: Strategy
+    train_step: TrainStep
+    graph_at: Callable[[int], list[list[int]]]  # the communication graph of a step
+    memory_format: torch.memory_format  # of the images (channels_last or not)
 
 
 @dataclass
@@ -45,6 +65,7 @@ class Session:
     recorder: Recorder | None  # the root's
     stop: StopSignal
     fault: Fault | None
+    vote: StopVote  # the step all ranks (or, at own pace, a client's ranks) stop at
 
 
 def train(s: Session, start: int) -> int:
@@ -69,6 +90,7 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
     client.strategy.start(model, resumed=start > 0)
     floats = [b for b in model.buffers() if b.is_floating_point()]  # BatchNorm statistics
     interval = Interval()
+    restore_interval(s, start, interval)
     for step in range(start + 1, r.steps + 1):
         if fault:
             fault.at_step_start(step)
@@ -83,12 +105,11 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
         if fault:  # a straggler (MHD_INJECT_FAULT=RANK:STEP:slow:FACTOR) takes longer
             fault.after_step(step, time.perf_counter() - started)
 
-        stopping = False
         with interval.paused():  # ms/step counts training steps only
+            # A signal reaches ranks at different steps: they agree on one step to stop at.
+            stopping = s.vote.step(s.stop.received is not None) and not last
             if logging:
                 log_interval(s, interval, step, lr(step))
-                # A signal reaches ranks at different steps: agree on one step to stop at.
-                stopping = s.reports.stop_agreed(s.stop.received is not None) and not last
             evaluating = step % r.eval_every == 0 or last
             saving = step % r.checkpoint_every == 0 or last or stopping
             if evaluating or saving:
@@ -102,15 +123,44 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
                 s.state.save(step, model, opt, client.source, client.train_step.scaler,
                              before_commit=die if fault and fault.in_checkpoint(step) else None)
         if stopping:
+            if not logging:  # mid-interval: the resumed run completes this interval's row
+                save_interval(s, step, interval)
             finish(s)
-            s.log(f"stopping at step {step} on signal {s.stop.received}: checkpoint saved; "
-                  f"rerun the same command to continue (exit code {EXIT_RESUMABLE})")
+            s.log(f"stopping at step {step} on {s.stop.name}: checkpoint saved; rerun the same "
+                  f"command to continue (exit code {EXIT_RESUMABLE}: resumable)"
+                  + ("; Open MPI's notice that a process exited with non-zero status follows, "
+                     "as expected" if under_mpirun() else ""))
             return EXIT_RESUMABLE
     finish(s)
     for line in s.recorder.closing_lines() if s.recorder else []:
         s.log(line)
     s.log(f"done: {r.steps} steps. Report: python -m mhd_hpc.report {r.out_dir}")
     return 0
+
+
+def _interval_file(s: Session, step: int) -> Path:
+    name = f"step_{step:09d}_rank_{s.world.rank:05d}.json"
+    return Path(s.cfg.run.out_dir) / "intervals" / name
+
+
+def save_interval(s: Session, step: int, interval: Interval) -> None:
+    """A stop between log steps: this rank's terms of the open log interval, so that the row
+    the resumed run writes at the next log step is the one an unbroken run writes (float32
+    sums kept exactly: a float64 holds every float32)."""
+    sums = {k: float(v) for k, v in interval.sums.items()}
+    path = _interval_file(s, step)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_text(path, json.dumps(
+        {"sums": sums, "counts": interval.counts, "steps": interval.steps}))
+
+
+def restore_interval(s: Session, start: int, interval: Interval) -> None:
+    """Resuming at a step where the run stopped between log steps: take up its interval."""
+    path = _interval_file(s, start)
+    if start and path.is_file():
+        saved = json.loads(path.read_text())
+        interval.sums, interval.counts = saved["sums"], saved["counts"]
+        interval.steps = saved["steps"]
 
 
 def log_interval(s: Session, interval: Interval, step: int, lr: float) -> None:
@@ -135,6 +185,7 @@ def evaluate_all(s: Session, step: int) -> None:
 def finish(s: Session) -> None:
     """Collective: settle the messages still in flight (late ones, pool transfers, posts to
     the root, which records the last steps), then meet every rank."""
+    s.vote.close()
     s.client.source.finish()
     s.reports.finish()
     s.world.barrier()

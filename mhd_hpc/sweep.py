@@ -13,16 +13,22 @@ A sweep file (YAML; ``jobs/paper/*.yaml``)::
     seeds: [0, 1, 2]
     ranks: 4                        # mpirun -np (optional; default: the job's total ranks)
     columns: [main/beta_priv, last/beta_sh]   # the table's numbers (optional; see COLUMNS)
+    launcher: mpirun                # mpirun | srun | custom (optional; see LAUNCHERS)
+    launcher_args: [--oversubscribe]          # flags after mpirun or srun (optional)
+    launch_command: mpiexec -n {ranks}        # launcher: custom, the whole prefix
+    entry: mhd_hpc.train            # the module every rank runs with python -m (optional)
 
 :func:`plan` turns it into runs (pure, tested without MPI); :func:`run_pending` starts each run
 that has not finished under ``mpirun`` (a finished run is skipped, an interrupted one resumes,
 since the trainer resumes any run folder); :func:`slurm_array` writes a SLURM job array instead;
 :func:`collect` reads every finished run's last evaluation and :func:`summarise` gives mean and
-spread over seeds per setting, as Markdown and JSON.
+spread over seeds per setting, as Markdown and JSON; :func:`plot_sweep` draws the finished runs
+over training, one line per setting (the mean over seeds) with a band.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -38,11 +44,11 @@ import yaml
 
 from mhd_hpc.config import ConfigError, format_value
 from mhd_hpc.job import load_job
-from mhd_hpc.report.summary import step_summary, traffic_and_speed
+from mhd_hpc.report.summary import HEALTH_STATES, step_summary, traffic_and_speed
 from mhd_hpc.run.metrics_file import MetricsError, read_metrics
 
 __all__ = ["Run", "SweepSpec", "load_sweep", "plan", "is_finished", "run_pending",
-           "slurm_array", "collect", "summarise", "markdown_table", "COLUMNS"]
+           "slurm_array", "collect", "summarise", "markdown_table", "plot_sweep", "COLUMNS"]
 
 #: Table columns: key -> header (HEAD/beta_sh and HEAD/beta_priv are accepted for any head).
 COLUMNS = {"main/beta_priv": "main priv", "main/beta_sh": "main sh",
@@ -75,6 +81,18 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     ranks: int = 0
     columns: list[str] | None = None
+    description: str = ""
+    launcher: str = "mpirun"
+    launcher_args: list[str] | None = None  # None: the launcher's defaults (LAUNCHERS)
+    launch_command: str = ""
+    entry: str = "mhd_hpc.train"
+
+
+#: How a run is started: the launcher and its default flags. mpirun's --oversubscribe is Open
+#: MPI's (a workstation, CI): launcher_args: [] for MPICH or Intel MPI's mpirun/mpiexec. srun's
+#: --mpi is PMIx unless MHD_SRUN_MPI says otherwise (run_with_requeue.sh). ``custom``: the
+#: sweep's launch_command, {ranks} replaced by the run's rank count.
+LAUNCHERS = {"mpirun": ["--oversubscribe"], "srun": ["--kill-on-bad-exit=1"], "custom": []}
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -85,7 +103,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError("<sweep file>", f"{path}: {exc}") from None
     known = {"base", "out_dir", "overrides", "settings", "grid", "seeds", "ranks", "description",
-             "columns"}
+             "columns", "launcher", "launcher_args", "launch_command", "entry"}
     for key in data:
         if key not in known:
             raise ConfigError(f"sweep.{key}", f"unknown key in {path} (valid: "
@@ -112,7 +130,37 @@ def load_sweep(path: str | Path) -> SweepSpec:
                           f"{', '.join(COLUMNS)}, or HEAD/beta_sh, HEAD/beta_priv)")
     return SweepSpec(path, (path.parent / data["base"]).resolve(), str(data["out_dir"]),
                      list(data.get("overrides") or []), settings, grid, seeds,
-                     int(data.get("ranks") or 0), columns)
+                     int(data.get("ranks") or 0), columns, str(data.get("description") or ""),
+                     *_launch(path, data))
+
+
+def _launch(path: Path, data: dict) -> tuple[str, list[str] | None, str, str]:
+    """The sweep file's launcher, launcher_args, launch_command and entry, checked."""
+    launcher = data.get("launcher", "mpirun")
+    if launcher not in LAUNCHERS:
+        raise ConfigError("sweep.launcher", f"{path}: {launcher!r} is not one of "
+                          f"{', '.join(LAUNCHERS)}")
+    args = data.get("launcher_args")
+    if args is not None and not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+        raise ConfigError("sweep.launcher_args", f"{path}: a list of flags, got {args!r}")
+    command = data.get("launch_command", "")
+    if not isinstance(command, str):
+        raise ConfigError("sweep.launch_command", f"{path}: a string, got {command!r}")
+    if (launcher == "custom") != bool(command):
+        raise ConfigError("sweep.launch_command", f"{path}: launcher: custom needs a "
+                          "launch_command (e.g. 'mpiexec -n {ranks}'), and only it takes one")
+    entry = data.get("entry", "mhd_hpc.train")
+    if not (isinstance(entry, str) and all(p.isidentifier() for p in entry.split("."))):
+        raise ConfigError("sweep.entry", f"{path}: a module to run with python -m (e.g. "
+                          f"mypkg.train), got {entry!r}")
+    try:
+        found = importlib.util.find_spec(entry)
+    except ImportError:
+        found = None
+    if found is None:
+        raise ConfigError("sweep.entry", f"{path}: module {entry!r} cannot be imported here "
+                          "(installed, or on PYTHONPATH?)")
+    return launcher, args, command, entry
 
 
 def plan(spec: SweepSpec) -> list[Run]:
@@ -150,21 +198,27 @@ def is_finished(run: Run) -> bool:
     return len(steps) > 0 and int(steps[-1]) >= run.steps
 
 
-def train_command(spec: SweepSpec, run: Run, launcher: str = "mpirun") -> list[str]:
-    """The command of one run: ``mpirun --oversubscribe -np N`` (a workstation, CI) or
-    ``srun --ntasks N --kill-on-bad-exit=1`` (inside a SLURM allocation)."""
-    if Path(launcher).name == "srun":  # PMIx unless the site says otherwise (run_with_requeue.sh)
-        launch = [launcher, "--ntasks", str(run.ranks), "--kill-on-bad-exit=1",
-                  f"--mpi={os.environ.get('MHD_SRUN_MPI', 'pmix')}"]
-    else:
-        launch = [launcher, "--oversubscribe", "-np", str(run.ranks)]
-    return [*launch, sys.executable, "-m", "mhd_hpc.train", str(spec.base), *run.overrides]
+def train_command(spec: SweepSpec, run: Run, launcher: str | None = None) -> list[str]:
+    """The command of one run: the launcher (``launcher``, a path to mpirun or srun, wins over
+    the sweep file's), its flags (the sweep's ``launcher_args``, else :data:`LAUNCHERS`'), and
+    ``python -m ENTRY BASE overrides...``. ``custom``: the sweep's ``launch_command``."""
+    kind = launcher or spec.launcher
+    entry = [sys.executable, "-m", spec.entry, str(spec.base), *run.overrides]
+    if kind == "custom":
+        return [w.replace("{ranks}", str(run.ranks)) for w in shlex.split(spec.launch_command)] \
+            + entry
+    if Path(kind).name == "srun":
+        flags = spec.launcher_args if spec.launcher_args is not None else [
+            *LAUNCHERS["srun"], f"--mpi={os.environ.get('MHD_SRUN_MPI', 'pmix')}"]
+        return [kind, "--ntasks", str(run.ranks), *flags, *entry]
+    flags = spec.launcher_args if spec.launcher_args is not None else LAUNCHERS["mpirun"]
+    return [kind, *flags, "-np", str(run.ranks), *entry]
 
 
-def run_pending(spec: SweepSpec, runs: list[Run], launcher: str = "mpirun",
+def run_pending(spec: SweepSpec, runs: list[Run], launcher: str | None = None,
                 timeout_s: float | None = None, log=print) -> list[tuple[Run, int]]:
-    """Run every unfinished run in order under ``mpirun``; returns the failed ones with their
-    exit codes (the sweep goes on past a failure: one bad setting does not cost the others)."""
+    """Run every unfinished run in order (:func:`train_command`); returns the failed ones with
+    their exit codes (the sweep goes on past a failure: one bad setting does not cost the others)."""
     failed = []
     for n, run in enumerate(runs, start=1):
         if is_finished(run):
@@ -192,10 +246,10 @@ def slurm_array(spec: SweepSpec, runs: list[Run], sweep_file: str,
     lines = ["#!/bin/bash", f"#SBATCH --job-name=mhd-sweep-{_slug(spec.path.stem)}",
              f"#SBATCH --array=0-{len(runs) - 1}", f"#SBATCH --ntasks={max(r.ranks for r in runs)}",
              "#SBATCH --output=%x-%A_%a.out", *[f"#SBATCH {a}" for a in sbatch_args], "",
-             "# Generated by: python tools/sweep.py " + shlex.quote(sweep_file) + " --slurm",
+             "# Generated by: mhd-sweep " + shlex.quote(sweep_file) + " --slurm",
              "set -euo pipefail",
-             f"python tools/sweep.py {shlex.quote(sweep_file)} --only $SLURM_ARRAY_TASK_ID "
-             "--launcher srun", ""]
+             f"python -m mhd_hpc.sweep {shlex.quote(sweep_file)} --only $SLURM_ARRAY_TASK_ID"
+             + ("" if spec.launcher == "custom" else " --launcher srun"), ""]
     return "\n".join(lines)
 
 
@@ -220,8 +274,10 @@ def collect(runs: list[Run]) -> list[dict]:
         row["last/beta_sh"] = row[f"{heads[-1]}/beta_sh"]
         row["last/beta_priv"] = row[f"{heads[-1]}/beta_priv"]
         row["main_sh_client_std"] = float(ev["beta_sh"][-1][:, 0].std())
-        # The run had a client failing the check at some evaluation.
-        row["health_failed"] = int(bool(summary["health_failures"]))
+        # The run had a client failing the check at some evaluation ("failed"), passed every
+        # judged one, or was never judged (a short run): the last is no pass.
+        row["health"] = summary["health"]
+        row["health_failed"] = int(summary["health"] == "failed")
         row.update(traffic_and_speed(m))
         if "linear_probe" in summary:
             row["probe_acc"] = summary["linear_probe"]["mean"]
@@ -235,7 +291,9 @@ def summarise(rows: list[dict]) -> list[dict]:
     for setting in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == setting]
         entry: dict = {"setting": setting, "seeds": [r["seed"] for r in mine],
-                       "heads": mine[0]["heads"]}
+                       "heads": mine[0]["heads"],
+                       "health_runs": {state: sum(r.get("health") == state for r in mine)
+                                       for state in HEALTH_STATES}}
         numbers = [k for k, v in mine[0].items()
                    if isinstance(v, (int, float)) and k not in ("seed", "step")]
         for key in numbers:
@@ -249,7 +307,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def markdown_table(summary: list[dict], columns: list[str] | None = None) -> str:
     """``columns``: keys of :data:`COLUMNS` (or HEAD/beta_sh); default: main/last head
     beta_priv and beta_sh, the worst main beta_priv, health failures and MB sent. Numbers are
-    mean ± std over seeds (worst: the minimum; health: runs; MB: mean)."""
+    mean ± std over seeds (worst: the minimum; health: runs failing, see :func:`health_cell`;
+    MB: mean)."""
     keys = columns or ["main/beta_priv", "main/beta_sh", "last/beta_sh", "main_priv_worst",
                        "health_failed", "mb_sent"]
     columns = [(COLUMNS.get(k, k.replace("/", " ")), k) for k in keys]
@@ -262,7 +321,7 @@ def markdown_table(summary: list[dict], columns: list[str] | None = None) -> str
             if v is None:
                 cells.append("-")
             elif key == "health_failed":
-                cells.append(f"{v['mean'] * len(entry['seeds']):.0f}")
+                cells.append(health_cell(entry))
             elif key == "main_priv_worst":
                 cells.append(f"{v['min']:.3f}")
             elif key in ("mb_sent", "ms_per_step"):
@@ -273,6 +332,18 @@ def markdown_table(summary: list[dict], columns: list[str] | None = None) -> str
     return "\n".join(lines)
 
 
+def health_cell(entry: dict) -> str:
+    """Runs failing the health check among those it judged: "0", "1 (2 not judged)", or "not
+    judged" when it judged none (a run never judged is not counted as passing)."""
+    runs = entry.get("health_runs")
+    if runs is None:  # a summary from before "not judged" was a state
+        return f"{entry['health_failed']['mean'] * len(entry['seeds']):.0f}"
+    if runs["not judged"] == len(entry["seeds"]):
+        return "not judged"
+    unjudged = f" ({runs['not judged']} not judged)" if runs["not judged"] else ""
+    return f"{runs['failed']}{unjudged}"
+
+
 def write_results(spec: SweepSpec, summary: list[dict], rows: list[dict], table: str) -> Path:
     """``OUT_DIR/results.json`` (per run and per setting) and ``OUT_DIR/results.md``."""
     out = Path(spec.out_dir)
@@ -281,3 +352,31 @@ def write_results(spec: SweepSpec, summary: list[dict], rows: list[dict], table:
                                                   "settings": summary}, indent=1))
     (out / "results.md").write_text(f"Sweep {spec.path.name}: mean ± std over seeds\n\n{table}\n")
     return out
+
+
+def plot_sweep(spec: SweepSpec, runs: list[Run], fmt: str = "png", band: str = "minmax"
+               ) -> Path | None:
+    """``OUT_DIR/results.FMT``: the finished runs grouped by setting, per setting the mean over
+    its seeds with a band (report.plots.plot_groups); None when no run has finished."""
+    from mhd_hpc.report.plots import plot_groups
+
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        try:
+            m = read_metrics(Path(run.out_dir) / "metrics.h5", attempts=3)
+        except MetricsError:
+            continue
+        steps = m["eval"].get("step", [])
+        if len(steps) and int(steps[-1]) >= run.steps:  # finished runs only, as in the table
+            groups.setdefault(run.setting, []).append(m)
+    if not groups:
+        return None
+    title = spec.path.stem + (f": {spec.description}" if spec.description else "")
+    return plot_groups(list(groups.items()), Path(spec.out_dir) / "results", title=title,
+                       fmt=fmt, band=band)
+
+
+if __name__ == "__main__":  # python -m mhd_hpc.sweep: the same command as mhd-sweep, whose
+    import runpy  # command line lives in mhd_hpc.cli.sweep (the library never imports it)
+
+    runpy.run_module("mhd_hpc.cli.sweep", run_name="__main__")

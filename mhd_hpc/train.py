@@ -13,18 +13,31 @@ import os
 import sys
 
 from mhd_hpc.config import ConfigError, check_world_size
+from mhd_hpc.config.parse import OVERRIDES_HELP, JobArgumentParser
+from mhd_hpc.errors import command
 from mhd_hpc.job import check_environment, load_job
 from mhd_hpc.runtime.signals import EXIT_CONFIG
 
 
+DESCRIPTION = """\
+Train the clients of a job by multi-headed distillation or one of the baselines, under an MPI
+launcher with one rank per client (or the ranks each client asks for). The job is checked on
+every rank before any communication; a bad key stops every rank with exit code 2 and a message
+naming it. Rerunning the same command on the same run.out_dir resumes the run."""
+
+EPILOG = """\
+Examples:
+  mpirun -np 4 mhd-train jobs/digits.yaml
+  mpirun -np 4 mhd-train jobs/digits.yaml run.steps=60 topology.kind=cycle distill.nu_aux=3
+  srun --mpi=pmix mhd-train jobs/imagenet.yaml run.out_dir=/scratch/runs/r1
+Every option, its default and its meaning: mhd-config. The resolved job without training:
+mhd-job JOB.yaml [key=value ...]."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m mhd_hpc.train",
-        description="Train clients by multi-headed distillation (one MPI rank per client).",
-        epilog="Example: mpirun -np 4 python -m mhd_hpc.train jobs/digits.yaml "
-               "distill.nu_aux=3 topology.kind=cycle. All options: python -m mhd_hpc.config")
+    parser = JobArgumentParser(prog="mhd-train", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("job", help="YAML job file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     parser.add_argument("--dry-run", action="store_true",
                         help="check the job and where every rank runs (host, GPU, CPUs, the "
                              "intra-client backend), log it and exit without training")
@@ -41,6 +54,7 @@ def report_exit(is_root: bool, code: int) -> None:
             f.write(f"{code}\n")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported here, not at module level: loader worker processes (spawn/forkserver) re-import

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,9 +23,10 @@ from mhd_hpc.data.dataset import Data, find_dataset, open_data
 from mhd_hpc.data.manifest import Manifest, content_digest, verify_shards
 from mhd_hpc.distributed.codec import top_k_problem
 from mhd_hpc.distributed.exchange import ClientExchange
-from mhd_hpc.distributed.intra import IntraBackend, make_intra
+from mhd_hpc.distributed.intra import make_intra
 from mhd_hpc.distributed.world import ClientLayout, World
-from mhd_hpc.loop import Session, train
+from mhd_hpc.job import check_models
+from mhd_hpc.loop import Client, Session, train
 from mhd_hpc.method import topology
 from mhd_hpc.method.losses import aux_head_weight
 from mhd_hpc.method.pool_targets import (AsyncPoolTargets, PoolSettings, PoolTargets,
@@ -37,10 +37,10 @@ from mhd_hpc.method.strategies import Strategy, make_strategy
 from mhd_hpc.method.targets import LiveTargets, NoTargets, TargetSource
 from mhd_hpc.models import build_model
 from mhd_hpc.run.client_state import ClientState
-from mhd_hpc.run.evaluation import health_after
+from mhd_hpc.run.evaluation import health_after, short_run_note
 from mhd_hpc.run.folder import RunFolder, claim_run_dir, fingerprints
-from mhd_hpc.run.metrics_file import MetricsWriter
-from mhd_hpc.run.progress import Log, Recorder, TensorBoard
+from mhd_hpc.run.metrics_file import MetricsWriter, read_metrics
+from mhd_hpc.run.progress import Log, Recorder, TensorBoard, run_so_far
 from mhd_hpc.run.reporting import make_reports
 from mhd_hpc.runtime.devices import (Placement, Precision, place, resolve_channels_last,
                                      resolve_precision, usable_cpus)
@@ -70,6 +70,11 @@ def prepare_run(cfg: JobConfig, world: World, log: Log) -> tuple[RunSetup, RunFo
         if error is None and cfg.data.dataset not in BUILTIN_CLASSES:  # its classes known now
             problem = top_k_problem(cfg.exchange.top_k, manifest.num_classes)
             error = ("exchange.top_k", f"{problem} ({dataset_dir})") if problem else None
+            if error is None:  # and its image shape: plug-in backbones are tried on it
+                try:
+                    check_models(cfg, manifest.image_shape)
+                except ConfigError as exc:
+                    error = (exc.key, exc.message)
         if error is None:
             digest = content_digest(manifest.raw)
             folder, problem = claim_run_dir(cfg, digest, manifest.raw["partition"])
@@ -103,20 +108,6 @@ def open_rank_data(cfg: JobConfig, world: World, setup: RunSetup,
     return open_data(setup.dataset_dir, setup.manifest, cfg.data, client=world.client,
                      part=world.local_rank, num_parts=world.local_size, seed=cfg.run.seed,
                      leader=world.is_leader, probe=cfg.eval.probe, device=device)
-
-
-@dataclass
-class Client:
-    """This rank's part of the run: model, optimizer, targets, method and the step."""
-
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    source: TargetSource
-    intra: IntraBackend
-    strategy: Strategy
-    train_step: TrainStep
-    graph_at: Callable[[int], list[list[int]]]  # the communication graph of a step
-    memory_format: torch.memory_format  # of the images (channels_last or not)
 
 
 def make_targets(cfg: JobConfig, world: World, strategy: Strategy, graph_at, build, model,
@@ -168,7 +159,8 @@ def build_client(cfg: JobConfig, world: World, data: Data, placement: Placement,
     strategy = make_strategy(cfg.method, world, intra, total_steps=cfg.run.steps,
                              fedavg_every=cfg.fedavg.every,
                              fedmd_revisit_steps=cfg.fedmd.revisit_steps,
-                             fedmd_weight=cfg.fedmd.weight)
+                             fedmd_weight=cfg.fedmd.weight,
+                             separate_self_distill=cfg.separate.self_distill)
     torch.manual_seed(seed_of(cfg.run.seed, INIT, 0 if strategy.shared_init else world.client))
     shape = data.manifest.image_shape
 
@@ -226,7 +218,7 @@ def hops_at(client: Client, step: int) -> np.ndarray | None:
 def open_recorder(cfg: JobConfig, setup: RunSetup, client: Client, data: Data, log: Log,
                   start: int) -> Recorder:
     """Root only: the metrics file (rows after ``start`` cut), TensorBoard, and the health
-    check's schedule."""
+    check's schedule (a run too short for its warm-ups or the check says so here)."""
     heads, dist = client.model.head_names, data.label_distribution()
     metrics = MetricsWriter(Path(cfg.run.out_dir) / "metrics.h5",
                             clients=[f"client{i}" for i in range(cfg.clients.count)],
@@ -236,12 +228,23 @@ def open_recorder(cfg: JobConfig, setup: RunSetup, client: Client, data: Data, l
                             accept=setup.fingerprints[1:])
     health_from = (health_after(cfg.run.steps, cfg.eval.health_after, cfg.distill.warmup_steps,
                                 cfg.optim.warmup_steps) if cfg.eval.health_check else None)
-    tb = (TensorBoard(Path(cfg.run.out_dir) / "tensorboard", start) if cfg.run.tensorboard
-          else None)
+    distills = client.strategy.uses_public  # else no distillation term: no ramp
+    note = short_run_note(cfg.run.steps, {**({"distill.warmup_steps": cfg.distill.warmup_steps}
+                                              if distills else {}),
+                                           "optim.warmup_steps": cfg.optim.warmup_steps},
+                          health_from)
+    if note:
+        log(note)
+    before = run_so_far(read_metrics(metrics.path)) if start else (0.0, 0.0)
+    if start:
+        log.continue_from(before[0])
+    clients = [f"client{i}" for i in range(cfg.clients.count)]
+    tb = (TensorBoard(Path(cfg.run.out_dir) / "tensorboard", start, clients)
+          if cfg.run.tensorboard else None)
     return Recorder(metrics, log, total_steps=cfg.run.steps, heads=heads, distribution=dist,
                     health_from=health_from, start_step=start,
-                    samples_per_step=cfg.data.batch_size + cfg.data.public_batch_size,
-                    tensorboard=tb, one_model=client.strategy.one_model)
+                    batch_sizes=(cfg.data.batch_size, cfg.data.public_batch_size),
+                    tensorboard=tb, one_model=client.strategy.one_model, before=before)
 
 
 def run(cfg: JobConfig, world: World) -> int:
@@ -252,7 +255,7 @@ def run(cfg: JobConfig, world: World) -> int:
     log = Log(world.is_root)
     world.assign_clients(ClientLayout.contiguous(cfg.client_ranks()))
     torch.set_num_threads(cfg.run.threads or usable_cpus())  # 0: one per CPU the rank has
-    stop, fault = StopSignal(), Fault.for_rank(world.rank)
+    stop, fault = StopSignal(announce=world.is_root), Fault.for_rank(world.rank)
     with contextlib.ExitStack() as held:
         setup, folder = prepare_run(cfg, world, log)  # the root holds the folder's lock
         if folder:
@@ -282,8 +285,9 @@ def run(cfg: JobConfig, world: World) -> int:
                                num_clients=cfg.clients.count,
                                hops_at=lambda step: hops_at(client, step),
                                timeout_s=cfg.exchange.timeout_s)
+        vote = world.stop_vote(within_client=at_own_pace)
         return train(Session(cfg, world, log, device, data, client, state, reports, recorder,
-                             stop, fault), start)
+                             stop, fault, vote), start)
 
 
 def check_placement(cfg: JobConfig, world: World) -> int:

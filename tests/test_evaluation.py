@@ -3,7 +3,8 @@
 import numpy as np
 
 from mhd_hpc.run.evaluation import (accuracy_summary, chance_accuracy, check_health, health_after,
-                                linear_probe, per_class_accuracy, pooled_task, prior_entropy)
+                                linear_probe, per_class_accuracy, pooled_task, prior_entropy,
+                                short_run_note)
 from mhd_hpc.method.schedules import distill_ramp
 
 
@@ -72,3 +73,18 @@ def test_linear_probe_on_separable_embeddings():
     assert linear_probe(x[:300], y[:300], x[300:], y[300:], 4) == 1.0
     noise = rng.normal(size=(400, 16))  # labels unrelated to the features: about chance
     assert linear_probe(noise[:300], y[:300], noise[300:], y[300:], 4) < 0.5
+
+
+def test_a_run_shorter_than_its_warm_ups_says_so_naming_the_keys_and_steps():
+    warmups = {"distill.warmup_steps": 100, "optim.warmup_steps": 0}
+    note = short_run_note(60, warmups, health_after(60, 0, 100, 0))
+    assert note.startswith("NOTE: this short run (run.steps=60)")
+    assert "distill.warmup_steps=100" in note and "optim.warmup_steps" not in note
+    assert "first judged step 100" in note and "not judged" in note
+    # Only the health check is out of reach (an explicit eval.health_after past the end).
+    note = short_run_note(60, {"optim.warmup_steps": 10}, 80)
+    assert "warm-up" not in note.split(";")[0] and "first judged step 80" in note
+    # The check off: only the warm-ups are named.
+    assert "health" not in short_run_note(60, {"optim.warmup_steps": 70}, None)
+    assert short_run_note(600, warmups, health_after(600, 0, 100, 0)) is None
+    assert short_run_note(100, warmups, 100) is None  # the last step is judged, fully ramped

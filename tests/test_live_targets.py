@@ -6,7 +6,7 @@ import torch
 
 from mhd_hpc.data.read.batches import Batch, key_hash
 from mhd_hpc.method import topology
-from mhd_hpc.method.losses import PeerOutputs
+from mhd_hpc.distributed.codec import PeerOutputs
 from mhd_hpc.method.targets import LiveTargets
 
 B, C = 6, 5

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from mhd_hpc.data.build.partition import Partition, assign_primary_labels, make_partition
+from mhd_hpc.data.build.partition import (Partition, PartitionError, assign_primary_labels,
+                                          make_partition)
 
 
 def _labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -120,8 +121,14 @@ def test_zero_labels_per_client_is_iid():
 
 
 def test_label_distribution_names_empty_client():
-    part = make_partition(np.array([0, 1, 2]), 10, 0.0, "random", 1, 0.0, seed=0)
-    with pytest.raises(ValueError, match="client"):
+    # make_partition refuses an empty client (data.min_samples >= 1); a Partition read back
+    # from elsewhere may still have one.
+    with pytest.raises(PartitionError, match="client 0 only 0 private samples"):
+        make_partition(np.array([0, 1, 2]), 10, 0.0, "random", 1, 0.0, seed=0)
+    empty = np.zeros(0, dtype=np.int64)
+    part = Partition(3, empty, [np.array([0]), empty], [empty, empty],
+                     np.array([[1, 0, 0], [0, 0, 0]]), {})
+    with pytest.raises(ValueError, match="client 1"):
         part.label_distribution()
 
 
@@ -171,3 +178,87 @@ def test_even_assignment_gives_distinct_tasks(classes, clients, size):
 def test_even_assignment_says_when_distinct_sets_do_not_exist():
     with pytest.raises(ValueError, match="distinct sets"):  # only {0} and {1} exist
         assign_primary_labels(2, 4, 1, "even", np.random.default_rng(0))
+
+
+# -- data.partition=dirichlet and plug-in partitions -----------------------------------------
+
+def _dirichlet(alpha: float, seed: int = 0, min_samples: int = 1, clients: int = 8):
+    return make_partition(_labels(10, 600), clients, 0.1, "random", 3, 100.0, seed,
+                          scheme="dirichlet", alpha=alpha, min_samples=min_samples)
+
+
+def test_dirichlet_is_seeded_disjoint_and_complete():
+    a, b, c = _dirichlet(0.5, seed=1), _dirichlet(0.5, seed=1), _dirichlet(0.5, seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a.clients, b.clients))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.clients, c.clients))
+    every = np.concatenate([a.public, *a.clients])
+    assert np.unique(every).size == every.size == 6000  # disjoint, nothing lost
+    assert a.public.size == 600
+    assert a.counts.sum() == 5400 and a.settings["partition"] == "dirichlet"
+    assert a.settings["alpha"] == 0.5 and json.loads(json.dumps(a.manifest()))
+
+
+def test_dirichlet_smaller_alpha_concentrates_each_client_on_fewer_labels():
+    # Mean over clients of the largest label share: ~1/10 when iid, towards 1 as alpha -> 0.
+    top = {alpha: np.mean([_dirichlet(alpha, seed).label_distribution().max(axis=1).mean()
+                           for seed in range(3)]) for alpha in (0.1, 0.5, 100.0)}
+    assert top[0.1] > top[0.5] > top[100.0]
+    assert top[100.0] < 0.2 and top[0.1] > 0.4, top
+
+
+def test_dirichlet_refuses_a_client_below_min_samples_naming_the_key():
+    with pytest.raises(PartitionError, match="data.min_samples=500") as info:
+        _dirichlet(0.05, min_samples=500)
+    assert info.value.key == "data.min_samples"
+    assert min(c.size for c in _dirichlet(0.05, min_samples=10).clients) >= 10
+    with pytest.raises(PartitionError) as info:
+        _dirichlet(0.0)
+    assert info.value.key == "data.alpha"
+
+
+def test_the_primary_partition_is_unchanged_by_the_new_keys():
+    labels = _labels(10, 50)
+    old = make_partition(labels, 4, 0.1, "random", 3, 100.0, 5)
+    same = make_partition(labels, 4, 0.1, "random", 3, 100.0, 5, scheme="primary", alpha=9.0)
+    assert all(np.array_equal(x, y) for x, y in zip(old.clients, same.clients))
+    assert "partition" not in old.settings and "min_samples" not in old.settings
+
+
+PLUGIN = '''
+import numpy as np
+
+def by_parity(labels, num_clients, num_classes, seed):
+    idx = np.arange(labels.size)
+    return [idx[labels % num_clients == i] for i in range(num_clients)]
+
+def overlapping(labels, num_clients, num_classes, seed):
+    return [np.arange(labels.size)] * num_clients
+
+def too_few(labels, num_clients, num_classes, seed):
+    return [np.arange(3)]
+
+def out_of_range(labels, num_clients, num_classes, seed):
+    return [np.array([labels.size])] + [np.array([i]) for i in range(num_clients - 1)]
+
+def floats(labels, num_clients, num_classes, seed):
+    return [np.array([0.5])] * num_clients
+'''
+
+
+def test_a_plugin_partition_is_used_and_its_result_checked(tmp_path, monkeypatch):
+    (tmp_path / "my_split.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    labels = _labels(10, 20)
+    part = make_partition(labels, 2, 0.1, "random", 3, 100.0, 0, scheme="my_split:by_parity")
+    assert part.counts[0][1::2].sum() == 0 and part.counts[1][0::2].sum() == 0
+    assert part.counts.sum() == 180 and part.settings["partition"] == "my_split:by_parity"
+    assert len(part.settings["partition_sha256"]) == 16
+    for name, words in [("overlapping", "disjoint"), ("too_few", "got 1 items"),
+                        ("out_of_range", "outside"), ("floats", "dtype float64"),
+                        ("missing", "no attribute")]:
+        with pytest.raises(PartitionError, match=words) as info:
+            make_partition(labels, 2, 0.1, "random", 3, 100.0, 0, scheme=f"my_split:{name}")
+        assert info.value.key == "data.partition"
+    with pytest.raises(PartitionError, match="data.min_samples=100"):
+        make_partition(labels, 2, 0.1, "random", 3, 100.0, 0, scheme="my_split:by_parity",
+                       min_samples=100)

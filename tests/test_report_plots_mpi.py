@@ -4,12 +4,16 @@
 # duplicated steps after a resume, and the progress line's throughput and ETA.
 
 import json
+import re
 
 import pytest
 
 pytest.importorskip("matplotlib", reason="pip install -e '.[plot]'")
 
+import numpy as np  # noqa: E402
+
 from mhd_hpc.report import main as report_main  # noqa: E402
+from mhd_hpc.run.metrics_file import read_metrics  # noqa: E402
 
 from conftest import SMALL, run_mpi, train_args  # noqa: E402
 
@@ -29,7 +33,7 @@ def runs(tmp_path_factory, data_root):
                                      "exchange.pool_every=5", "exchange.pool_transfer_steps=2"),
                        timeout=240)
     assert res_pool.returncode == 0, res_pool.stderr
-    return live, pool, res.stdout
+    return live, pool, res.stdout + res.stderr
 
 
 @pytest.mark.slow
@@ -68,7 +72,24 @@ def test_runs_side_by_side(runs, tmp_path, capsys):
 def test_progress_line_has_throughput_and_eta(runs):
     _, _, stdout = runs
     line = next(l for l in stdout.splitlines() if "step      5/20" in l)
-    assert "samples/s per client" in line and "| ETA " in line
+    assert "samples/s per client (private + public)" in line and "| ETA " in line
+    assert "(unweighted) | weighted total " in line
+    assert re.search(r"sent \d+\.\d\d MB/client this interval \(\d+\.\d MB total\)", line)
+
+
+@pytest.mark.slow
+def test_a_short_run_says_so_and_prints_no_reprs(runs, capsys):
+    """20 steps with the default 100-step distillation warm-up: one note at the start naming
+    the keys and steps, "not judged" in the report; no numpy, object or signal-number reprs."""
+    live, _, output = runs
+    notes = [l for l in output.splitlines() if "NOTE: this short run" in l]
+    assert len(notes) == 1 and "run.steps=20" in notes[0]
+    assert "distill.warmup_steps=100" in notes[0] and "first judged step 100" in notes[0]
+    assert "judged no evaluation of this run" in output
+    for pattern in (r"np\.(int|float)\d+\(", r"object at 0x", r"signal \d"):
+        assert not re.search(pattern, output), pattern
+    assert report_main([str(live)]) == 0
+    assert "HEALTH NOT JUDGED" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -83,8 +104,13 @@ def test_tensorboard_resumes_without_duplicated_steps(tmp_path, data_root):
     assert res.returncode != 0  # logged 5..25, checkpointed 10 and 20, died at 28
     res = run_mpi(2, train_args(run, data_root, *job), timeout=240)
     assert res.returncode == 0, res.stderr
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    steps = [e.step for e in events.Scalars("train/loss_ce/mean")]
-    assert steps == [5, 10, 15, 20, 25, 30]
-    assert [e.step for e in events.Scalars("eval/beta_sh/aux2/client1")] == [10, 20, 30]
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["client0", "client1",
+                                                                        "mean"]
+    for name in ("client0", "client1", "mean"):  # one TensorBoard run each, the same tags
+        events = EventAccumulator(str(run / "tensorboard" / name))
+        events.Reload()
+        assert [e.step for e in events.Scalars("train/loss_ce")] == [5, 10, 15, 20, 25, 30]
+        assert [e.step for e in events.Scalars("eval/beta_sh/aux2")] == [10, 20, 30]
+    # The resumed process continues the run's wall time instead of starting again at 0.
+    wall = read_metrics(run / "metrics.h5")["train"]["wall_s"].max(axis=1)
+    assert np.all(np.diff(wall) > 0), wall

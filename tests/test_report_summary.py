@@ -50,3 +50,52 @@ def test_step_summary_and_traffic():
     t = traffic_and_speed(m)
     assert t["mb_sent"] == 6.0 and abs(t["ms_per_step"] - 20) < 1e-9
     assert abs(t["ms_exchange_wait"] - 3) < 1e-9
+
+
+def test_health_is_failed_passed_or_not_judged():
+    from mhd_hpc.report.summary import health_state
+
+    m = _metrics(None)
+    assert health_state(m) == "not judged" and step_summary(m)["health"] == "not judged"
+    for rows, state in (([[-1, -1, -1, -1]], "not judged"), ([[1, 1, 1, 1]], "passed"),
+                        ([[1, 0, 1, 1]], "failed")):
+        m["eval"]["health"] = np.array(rows, dtype=np.int8)
+        assert health_state(m) == state and step_summary(m)["health"] == state
+
+
+def test_a_missing_step_is_named_without_numpy_reprs():
+    import pytest
+
+    from mhd_hpc.run.metrics_file import MetricsError
+
+    with pytest.raises(MetricsError) as err:
+        step_summary(_metrics(None), 5)
+    assert str(err.value) == "no evaluation at step 5; evaluated steps: [10]"
+
+
+def _write_run(run_dir, health):
+    from mhd_hpc.run.metrics_file import MetricsWriter
+
+    dist = np.array([[1.0, 0.0], [0.0, 1.0]])
+    w = MetricsWriter(run_dir / "metrics.h5", clients=["client0", "client1"], heads=["main"],
+                      label_distribution=dist, fingerprint="f", resume_step=0)
+    acc = np.full((2, 1, 2), 0.9)
+    w.write_eval(60, {"per_class_acc": acc, "beta_sh": np.full((2, 1), 0.9),
+                      "beta_priv": np.full((2, 1), 0.9), "cross_acc": np.full((2, 1, 2), 0.9),
+                      "health": np.array(health, dtype=np.int8)})
+
+
+def test_the_report_shows_a_run_never_judged_as_not_judged(tmp_path, capsys):
+    """Not "0 failing", the same as a pass: its own line in the table and its own JSON value."""
+    import json
+
+    from mhd_hpc.report import main as report_main
+
+    for health, state in (([-1, -1], "not judged"), ([1, 1], "passed")):
+        run = tmp_path / state.replace(" ", "_")
+        run.mkdir()
+        _write_run(run, health)
+        assert report_main([str(run)]) == 0
+        assert ("HEALTH NOT JUDGED" in capsys.readouterr().out) == (state == "not judged")
+        assert report_main([str(run), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["health"] == state

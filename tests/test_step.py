@@ -8,7 +8,7 @@ from torch import nn
 
 from mhd_hpc.data.read.batches import Batch
 from mhd_hpc.distributed.intra import SingleRank
-from mhd_hpc.method.losses import PeerOutputs
+from mhd_hpc.distributed.codec import PeerOutputs
 from mhd_hpc.method.step import DistillSettings, TrainStep
 from mhd_hpc.method.strategies import Strategy
 from mhd_hpc.method.targets import NoTargets
@@ -109,3 +109,25 @@ def test_check_finite_raises_on_a_nan_loss_and_names_the_steps(one_rank_world):
     step(3, batch(1), batch(2))
     with pytest.raises(FloatingPointError, match="between steps 2 and 3"):
         step.check_finite(3)
+
+
+def test_the_papers_separate_learns_from_private_labels_alone(one_rank_world):
+    """method=separate (separate.self_distill false): the main head's CE on the private batch
+    is the whole objective; the public batch is not even forwarded, the aux heads never move."""
+    from mhd_hpc.method.strategies import Separate
+
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = TrainStep(model, opt, strategy=Separate(one_rank_world, SingleRank(one_rank_world)),
+                     source=NoTargets(), distill=DistillSettings(aux_head_weight=0.5, nu_emb=0.0),
+                     seed=0, client=0, device=torch.device("cpu"))
+    heads = [model.heads[name] for name in model.head_names]  # main, aux1, aux2
+    aux_before = [copy.deepcopy(h.state_dict()) for h in heads[1:]]
+    main_before = copy.deepcopy(heads[0].state_dict())
+    unusable = Batch(["x"], torch.randn(1, 3, 9, 9), torch.zeros(1, dtype=torch.long))
+    terms = step(1, batch(1), unusable)  # a public batch the model cannot take: never used
+    assert set(terms) >= {"loss_ce", "loss_total"} and "loss_aux1" not in terms
+    assert float(terms["loss_total"]) == pytest.approx(float(terms["loss_ce"]))
+    for head, before in zip(heads[1:], aux_before):
+        assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+    assert not all(torch.equal(v, main_before[k]) for k, v in heads[0].state_dict().items())

@@ -7,8 +7,8 @@ from torch import nn
 from mhd_hpc.distributed.intra import SingleRank
 from mhd_hpc.distributed.world import World
 from mhd_hpc.method.losses import soft_cross_entropy
-from mhd_hpc.method.strategies import (METHODS, MHD, FedAvg, FedMD, Strategy, Supervised,
-                                       make_strategy)
+from mhd_hpc.method.strategies import (METHODS, MHD, FedAvg, FedMD, Separate,
+                                       Supervised, make_strategy)
 
 
 class RecordingWorld(World):
@@ -35,7 +35,7 @@ def strategy(method, world, **kw):
 def test_every_method_has_its_class_and_flags(world):
     made = {m: strategy(m, world, total_steps=10) for m in METHODS}
     assert {m: type(s) for m, s in made.items()} == {
-        "mhd": MHD, "separate": Strategy, "supervised": Supervised, "fedavg": FedAvg,
+        "mhd": MHD, "separate": Separate, "supervised": Supervised, "fedavg": FedAvg,
         "fedmd": FedMD}
     flags = {m: (s.shared_init, s.one_model, s.exchanges_targets) for m, s in made.items()}
     assert flags == {"mhd": (False, False, True), "separate": (False, False, False),
@@ -43,6 +43,10 @@ def test_every_method_has_its_class_and_flags(world):
                      "fedmd": (False, False, False)}
     assert all(s.extra_loss(1, []) is None for m, s in made.items() if m != "fedmd")
     assert all(s.trains_private(t) for m, s in made.items() if m != "fedmd" for t in range(4))
+    # The paper's Separate learns from its private batch alone; the ablation self-distills.
+    assert [m for m, s in made.items() if not s.uses_public] == ["separate"]
+    assert not strategy("separate", world, separate_self_distill=False).uses_public
+    assert strategy("separate", world, separate_self_distill=True).uses_public
 
 
 def test_an_unknown_method_is_an_error_naming_the_known_ones(world):

@@ -19,7 +19,7 @@ from mhd_hpc.data.read.pil_stream import decode_pil, random_resized_box
 from mhd_hpc.data.read.synthetic import synthetic_jpeg
 from mhd_hpc.data.shards import Samples
 from mhd_hpc.data.read.stream_factory import LOADERS, dali_available, open_stream
-from mhd_hpc.runtime.devices import to_device
+from mhd_hpc.data.read.feed import to_device
 from mhd_hpc.data.read.streams import (
     SplitTable, centre_offset, resize_shorter_to, resized_size,
 )

@@ -32,6 +32,8 @@ seeds: [3]
                          cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "| mhd | 1 |" in res.stdout and "| separate | 1 |" in res.stdout
+    # 20 steps end before the health check's first judged step: "not judged", not "0 failing".
+    assert res.stdout.count("| not judged |") == 2
     results = json.loads((out / "results.json").read_text())
     assert [s["setting"] for s in results["settings"]] == ["mhd", "separate"]
     assert results["runs"][0]["step"] == 20 and 0 <= results["runs"][0]["main/beta_sh"] <= 1

@@ -85,9 +85,9 @@ def _batches(dataset: str, loader: str, batch: int, threads: int, rank: int, ran
                            part=rank, num_parts=ranks, threads=threads, **{name: loader})[0]
                for k in kinds]
     try:
-        from mhd_hpc.runtime.devices import BatchFeed
+        from mhd_hpc.data.read.feed import BatchFeed
     except ImportError:  # an older checkout: stream.batch + to_device on the training thread
-        from mhd_hpc.runtime.devices import to_device
+        from mhd_hpc.data.read.feed import to_device
 
         def get(step):
             return [to_device(s.batch(step), device) for s in streams]

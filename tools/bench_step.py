@@ -39,7 +39,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from mhd_hpc.distributed.codec import MessageCodec  # noqa: E402
 from mhd_hpc.data.read.batches import Batch  # noqa: E402
 from mhd_hpc.runtime.devices import resolve_channels_last, resolve_precision  # noqa: E402
-from mhd_hpc.method.losses import PeerOutputs, aux_head_weight, normalize_embedding  # noqa: E402
+from mhd_hpc.distributed.codec import PeerOutputs  # noqa: E402
+from mhd_hpc.method.losses import aux_head_weight, normalize_embedding  # noqa: E402
 from mhd_hpc.models import build_model  # noqa: E402
 from mhd_hpc.run.progress import Interval  # noqa: E402
 from mhd_hpc.method.step import DistillSettings, TrainStep  # noqa: E402
@@ -130,7 +131,7 @@ def data_feeds(args, data: str, device, layout):
     """BatchFeeds of ``data``'s client_000 (train) and public streams, as the trainer opens
     them (``data.loader`` = ``args.loader``, ``args.loader_threads`` workers)."""
     from mhd_hpc.data.read.stream_factory import open_stream
-    from mhd_hpc.runtime.devices import BatchFeed
+    from mhd_hpc.data.read.feed import BatchFeed
 
     opts = dict(loader=args.loader, threads=args.loader_threads, pin=device.type == "cuda")
     private = open_stream(data, "client_000", args.batch, 1, "train", **opts)[0]

@@ -8,7 +8,7 @@ imports them), so a new method, loader or graph is one edit here and one where i
 from __future__ import annotations
 
 __all__ = ["METHODS", "BUILTIN_DATASETS", "DATASETS", "LOADERS", "LABEL_ASSIGNMENTS",
-           "PUBLIC_SOURCES", "AUX_WEIGHTINGS", "SELECTION_MODES", "TOPOLOGY_KINDS",
+           "PARTITIONS", "PUBLIC_SOURCES", "AUX_WEIGHTINGS", "SELECTION_MODES", "TOPOLOGY_KINDS",
            "EXCHANGE_MODES", "LATE_PEERS", "SCHEDULES", "INTRA_BACKENDS", "DEVICES",
            "PRECISIONS"]
 
@@ -19,6 +19,8 @@ BUILTIN_DATASETS = {"digits": 10, "fashion_mnist": 10}
 DATASETS = (*BUILTIN_DATASETS, "shards")
 LOADERS = ("auto", "dali", "wds")
 LABEL_ASSIGNMENTS = ("random", "even")
+#: data.partition's built-in schemes (besides a plug-in's import path package.module:function).
+PARTITIONS = ("primary", "dirichlet")
 PUBLIC_SOURCES = ("split", "all")
 AUX_WEIGHTINGS = ("chain", "per_head")
 SELECTION_MODES = ("confidence", "random")

@@ -8,6 +8,7 @@ documentation, default, resume rule and history are stated once, next to each ot
   (with the location keys); :data:`LOCATION_KEYS`: where things are, not what they are;
 * :data:`ADDED_KEYS`: keys added after run folders were first written, with the value that
   reproduces what a run from before them did (a saved config that lacks one gets that value);
+* :data:`METHOD_KEYS`: keys that belong to one ``method`` (in its runs' identity only);
 * :data:`V1_RESUMABLE` and :data:`LATER_RESUMABLE`: what older run folders' fingerprints left out
   and kept in (so that they keep resuming);
 * :func:`reference` and :func:`markdown_table`: the option reference (``python -m
@@ -25,7 +26,7 @@ import yaml
 from mhd_hpc.config.tree import BOOKKEEPING, FIXED, NOT_ADDED, JobConfig
 
 __all__ = ["KeyFacts", "key_facts", "RESUMABLE_CHANGES", "LOCATION_KEYS", "BOOKKEEPING_KEYS",
-           "ADDED_KEYS", "V1_RESUMABLE", "LATER_RESUMABLE", "format_value", "reference",
+           "ADDED_KEYS", "METHOD_KEYS", "V1_RESUMABLE", "LATER_RESUMABLE", "format_value", "reference",
            "markdown_table"]
 
 
@@ -40,6 +41,7 @@ class KeyFacts:
     location: bool
     added: Any
     became_resumable: bool
+    method: str | None = None
 
 
 def _leaves(obj: Any, prefix: str = "") -> list[KeyFacts]:
@@ -53,7 +55,7 @@ def _leaves(obj: Any, prefix: str = "") -> list[KeyFacts]:
             m = f.metadata
             out.append(KeyFacts(key, value, m.get("doc", ""), m.get("on_resume", FIXED),
                                 m.get("location", False), m.get("added", NOT_ADDED),
-                                m.get("became_resumable", False)))
+                                m.get("became_resumable", False), m.get("method")))
     return out
 
 
@@ -68,6 +70,8 @@ LOCATION_KEYS: tuple[str, ...] = tuple(f.key for f in _FACTS if f.location)
 BOOKKEEPING_KEYS: tuple[str, ...] = tuple(f.key for f in _FACTS
                                           if f.on_resume == BOOKKEEPING or f.location)
 ADDED_KEYS: dict[str, Any] = {f.key: f.added for f in _FACTS if f.added is not NOT_ADDED}
+#: Keys that mean something for one method only: part of that method's run identities only.
+METHOD_KEYS: dict[str, str] = {f.key: f.method for f in _FACTS if f.method}
 #: Made resumable after run folders with them in their identity were written.
 LATER_RESUMABLE: tuple[str, ...] = tuple(f.key for f in _FACTS if f.became_resumable)
 #: Resumable in the first run-folder version (resumable keys that existed then and were resumable

@@ -3,6 +3,7 @@ tree's annotations (every error names the dotted key), then validated (``validat
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -18,7 +19,38 @@ from mhd_hpc.config.tree import JobConfig
 from mhd_hpc.config.validation import validate
 from mhd_hpc.errors import ConfigError
 
-__all__ = ["load_config", "config_from_dict", "config_from_saved", "parse_override"]
+__all__ = ["load_config", "config_from_dict", "config_from_saved", "parse_override",
+           "JobArgumentParser", "OVERRIDES_HELP"]
+
+#: How every command that reads a job explains its overrides (argparse help and epilogs).
+OVERRIDES_HELP = ("dotted key=value overrides of the job's keys, values in YAML, without "
+                  "dashes (for example run.steps=60 topology.kind=cycle)")
+
+
+class JobArgumentParser(argparse.ArgumentParser):
+    """The argument parser of a command that reads a job and ``key=value`` overrides: help
+    texts keep their line breaks, and an option-like override (``--run.steps=60``) is answered
+    with the form that works (``run.steps=60``) instead of a bare "unrecognized arguments"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        # parse_intermixed_args counts the optional overrides among the missing arguments
+        message = message.replace(", key=value", "")
+        if "unrecognized arguments" in message:
+            words, fixed = message.split(":", 1)[1].split(), []
+            for i, word in enumerate(words):
+                if not word.startswith("--"):
+                    continue
+                after = words[i + 1] if i + 1 < len(words) else "-"
+                value = "" if "=" in word else "=" + (after if after[:1] != "-" else "VALUE")
+                fixed.append(word.lstrip("-") + value)
+            if fixed:
+                message += ("\njob keys are given as key=value words without dashes: "
+                            f"{' '.join(fixed)} (every key and its default: mhd-config)")
+        super().error(message)
 
 
 def _type_name(tp: Any) -> str:

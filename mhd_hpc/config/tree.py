@@ -29,13 +29,14 @@ NOT_ADDED = dataclasses.MISSING  # ``added``: the key existed when run folders w
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, *,
         on_resume: str = FIXED, location: bool = False, added: Any = NOT_ADDED,
-        became_resumable: bool = False) -> Any:
+        became_resumable: bool = False, method: str | None = None) -> Any:
     """A dataclass field carrying its documentation and its run-folder facts in metadata.
     ``became_resumable``: the key was part of run identities before it was made resumable (older
-    run folders' fingerprints include it)."""
+    run folders' fingerprints include it). ``method``: the key means something only for that
+    ``method`` and is part of the identity of that method's runs only."""
     assert on_resume in (FIXED, MAY_CHANGE, BOOKKEEPING), on_resume
     meta = {"doc": text, "on_resume": on_resume, "location": location, "added": added,
-            "became_resumable": became_resumable}
+            "became_resumable": became_resumable, "method": method}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -71,7 +72,8 @@ class RunConfig:
 
 @dataclass
 class ClientSpec:
-    arch: str = doc("Backbone of this client ('' = clients.arch).", "")
+    arch: str = doc("Backbone of this client ('' = clients.arch): a name or a plug-in's "
+                    "import path, as for clients.arch.", "")
     ranks: int = doc("MPI ranks of this client (0 = clients.ranks_per_client).", 0)
 
 
@@ -80,7 +82,8 @@ class ClientsConfig:
     count: int = doc("Number of clients K.", 4)
     arch: Union[str, list[str]] = doc("Backbone of every client (one name) or one name per "
                                       "client: cnn_small | cnn_mnist | resnet18 | resnet34 | "
-                                      "resnet50.", "cnn_small")
+                                      "resnet50, or a plug-in backbone "
+                                      "'package.module:builder' (docs/plugins.md).", "cnn_small")
     ranks_per_client: int = doc("MPI ranks (data-parallel replicas, e.g. GPUs) per client. "
                                 "Ranks are assigned to clients in contiguous blocks.", 1)
     per_client: list[ClientSpec] = doc("Optional list of clients.count entries {arch, ranks}, "
@@ -111,8 +114,10 @@ class DataConfig:
     dataset: str = doc("Dataset: 'digits' = scikit-learn's embedded 8x8 digits, 'fashion_mnist' "
                        "= Fashion-MNIST from its IDX files (data.source), both built into "
                        "partitioned shards under data.root on first use; or 'shards' = a "
-                       "dataset folder written by tools/make_shards.py (its partition is fixed "
-                       "there, so the partition keys below are not used).", "digits")
+                       "dataset folder written by mhd-make-shards (its partition is fixed "
+                       "there: the partition keys below, public_fraction to min_samples, must "
+                       "then be left at their defaults or equal what the dataset was built "
+                       "with).", "digits")
     root: str = doc("digits, fashion_mnist: folder for the built shard sets; shards: the dataset "
                     "folder (with manifest.json).", "data", location=True)
     source: str = doc("fashion_mnist: the folder with its four IDX files ('' = "
@@ -131,6 +136,19 @@ class DataConfig:
     labels_per_client: int = doc("Primary labels per client (0 = none, i.e. iid).", 3)
     skew: float = doc("Skewness s: a sample goes to a client 1+s times more likely when its "
                       "label is primary there (0 = iid, 100 = strongly non-iid).", 100.0)
+    partition: str = doc("How the training pool left after the public set is dealt to the "
+                         "clients: 'primary' = the paper's primary labels and skew "
+                         "(data.label_assignment, data.labels_per_client, data.skew); "
+                         "'dirichlet' = per label, client shares drawn from Dir(data.alpha) "
+                         "(NIID-Bench's label skew, used by most federated-learning papers); "
+                         "or a plug-in partition function 'package.module:function' "
+                         "(docs/plugins.md).", "primary", added="primary")
+    alpha: float = doc("data.partition=dirichlet: the concentration alpha (smaller: each "
+                       "client holds fewer labels; 0.5 is the common choice; large: near iid).",
+                       0.5, added=0.5)
+    min_samples: int = doc("Fewest private samples a client may receive: a partition that gives "
+                           "a client fewer stops the job naming this key (change run.seed, the "
+                           "partition's parameters or the number of clients).", 1, added=1)
     batch_size: int = doc("Private (labeled) batch size per client.", 32)
     public_batch_size: int = doc("Public (unlabeled) batch size; the same samples for every "
                                  "client at each step.", 64)
@@ -269,6 +287,16 @@ class ExchangeConfig:
 
 
 @dataclass
+class SeparateConfig:
+    self_distill: bool = doc("For method=separate: false (the paper's Separate) trains each "
+                             "client on its private labels alone, main head only, no public "
+                             "data; true (an ablation) also trains the aux chain by "
+                             "self-distillation on the public batch (aux1 from the client's own "
+                             "main head, aux2 from aux1, ...), as MHD with no peers does.",
+                             False, added=True, method="separate")
+
+
+@dataclass
 class FedAvgConfig:
     every: int = doc("For method=fedavg: average all weights across clients every N steps.", 10)
 
@@ -292,7 +320,7 @@ class OptimConfig:
 
 @dataclass
 class JobConfig:
-    method: str = doc("mhd (multi-headed distillation) | separate (no exchange) | fedavg "
+    method: str = doc("mhd (multi-headed distillation) | separate (clients alone) | fedavg "
                       "(weight averaging) | supervised (one model on all private data) | fedmd "
                       "(consensus distillation, Li & Wang 2019).", "mhd")
     run: RunConfig = doc("Run control.", factory=RunConfig)
@@ -302,6 +330,7 @@ class JobConfig:
     distill: DistillConfig = doc("MHD losses.", factory=DistillConfig)
     topology: TopologyConfig = doc("Who distills from whom.", factory=TopologyConfig)
     exchange: ExchangeConfig = doc("Prediction exchange between clients.", factory=ExchangeConfig)
+    separate: SeparateConfig = doc("Separate baseline.", factory=SeparateConfig)
     fedavg: FedAvgConfig = doc("FedAvg baseline.", factory=FedAvgConfig)
     fedmd: FedMDConfig = doc("FedMD baseline.", factory=FedMDConfig)
     optim: OptimConfig = doc("Optimiser.", factory=OptimConfig)

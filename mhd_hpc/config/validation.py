@@ -11,7 +11,8 @@ from mhd_hpc.errors import ConfigError
 
 from mhd_hpc.config.choices import (AUX_WEIGHTINGS, BUILTIN_DATASETS, DATASETS, DEVICES,
                                     EXCHANGE_MODES, INTRA_BACKENDS, LABEL_ASSIGNMENTS, LATE_PEERS,
-                                    LOADERS, METHODS, PRECISIONS, PUBLIC_SOURCES, SCHEDULES,
+                                    LOADERS, METHODS, PARTITIONS, PRECISIONS, PUBLIC_SOURCES,
+                                    SCHEDULES,
                                     SELECTION_MODES, TOPOLOGY_KINDS)
 
 __all__ = ["validate", "check_world_size", "num_classes"]
@@ -90,11 +91,17 @@ def _check_data(cfg: JobConfig) -> None:
             raise ConfigError("data.labels_per_client", f"must be in [0, {classes}] "
                               f"({d.dataset} has {classes} classes), got "
                               f"{d.labels_per_client}")
-        if d.label_assignment == "even" and (k * d.labels_per_client) % classes:
+        if d.label_assignment == "even" and d.partition == "primary" \
+                and (k * d.labels_per_client) % classes:
             raise ConfigError("data.label_assignment", f"'even' needs clients.count x "
                               f"data.labels_per_client ({k} x {d.labels_per_client}) to be a "
                               f"multiple of the {classes} classes")
     _positive("data.skew", d.skew, allow_zero=True)
+    if ":" not in d.partition and d.partition not in PARTITIONS:  # paths: mhd_hpc.job's
+        raise ConfigError("data.partition", f"{d.partition!r} is not one of "
+                          f"{', '.join(PARTITIONS)}, or a plug-in's package.module:function")
+    _positive("data.alpha", d.alpha)
+    _positive("data.min_samples", d.min_samples)
     _positive("data.batch_size", d.batch_size)
     _positive("data.public_batch_size", d.public_batch_size)
     for i, ranks in enumerate(cfg.client_ranks()):

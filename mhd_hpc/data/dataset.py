@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from mhd_hpc.config.tree import DataConfig
-from mhd_hpc.data.build.array_shards import PartitionSettings
+from mhd_hpc.data.build.array_shards import NotWritableError, PartitionSettings
 from mhd_hpc.data.build.builtin import BUILTIN_CLASSES, build_builtin
+from mhd_hpc.data.build.partition import PartitionError
 from mhd_hpc.data.build.sources import DatasetFileError
+from mhd_hpc.data.checksums import check_shard_sizes
 from mhd_hpc.data.manifest import Manifest, client_split
 from mhd_hpc.data.read.stream_factory import open_stream
 from mhd_hpc.data.read.streams import BatchStream
@@ -57,12 +59,20 @@ def find_dataset(d: DataConfig, num_clients: int, seed: int, log: Callable[[str]
     k = num_clients
     if d.dataset in BUILTIN_CLASSES:
         log(f"dataset {d.dataset}: preparing shards under {d.root} (built once, then reused)")
+        if d.partition != "primary":  # said once, not silently ignored
+            log(f"data.partition={d.partition}: data.label_assignment, data.labels_per_client "
+                "and data.skew (the primary-label partition's keys) are not used")
         partition = PartitionSettings(k, d.public_fraction, d.label_assignment,
-                                      d.labels_per_client, d.skew, seed, d.public_source)
+                                      d.labels_per_client, d.skew, seed, d.public_source,
+                                      d.partition, d.alpha, d.min_samples)
         try:
             folder = build_builtin(d.dataset, d.root, d.source, partition)
         except DatasetFileError as exc:
             return d.root, None, ("data.source", str(exc))
+        except PartitionError as exc:  # nothing was written: the partition comes first
+            return d.root, None, (exc.key, f"{d.dataset}: {exc}")
+        except NotWritableError as exc:
+            return d.root, None, ("data.root", f"{d.root}: {exc.strerror}")
         return folder, Manifest.read(folder), None
     try:
         manifest = Manifest.read(d.root)
@@ -74,15 +84,51 @@ def find_dataset(d: DataConfig, num_clients: int, seed: int, log: Callable[[str]
         return d.root, None, ("clients.count", f"{d.root} was partitioned for {n} clients, "
                               f"the job has {k}: rebuild the shards with --clients {k} or set "
                               f"clients.count={n}")
+    ignored = ignored_partition_keys(d, manifest.partition.settings)
+    if ignored:
+        key = ignored[0].split("=")[0]
+        return d.root, None, (key, f"{', '.join(ignored)}: a shards dataset's partition "
+                              f"was fixed when {d.root} was built "
+                              f"({manifest.partition.settings}), so these keys would be "
+                              "ignored: remove them from the job (or rebuild the shards with "
+                              "mhd-make-shards and the partition you want)")
     built = manifest.public_source
     if built != d.public_source:
         return d.root, None, ("data.public_source", f"{d.root} was built with public source "
                               f"{built!r}, the job asks for {d.public_source!r}: rebuild with "
                               f"tools/make_shards.py --public-source {d.public_source} or set "
                               f"data.public_source={built}")
+    # Cheap (sizes against the sums files and indexes, no data read): a truncated copy is
+    # named here, before the run folder is claimed, not by a rank once its streams open.
+    problems, unchecked = check_shard_sizes(d.root, manifest)
+    if problems:
+        more = f" (and {len(problems) - 1} more shards)" if len(problems) > 1 else ""
+        return d.root, None, ("data.root", problems[0] + more)
+    if unchecked:
+        log(f"dataset {d.root}: {unchecked} JPEG shards have no member checksums (built by an "
+            f"older tools/make_shards.py): their samples are not checked as they are read; "
+            f"rerun the tools/make_shards.py command that built it to add them, or set "
+            f"data.verify_shards=true")
     log(f"dataset {d.root}: {manifest.dataset} shards, {manifest.num_classes} classes, "
         f"partition fixed at build time ({manifest.partition.settings})")
     return d.root, manifest, None
+
+
+#: The keys of the partition that a shards dataset fixed at build time (the built-in datasets
+#: build their partition from them at start).
+PARTITION_KEYS = ("public_fraction", "label_assignment", "labels_per_client", "skew",
+                  "partition", "alpha", "min_samples")
+
+
+def ignored_partition_keys(d: DataConfig, built: dict) -> list[str]:
+    """The partition keys (``data.KEY=value``) a job sets for a shards dataset that are neither
+    their defaults nor what the dataset was built with (its manifest's partition settings)."""
+    defaults, out = DataConfig(), []
+    for key in PARTITION_KEYS:
+        value = getattr(d, key)
+        if value != getattr(defaults, key) and value != built.get(key, getattr(defaults, key)):
+            out.append(f"data.{key}={value}")
+    return out
 
 
 def open_data(folder: str, manifest: Manifest, d: DataConfig, *, client: int, part: int,

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from mhd_hpc.runtime.files import atomic_write
 
-__all__ = ["INDEX_VERSION", "IndexEntry", "index_path", "index_tar", "write_index", "read_index"]
+__all__ = ["INDEX_VERSION", "IndexEntry", "index_path", "index_tar", "scan_tar", "write_index",
+           "read_index", "split_name"]
 
 INDEX_VERSION = "v1.2"
 
@@ -61,6 +62,16 @@ def _raw_index(shard_path: str) -> list[list[tuple[str, int, int, str]]]:
                 last = key
             samples[-1].append((ext, member.offset_data, member.size, member.name))
     return samples
+
+
+def scan_tar(shard_path: str) -> list[list[tuple[str, int, int, str]]]:
+    """Per sample, its members as ``(ext, data offset, size, member name)``, in tar order."""
+    return _raw_index(shard_path)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """A member name -> (sample key, extension), cut at the first dot of the base name."""
+    return _split_name(name)
 
 
 def index_tar(shard_path: str) -> list[IndexEntry]:

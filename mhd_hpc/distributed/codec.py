@@ -13,10 +13,23 @@ where MPI needs it. The transport is ``distributed/exchange.py``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from torch import Tensor
 
-__all__ = ["HEADER", "MessageCodec", "top_k_problem", "densify_topk"]
+__all__ = ["PeerOutputs", "HEADER", "MessageCodec", "top_k_problem", "densify_topk"]
+
+
+@dataclass
+class PeerOutputs:
+    """What one peer computed on the current public batch: the distillation targets it offers."""
+
+    client: int
+    head_probs: list[Tensor]  # dense (B, C) float32 per head, main first
+    embedding: Tensor | None  # (B, D) float32, already normalised; None when not sent
+
 
 HEADER = np.dtype([("step", "<i8"), ("hash", "<u8"), ("sender", "<i8")])
 

@@ -28,7 +28,7 @@ from mpi4py import MPI
 from mhd_hpc.distributed.codec import MessageCodec
 from mhd_hpc.distributed.p2p import ExchangeError, Poller, TrafficCounters, wait_until
 from mhd_hpc.distributed.world import World
-from mhd_hpc.method.losses import PeerOutputs
+from mhd_hpc.distributed.codec import PeerOutputs
 
 _TAG = 17
 

@@ -200,12 +200,13 @@ class World:
                            f"{timeout_s:.0f} s")
         self._to_root = []
 
-    def client_any(self, flag: bool) -> bool:
-        """Whether any rank of this client has ``flag`` (a collective of the client only)."""
-        return any(self.client_allgather(bool(flag))) if self.local_size > 1 else bool(flag)
-
     def max_over_ranks(self, value: float) -> float:
         return float(self.comm.allreduce(value, op=MPI.MAX))
+
+    def stop_vote(self, within_client: bool) -> "StopVote":
+        """Collective (over all ranks): a :class:`StopVote` among all ranks, or, for clients
+        at their own pace (``within_client``), among each client's ranks."""
+        return StopVote(self.client_comm if within_client else self.comm)
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
@@ -230,6 +231,37 @@ class World:
             if self.size > 1:
                 self.abort(1)
             raise
+
+
+class StopVote:
+    """The ranks agree on the step to stop at without waiting for each other every step: the
+    vote of step t (any rank has a stop signal?) is a non-blocking allreduce started at step
+    t and completed at step t + 1, by which time every rank has long entered it. So all ranks
+    stop at the same step, one after the first signal was seen, for the cost of one tiny
+    allreduce per step on a communicator of its own (it never meets the job's collectives)."""
+
+    def __init__(self, comm) -> None:
+        self.comm = comm.Dup()
+        self._mine, self._any = np.zeros(1, np.int32), np.zeros(1, np.int32)
+        self._pending = None
+
+    def step(self, received: bool) -> bool:
+        """Called once per step by every rank of the communicator: True when the vote of the
+        previous step found a signal, i.e. every rank stops at this step."""
+        agreed = False
+        if self._pending is not None:
+            self._pending.Wait()
+            agreed = bool(self._any[0])
+        self._mine[0] = int(received)
+        self._pending = self.comm.Iallreduce(self._mine, self._any, op=MPI.MAX)
+        return agreed
+
+    def close(self) -> None:
+        """Collective: complete the vote in flight and free the communicator (a clean end)."""
+        if self._pending is not None:
+            self._pending.Wait()
+            self._pending = None
+        self.comm.Free()
 
 
 def _mean_over(comm, tensors: Sequence[torch.Tensor], share: float = 1.0,

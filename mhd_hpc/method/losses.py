@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from mhd_hpc.config.choices import SELECTION_MODES, AUX_WEIGHTINGS  # noqa: F401 (re-exported)
+from mhd_hpc.distributed.codec import PeerOutputs  # noqa: F401 (what a peer sends; re-exported)
 
 
 
@@ -29,15 +30,6 @@ def aux_head_weight(nu_aux: float, aux_heads: int, weighting: str) -> float:
     if weighting not in AUX_WEIGHTINGS:
         raise ValueError(f"unknown aux weighting {weighting!r}; expected one of {AUX_WEIGHTINGS}")
     return nu_aux / max(aux_heads, 1) if weighting == "chain" else nu_aux
-
-
-@dataclass
-class PeerOutputs:
-    """What one peer computed on the current public batch: the distillation targets it offers."""
-
-    client: int
-    head_probs: list[Tensor]  # dense (B, C) float32 per head, main first
-    embedding: Tensor | None  # (B, D) float32, already normalised; None when not sent
 
 
 def main_ce_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mhd_hpc.method import losses
-from mhd_hpc.method.losses import PeerOutputs
+from mhd_hpc.distributed.codec import PeerOutputs
 from mhd_hpc.method.pool import CheckpointPool, flatten_state, refresh_sources, state_size
 from mhd_hpc.method.targets import NoTargets
 from mhd_hpc.runtime.devices import Precision

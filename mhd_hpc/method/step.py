@@ -70,6 +70,8 @@ class TrainStep:
         """One step; ``grad_norms`` also records each loss part's gradient norm on the
         backbone (``gradnorm_<part>``, diagnostics: one extra backward pass per part)."""
         self.source.prepare(step)
+        if not self.strategy.uses_public:
+            return self._private_only(step, private, grad_norms)
         if self.overlap:
             return self._overlapped(step, private, public)
         b = private.images.shape[0]
@@ -85,6 +87,20 @@ class TrainStep:
         self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
         if grad_norms:
             terms.update(self._grad_norms(parts))
+        self.opt.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return self._update(step, terms)
+
+    def _private_only(self, step: int, private: Batch, grad_norms: bool) -> dict:
+        """A method that learns from its private labels alone (the paper's Separate): the main
+        head's cross-entropy on the private batch, nothing else forwarded."""
+        with self.precision.autocast(self.device):
+            _, logits = self.model(private.images)
+        loss = losses.main_ce_loss(logits[0].float(), private.labels)
+        terms = {"loss_ce": loss.detach(), "loss_total": loss.detach()}
+        self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
+        if grad_norms:
+            terms.update(self._grad_norms({"ce": loss}))
         self.opt.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         return self._update(step, terms)

@@ -1,7 +1,9 @@
 """What each ``method`` adds to the shared training step: how gradients are combined and which
 collectives run between steps. Distillation targets come separately (``targets``).
 
-* ``mhd`` and ``separate``: gradients averaged over the client's own replicas only.
+* ``mhd`` and ``separate``: gradients averaged over the client's own replicas only;
+  ``separate`` (the paper's Separate) trains on the private batch alone unless
+  ``separate.self_distill`` lets its aux chain self-distill on the public batch.
 * ``supervised`` (upper bound, one model on the union of all private batches): gradients averaged
   over all clients every step, BatchNorm statistics before every evaluation and checkpoint.
 * ``fedavg``: replicas average gradients; every ``fedavg.every`` steps, and after the last one,
@@ -55,6 +57,7 @@ class Strategy:
     shared_init = False  # every client starts from the same initialisation
     one_model = False  # the clients train one model on the union of their data (health: pooled)
     exchanges_targets = False  # the clients distill from each other's outputs (MHD)
+    uses_public = True  # the step forwards the public batch (aux chain, distillation)
 
     def __init__(self, world: World, intra: IntraBackend):
         self.world, self.intra = world, intra
@@ -85,6 +88,16 @@ class Strategy:
     def take_bytes(self) -> int:
         out, self.bytes_sent = self.bytes_sent, 0
         return out
+
+
+class Separate(Strategy):
+    """``separate``, the paper's Separate: each client alone on its private labels, main head
+    only (``self_distill``: the aux chain also learns by self-distillation on the public batch,
+    an ablation and what this method did before ``separate.self_distill`` existed)."""
+
+    def __init__(self, world: World, intra: IntraBackend, self_distill: bool = False):
+        super().__init__(world, intra)
+        self.uses_public = self_distill
 
 
 class MHD(Strategy):
@@ -161,7 +174,7 @@ class FedMD(Strategy):
 
 def make_strategy(method: str, world: World, intra: IntraBackend, *, total_steps: int = 0,
                   fedavg_every: int = 10, fedmd_revisit_steps: int = 1,
-                  fedmd_weight: float = 1.0) -> Strategy:
+                  fedmd_weight: float = 1.0, separate_self_distill: bool = False) -> Strategy:
     if method == "fedmd":
         return FedMD(world, intra, fedmd_revisit_steps, fedmd_weight)
     if method == "supervised":
@@ -171,5 +184,5 @@ def make_strategy(method: str, world: World, intra: IntraBackend, *, total_steps
     if method == "mhd":
         return MHD(world, intra)
     if method == "separate":
-        return Strategy(world, intra)
+        return Separate(world, intra, separate_self_distill)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

@@ -16,7 +16,7 @@ import torch
 
 from mhd_hpc.method import losses, topology
 from mhd_hpc.data.read.batches import Batch, key_hash
-from mhd_hpc.method.losses import PeerOutputs
+from mhd_hpc.distributed.codec import PeerOutputs
 
 if TYPE_CHECKING:  # MPI-bound: imported where they are used
     from mhd_hpc.data.read.streams import BatchStream

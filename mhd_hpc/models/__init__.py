@@ -1,7 +1,8 @@
 """Model zoo of mhd_hpc: backbones (small CNN, ResNet-18/34/50) and the multi-head wrapper.
 
 Everything else in the framework builds models through :func:`build_model`, so the
-architecture names in :data:`ARCHS` are the names accepted in job configs.
+architecture names in :data:`ARCHS` are the names accepted in job configs, besides import paths
+``package.module:builder`` of a researcher's own backbone (:mod:`mhd_hpc.models.plugin`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from torch import nn
 
 from mhd_hpc.models.cnn import SmallCNN, cnn_mnist, cnn_small
 from mhd_hpc.models.multihead import MultiHeadModel, _check_int
+from mhd_hpc.models.plugin import plugin_backbone
 from mhd_hpc.models.resnet import SMALL_IMAGE_MAX, ResNet, resnet18, resnet34, resnet50
+from mhd_hpc.runtime.plugins import is_import_path
 
 __all__ = [
     "ARCHS",
@@ -46,13 +49,16 @@ _NATIVE_DIMS: dict[str, int] = {"cnn_small": 128, "cnn_mnist": 64, "resnet18": 5
 
 
 def _check_arch(arch: str) -> None:
-    if arch not in _BUILDERS:
+    if arch not in _BUILDERS and not is_import_path(arch):
         raise ValueError(f"unknown arch {arch!r}; valid names are: {', '.join(ARCHS)}")
 
 
 def native_embedding_dim(arch: str) -> int:
-    """Width of the backbone's pooled feature for ``arch`` (without any projection)."""
+    """Width of the backbone's pooled feature for built-in ``arch`` (without any projection);
+    a plug-in's is known once it is built (``models.plugin.check_plugin_backbone``)."""
     _check_arch(arch)
+    if arch not in _BUILDERS:
+        raise ValueError(f"the embedding size of plug-in {arch!r} is known once it is built")
     return _NATIVE_DIMS[arch]
 
 
@@ -60,7 +66,7 @@ def build_backbone(arch: str, in_channels: int, image_size: int) -> nn.Module:
     """Build the feature extractor for ``arch``; it has ``out_dim`` and maps (B,C,H,W) -> (B,out_dim).
 
     ResNets use the CIFAR-style stem for ``image_size <= SMALL_IMAGE_MAX`` (64) and the
-    ImageNet stem above.
+    ImageNet stem above. A plug-in ``package.module:builder`` is built by its builder.
     """
     _check_arch(arch)
     _check_int("in_channels", in_channels, 1)
@@ -69,6 +75,8 @@ def build_backbone(arch: str, in_channels: int, image_size: int) -> nn.Module:
             f"image_size must be an integer >= {MIN_IMAGE_SIZE} (smallest side the backbones support), "
             f"got {image_size!r}"
         )
+    if is_import_path(arch):
+        return plugin_backbone(arch, in_channels, image_size)
     backbone = _BUILDERS[arch](in_channels, image_size)
     assert backbone.out_dim == _NATIVE_DIMS[arch]  # keeps the table above honest
     return backbone

@@ -9,14 +9,16 @@ prints the same numbers as
 
     {"step": N, "clients": {NAME: {"heads": {HEAD: {"beta_priv": x, "beta_sh": y}}}},
      "mean": {HEAD: {"beta_priv": x, "beta_sh": y}}, "health_failures": {NAME: [steps]},
+     "health": "failed" | "passed" | "not judged",
      "linear_probe": {"clients": {NAME: x}, "mean": x}}           (the last only with a probe)
 
 with accuracies as fractions in [0, 1]. ``--plot`` writes the figures (see report.plots) into
-OUT_DIR (default RUN_DIR/plots).
+OUT_DIR (default RUN_DIR/plots), as ``--format`` png (default), pdf or svg.
 
 Several runs: one row per run with the settings that differ between them, beta_priv and beta_sh
 per head (means over clients), MB sent and ms per step (``--json``: see compare.comparison);
-``--plot`` overlays their beta_sh curves in OUT_DIR/compare.png (default ./compare-plots). A run
+``--plot`` draws them in OUT_DIR/compare.FMT (default ./compare-plots): runs that differ only
+in run.seed form one setting, drawn as the mean over seeds with a band (``--band``). A run
 still training shows its latest complete evaluation.
 """
 
@@ -28,6 +30,7 @@ import sys
 from pathlib import Path
 
 
+from mhd_hpc.errors import command
 from mhd_hpc.report.summary import accuracy_by_distance, step_summary, traffic_and_speed
 from mhd_hpc.run.metrics_file import MetricsError, read_metrics
 
@@ -60,6 +63,10 @@ def format_table(summary: dict, metrics: dict) -> str:
             for name, steps in failures.items())
             + ". Its main head did not learn its private task: this run is not a result "
             "(see the log for the likely causes)."]
+    elif summary.get("health") == "not judged":
+        lines += ["", "HEALTH NOT JUDGED: the health check judged no evaluation up to this step "
+                  "(the run ended before its first judged step, or the check was off): this is "
+                  "not a pass; a short run's numbers are of a model still warming up."]
     if metrics["train"] and len(metrics["train"].get("step", [])):
         t = traffic_and_speed(metrics)
         lines += ["", f"mean step time {t['ms_per_step']:.1f} ms, of which exchange wait "
@@ -82,15 +89,30 @@ def cross_client_lines(summary: dict, metrics: dict) -> list[str]:
     return lines
 
 
+EXAMPLES = """\
+Examples:
+  mhd-report runs/digits                      the table of the last evaluation
+  mhd-report runs/digits --plot --format pdf  the figures, in runs/digits/plots
+  mhd-report runs/digits runs/ring --json     two runs side by side, as JSON"""
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mhd_hpc.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The module's docstring is the help, its reStructuredText backticks dropped.
+    parser = argparse.ArgumentParser(prog="mhd-report", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=EXAMPLES)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run folder(s) (run.out_dir of the job); several: side by side")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--step", type=int, default=None, help="evaluated step (default: last)")
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="OUT_DIR",
-                        help="write PNG figures (needs matplotlib: pip install -e '.[plot]')")
+                        help="write figures (needs matplotlib: pip install -e '.[plot]')")
+    parser.add_argument("--format", choices=("png", "pdf", "svg"), default="png",
+                        help="figure format for --plot: pdf and svg are vector (default: png)")
+    parser.add_argument("--band", choices=("minmax", "std"), default="minmax",
+                        help="several runs with --plot: the band around a setting's mean over "
+                             "seeds (min-max or ±1 std; default: minmax)")
     args = parser.parse_args(argv)
     try:
         if len(args.run_dirs) > 1:
@@ -98,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics = read_metrics(Path(args.run_dirs[0]) / "metrics.h5")
         summary = step_summary(metrics, args.step)
         if args.plot is not None:
-            from mhd_hpc.report.plots import plot_run, run_label
+            from mhd_hpc.report.plots import plot_run, run_title
 
             out = args.plot or str(Path(args.run_dirs[0]) / "plots")
-            made = plot_run(metrics, run_label(args.run_dirs[0]), out, summary["step"])
+            made = plot_run(metrics, run_title(args.run_dirs[0]), out, summary["step"],
+                            args.format)
             print(f"wrote {len(made)} figures: " + ", ".join(str(p) for p in made),
                   file=sys.stderr)
     except (MetricsError, ImportError) as exc:
@@ -119,7 +142,7 @@ def _several(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from mhd_hpc.report.plots import plot_comparison
 
-        path = plot_comparison([(n, m) for n, m, _ in runs], args.plot or "compare-plots")
+        path = plot_comparison(runs, args.plot or "compare-plots", args.format, args.band)
         print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(comp, indent=1) if args.json else format_comparison(comp))
     return 0

@@ -37,7 +37,8 @@ def load_runs(run_dirs: list[str]) -> list[tuple[str, dict, dict]]:
 
 def comparison(runs: list[tuple[str, dict, dict]]) -> dict:
     """The JSON shape: ``{"differing": [keys], "runs": [{"run", "settings", "step", "mean":
-    {HEAD: {"beta_priv", "beta_sh"}}, "mb_sent", "ms_per_step", "health_failures"}]}``."""
+    {HEAD: {"beta_priv", "beta_sh"}}, "mb_sent", "ms_per_step", "health_failures", "health"}]}``
+    (``health``: "failed", "passed" or "not judged")."""
     keys = sorted(set().union(*(c.keys() for _, _, c in runs)))
     differing = [k for k in keys if k not in BOOKKEEPING_KEYS
                  and len({repr(c.get(k)) for _, _, c in runs}) > 1]
@@ -47,7 +48,8 @@ def comparison(runs: list[tuple[str, dict, dict]]) -> dict:
         rows.append({"run": name, "settings": {k: config.get(k) for k in differing},
                      "step": summary["step"], "mean": summary["mean"],
                      **traffic_and_speed(metrics),
-                     "health_failures": summary["health_failures"]})
+                     "health_failures": summary["health_failures"],
+                     "health": summary["health"]})
     return {"differing": differing, "runs": rows}
 
 
@@ -69,4 +71,8 @@ def format_comparison(comp: dict) -> str:
     if failing:
         lines += ["", "HEALTH WARNING (clients that failed the health check): " +
                   "; ".join(failing)]
+    unjudged = [r["run"] for r in comp["runs"] if r.get("health") == "not judged"]
+    if unjudged:
+        lines += ["", "HEALTH NOT JUDGED (no evaluation was judged; not a pass): "
+                  + ", ".join(unjudged)]
     return "\n".join(lines)

@@ -8,8 +8,8 @@ import numpy as np
 from mhd_hpc.run.compat import hop_distances_at
 from mhd_hpc.run.metrics_file import MetricsError
 
-__all__ = ["step_summary", "health_failures", "traffic_and_speed", "hops_at",
-           "accuracy_by_distance"]
+__all__ = ["step_summary", "health_failures", "health_state", "HEALTH_STATES",
+           "traffic_and_speed", "hops_at", "accuracy_by_distance"]
 
 
 def step_summary(metrics: dict, step: int | None = None) -> dict:
@@ -17,7 +17,7 @@ def step_summary(metrics: dict, step: int | None = None) -> dict:
     ev = metrics["eval"]
     if not ev or len(ev["step"]) == 0:
         raise MetricsError("the run has no evaluation yet")
-    steps = list(ev["step"])
+    steps = [int(s) for s in ev["step"]]
     if step is None:
         row = len(steps) - 1
     elif step in steps:
@@ -34,6 +34,7 @@ def step_summary(metrics: dict, step: int | None = None) -> dict:
     for j, h in enumerate(heads):
         out["mean"][h] = {"beta_priv": float(priv[:, j].mean()), "beta_sh": float(sh[:, j].mean())}
     out["health_failures"] = health_failures(metrics, row)
+    out["health"] = health_state(metrics, row)
     if "probe_acc" in ev:  # the linear probe on the frozen embedding (an oracle upper bound)
         probe = ev["probe_acc"][row]
         out["linear_probe"] = {"clients": {name: float(probe[i])
@@ -52,6 +53,23 @@ def health_failures(metrics: dict, upto_row: int | None = None) -> dict[str, lis
     health, steps = ev["health"][rows], ev["step"][rows]
     return {name: [int(s) for s in steps[health[:, i] == 0]]
             for i, name in enumerate(metrics["clients"]) if (health[:, i] == 0).any()}
+
+
+#: A run's health: some client failed the check; every judged evaluation passed; or the check
+#: judged none (a run that ended before its first judged step, the check off, or an old file).
+HEALTH_STATES = ("failed", "passed", "not judged")
+
+
+def health_state(metrics: dict, upto_row: int | None = None) -> str:
+    """One of :data:`HEALTH_STATES` over the evaluations up to ``upto_row``: "not judged" is
+    not a pass (``eval/health`` is -1 where the check did not judge)."""
+    ev = metrics["eval"]
+    if health_failures(metrics, upto_row):
+        return "failed"
+    if "health" not in ev:
+        return "not judged"
+    rows = slice(None, None if upto_row is None else upto_row + 1)
+    return "passed" if (ev["health"][rows] == 1).any() else "not judged"
 
 
 def traffic_and_speed(metrics: dict) -> dict[str, float]:

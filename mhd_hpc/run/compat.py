@@ -23,7 +23,8 @@ import json
 import numpy as np
 
 from mhd_hpc.config import JobConfig
-from mhd_hpc.config.keys import ADDED_KEYS, LATER_RESUMABLE, RESUMABLE_CHANGES, V1_RESUMABLE
+from mhd_hpc.config.keys import (ADDED_KEYS, LATER_RESUMABLE, METHOD_KEYS, RESUMABLE_CHANGES,
+                                 V1_RESUMABLE)
 from mhd_hpc.run.identity import fingerprint, flatten_keys
 
 __all__ = ["fingerprints", "legacy_fingerprint", "checkpoint_checksum_ok", "hop_distances_at",
@@ -47,7 +48,9 @@ def legacy_fingerprint(cfg: JobConfig) -> str:
     written. A job that sets a later-added key to anything but its old behaviour cannot be such
     a run, and gets a fingerprint no file carries."""
     flat = flatten_keys(cfg.to_dict())
-    if any(flat[k] != v for k, v in ADDED_KEYS.items() if k not in RESUMABLE_CHANGES):
+    other_methods = {k for k, method in METHOD_KEYS.items() if method != cfg.method}
+    if any(flat[k] != v for k, v in ADDED_KEYS.items()
+           if k not in RESUMABLE_CHANGES and k not in other_methods):
         return "-"
     ident = {k: v for k, v in flat.items() if k not in V1_RESUMABLE and k not in ADDED_KEYS}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -75,7 +78,8 @@ def hop_distances_at(metrics: dict, row: int) -> np.ndarray | None:
 #: Dataset settings added after datasets were first built, with the value that builds what
 #: datasets from before them hold. A setting at that value is left out of the recorded settings,
 #: so the folder name (a hash of them) and the "complete already" check find the older builds.
-DATASET_SETTINGS_ADDED: dict[str, object] = {"public_source": "split"}
+DATASET_SETTINGS_ADDED: dict[str, object] = {"public_source": "split", "partition": "primary",
+                                             "alpha": 0.5, "min_samples": 1}
 
 #: The embedded digits stay WebDataset tars of ``.npy`` samples (not ``u8`` record shards): the
 #: dataset digest, which run folders record, covers the split file names.

@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mhd_hpc.runtime.devices import Precision, to_device
+from mhd_hpc.data.read.feed import to_device
+from mhd_hpc.runtime.devices import Precision
 
 __all__ = ["per_class_accuracy", "beta_shared", "weighted_accuracy", "accuracy_summary",
            "evaluate", "linear_probe", "check_health", "health_after", "chance_accuracy",
-           "prior_entropy", "pooled_task", "HEALTH_HINT"]
+           "prior_entropy", "pooled_task", "short_run_note", "HEALTH_HINT"]
 
 
 # ----------------------------------------------------------------------------- accuracy math
@@ -125,6 +126,29 @@ def health_after(run_steps: int, explicit: int, *warmups: int) -> int:
     """First step the health check judges: ``explicit``, or a quarter of the run but no earlier
     than the end of the warm-ups."""
     return explicit if explicit > 0 else max(run_steps // 4, *warmups)
+
+
+def short_run_note(run_steps: int, warmups: dict[str, int], health_from: int | None,
+                   health_key: str = "eval.health_after") -> str | None:
+    """The start-of-run line of a run that ends before its warm-ups (key -> last warm-up step)
+    or before the health check's first judged step (None: the check is off): such a run's
+    numbers are those of a model still warming up, and its health is never judged. None when
+    the run outlasts them all."""
+    unfinished = [f"{key}={steps}" for key, steps in warmups.items() if steps > run_steps]
+    never_judged = health_from is not None and health_from > run_steps
+    if not unfinished and not never_judged:
+        return None
+    parts = []
+    if unfinished:
+        parts.append("ends before its warm-up" + ("s " if len(unfinished) > 1 else " ")
+                     + " and ".join(unfinished) + " finish (its numbers are of a model still "
+                     "warming up)")
+    if never_judged:
+        parts.append(f"ends before the health check's first judged step {health_from} "
+                     f"({health_key}; 0: a quarter of the run, no earlier than the warm-ups), so "
+                     "its health will show as not judged")
+    return (f"NOTE: this short run (run.steps={run_steps}) " + "; it ".join(parts)
+            + ": for a result, run longer or shorten the warm-ups")
 
 
 def check_health(beta_priv_main: np.ndarray, distribution: np.ndarray,

@@ -202,9 +202,12 @@ def claim_run_dir(cfg: JobConfig, dataset_digest: str, partition: dict,
     write the config, the dataset record and the partition. Returns (folder, None) or
     (None, message)."""
     run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
-    problem = lock.acquire()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        problem = lock.acquire()
+    except OSError as exc:  # a file, read-only storage, no permission, no space: one line
+        return None, _unusable(run_dir, exc)
     if problem:
         return None, problem
     accepted = fingerprints(cfg, dataset_digest)
@@ -217,11 +220,25 @@ def claim_run_dir(cfg: JobConfig, dataset_digest: str, partition: dict,
     if problem:
         lock.release(refused=True)
         return None, problem
-    _write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-    _write_atomic(run_dir / DATASET_RECORD, json.dumps(
-        {"digest": dataset_digest, "root": cfg.data.root}, indent=1))
-    _write_atomic(run_dir / "partition.json", json.dumps(partition, indent=1))
+    try:
+        _write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        _write_atomic(run_dir / DATASET_RECORD, json.dumps(
+            {"digest": dataset_digest, "root": cfg.data.root}, indent=1))
+        _write_atomic(run_dir / "partition.json", json.dumps(partition, indent=1))
+    except OSError as exc:
+        lock.release(refused=True)
+        return None, _unusable(run_dir, exc)
     return RunFolder(lock, old, notes), None
+
+
+def _unusable(run_dir: Path, exc: OSError) -> str:
+    """Why ``run_dir`` cannot hold the run, in one line (the OS's reason and the path)."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(run_dir) else ""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        reason = "it, or a folder above it, is a file, not a folder"
+    else:
+        reason = exc.strerror or str(exc)
+    return f"cannot use {run_dir} as the run folder: {reason}{where}"
 
 
 def _write_atomic(path: Path, text: str) -> None:

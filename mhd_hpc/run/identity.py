@@ -9,7 +9,7 @@ import hashlib
 import json
 
 from mhd_hpc.config import JobConfig
-from mhd_hpc.config.keys import ADDED_KEYS, LOCATION_KEYS, RESUMABLE_CHANGES
+from mhd_hpc.config.keys import ADDED_KEYS, LOCATION_KEYS, METHOD_KEYS, RESUMABLE_CHANGES
 
 __all__ = ["flatten_keys", "identity", "fingerprint"]
 
@@ -29,6 +29,7 @@ def identity(cfg: JobConfig, keep: tuple[str, ...] = ()) -> dict:
     """The settings that define what a run learns; a resumed run must match them (``keep``:
     resumable keys to count as identity anyway, as older fingerprints did)."""
     skip = set(RESUMABLE_CHANGES + LOCATION_KEYS) - set(keep)
+    skip |= {k for k, method in METHOD_KEYS.items() if method != cfg.method}
     return {k: v for k, v in flatten_keys(cfg.to_dict()).items() if k not in skip}
 
 

@@ -16,14 +16,20 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["Log", "Interval", "Recorder", "merge_client_rows", "train_line", "eval_lines"]
+__all__ = ["Log", "Interval", "Recorder", "merge_client_rows", "train_line", "eval_lines",
+           "run_so_far", "TensorBoard"]
 
 
 class Log:
-    """Progress lines from the root rank only, stamped with seconds since the start."""
+    """Progress lines from the root rank only, stamped with the run's wall-clock seconds: since
+    this process started, plus the time the run had trained before it resumed."""
 
     def __init__(self, is_root: bool):
         self.is_root, self.t0 = is_root, time.time()
+
+    def continue_from(self, seconds: float) -> None:
+        """A resumed run: stamps continue from the run's previous wall time (``wall_s``)."""
+        self.t0 -= seconds
 
     def __call__(self, msg: str) -> None:
         if self.is_root:
@@ -95,6 +101,17 @@ def merge_client_rows(rows: list[tuple[int, dict]], num_clients: int) -> list[di
     return merged
 
 
+def run_so_far(metrics: dict) -> tuple[float, float]:
+    """A resumed run's (wall seconds, bytes sent by all clients) in its metrics (rows after the
+    resumed step already cut): the last row's ``wall_s`` (slowest client) and the sum of
+    ``bytes_sent``. Files without ``wall_s``: 0 s."""
+    train = metrics["train"]
+    wall = train.get("wall_s")
+    wall_s = float(np.nanmax(wall[-1])) if wall is not None and len(wall) else 0.0
+    sent = train.get("bytes_sent")
+    return wall_s, float(np.nansum(sent)) if sent is not None else 0.0
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 120:
@@ -103,20 +120,32 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60} min"
 
 
-def train_line(step: int, total: int, per_client: list[dict], samples_per_step: int = 0,
-               eta_s: float | None = None) -> str:
-    """``step 100/600 | ce 0.3 aux1 ... | 28 ms/step, 3400 samples/s per client (exchange wait
-    6 ms) | sent 4.3 MB | ETA 14 s``."""
+def train_line(step: int, total: int, per_client: list[dict],
+               batch_sizes: tuple[int, int] = (0, 0), eta_s: float | None = None,
+               sent_total_bytes: float | None = None) -> str:
+    """``step 100/600 | ce 0.3 aux1 0.9 (unweighted) | weighted total 0.7 | 28 ms/step, 1700 +
+    1700 samples/s per client (private + public), exchange wait 6 ms | sent 0.19 MB/client this
+    interval (12.3 MB total) | ETA 14 s``: loss terms are means over clients and the interval;
+    ``batch_sizes``: (private, public) images one client processes per step;
+    ``sent_total_bytes``: all clients since the run began (resumes included)."""
     names = sorted(set().union(*per_client))
     mean = {n: float(np.nanmean([r.get(n, np.nan) for r in per_client])) for n in names}
-    loss_txt = " ".join(f"{n.removeprefix('loss_')} {mean[n]:.3f}" for n in names
-                        if n.startswith("loss_"))
-    rate = (f", {samples_per_step / mean['step_time_s']:.0f} samples/s per client"
-            if samples_per_step and mean["step_time_s"] > 0 else "")
+    terms = " ".join(f"{n.removeprefix('loss_')} {mean[n]:.3f}" for n in names
+                     if n.startswith("loss_") and n != "loss_total")
+    # The total is what the optimizer minimises: the terms weighted (and ramped by the warm-up).
+    weighted = (f" | weighted total {mean['loss_total']:.3f}" if "loss_total" in mean else "")
+    loss_txt = f"{terms} (unweighted){weighted}" if terms else weighted.removeprefix(" | ")
+    private, public = batch_sizes
+    rate = (f", {private / mean['step_time_s']:.0f} + {public / mean['step_time_s']:.0f} "
+            "samples/s per client (private + public)"
+            if private + public and mean["step_time_s"] > 0 else "")
     eta = f" | ETA {_duration(eta_s)}" if eta_s is not None and step < total else ""
+    sent = sum(r["bytes_sent"] for r in per_client) / max(len(per_client), 1) / 1e6
+    total_txt = (f" ({sent_total_bytes / 1e6:.1f} MB total)" if sent_total_bytes is not None
+                 else "")
     return (f"step {step:>6}/{total} | {loss_txt} | {1000 * mean['step_time_s']:.0f} ms/step"
-            f"{rate} (exchange wait {1000 * mean['exchange_wait_s']:.0f} ms) | "
-            f"sent {sum(r['bytes_sent'] for r in per_client) / 1e6:.2f} MB{eta}")
+            f"{rate}, exchange wait {1000 * mean['exchange_wait_s']:.0f} ms | "
+            f"sent {sent:.2f} MB/client this interval{total_txt}{eta}")
 
 
 def eval_lines(step: int, summary: dict, heads: list[str]) -> list[str]:
@@ -134,26 +163,34 @@ def eval_lines(step: int, summary: dict, heads: list[str]) -> list[str]:
 
 
 class TensorBoard:
-    """The same rows and evaluations as TensorBoard scalars (``run.tensorboard``): tags
-    ``train/<name>/mean`` and ``train/<name>/client<i>``, ``eval/<metric>/<head>/...``."""
+    """The same rows and evaluations as TensorBoard scalars (``run.tensorboard``): one writer
+    (a TensorBoard "run") per client, ``LOG_DIR/client<i>``, and one for the mean over clients,
+    ``LOG_DIR/mean``, all with the same tags (``train/<name>``, ``eval/<metric>/<head>``): the
+    clients overlay in one chart per tag."""
 
-    def __init__(self, log_dir: str | Path, start_step: int):
+    def __init__(self, log_dir: str | Path, start_step: int, clients: list[str]):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step hides events at or after it: a resumed run has no duplicated steps.
-        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
+        self.writers = {name: SummaryWriter(str(Path(log_dir) / name),
+                                            purge_step=start_step + 1)
+                        for name in [*clients, "mean"]}
 
-    def scalars(self, prefix: str, step: int, values: np.ndarray, clients: list[str]) -> None:
-        """One value per client, and their mean."""
-        self.writer.add_scalar(f"{prefix}/mean", float(np.nanmean(values)), step)
+    def scalars(self, tag: str, step: int, values: np.ndarray, clients: list[str]) -> None:
+        """One value per client (each into its writer), and their mean."""
+        values = np.asarray(values, dtype=float)
+        if not np.isnan(values).all():  # a value no client reported: no point, not NaN
+            self.writers["mean"].add_scalar(tag, float(np.nanmean(values)), step)
         for name, v in zip(clients, values):
-            self.writer.add_scalar(f"{prefix}/{name}", float(v), step)
+            self.writers[name].add_scalar(tag, float(v), step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        for writer in self.writers.values():
+            writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        for writer in self.writers.values():
+            writer.close()
 
 
 class Recorder:
@@ -162,17 +199,20 @@ class Recorder:
 
     def __init__(self, metrics, log: Log, *, total_steps: int, heads: list[str],
                  distribution: np.ndarray, health_from: int | None, start_step: int = 0,
-                 samples_per_step: int = 0, tensorboard: TensorBoard | None = None,
-                 one_model: bool = False):
+                 batch_sizes: tuple[int, int] = (0, 0), tensorboard: TensorBoard | None = None,
+                 one_model: bool = False, before: tuple[float, float] = (0.0, 0.0)):
         """``health_from``: the first step the health check judges (None: no check);
         ``one_model``: the method trains one model for all clients, judged on their pooled task;
-        ``samples_per_step``: images one client processes per step (private + public)."""
+        ``batch_sizes``: (private, public) images one client processes per step; ``before``:
+        a resumed run's wall seconds and bytes sent (all clients) up to ``start_step``, which
+        the rows' ``wall_s`` and the progress line's total continue from."""
         self.metrics, self.log, self.total_steps = metrics, log, total_steps
         self.heads, self.distribution, self.health_from = heads, distribution, health_from
         self.clients = [f"client{i}" for i in range(len(distribution))]
         self.train_ce: np.ndarray | None = None  # per client, from the latest log interval
         self.failures: dict[int, list[int]] = {}  # client -> steps at which it failed
-        self.start_step, self.samples_per_step, self.tb = start_step, samples_per_step, tensorboard
+        self.start_step, self.batch_sizes, self.tb = start_step, batch_sizes, tensorboard
+        self.wall_before_s, self.sent_bytes = before
         self.one_model = one_model
         self.started = time.perf_counter()
 
@@ -183,16 +223,20 @@ class Recorder:
 
     def train_rows(self, step: int, rows: list[tuple[int, dict]]) -> None:
         per_client = merge_client_rows(rows, len(self.distribution))
+        for r in per_client:  # the run's wall time, not this process's
+            if "wall_s" in r:
+                r["wall_s"] += self.wall_before_s
         names = sorted(set().union(*per_client))
         columns = {n: [r.get(n, np.nan) for r in per_client] for n in names}
         self.metrics.write_train(step, columns)
+        self.sent_bytes += float(np.nansum(columns.get("bytes_sent", [0.0])))
         if self.tb:
             for n, values in columns.items():
                 self.tb.scalars(f"train/{n}", step, np.asarray(values), self.clients)
             self.tb.flush()
         self.train_ce = np.array([r.get("loss_ce", np.nan) for r in per_client])
-        self.log(train_line(step, self.total_steps, per_client, self.samples_per_step,
-                            self.eta_s(step)))
+        self.log(train_line(step, self.total_steps, per_client, self.batch_sizes,
+                            self.eta_s(step), self.sent_bytes))
 
     def evaluation(self, step: int, accs: list[np.ndarray], probes: list[float | None],
                    hop_distances: np.ndarray | None) -> None:
@@ -234,7 +278,11 @@ class Recorder:
 
     def closing_lines(self) -> list[str]:
         if not self.failures:
-            return []
+            if self.health_from is None or self.health_from <= self.total_steps:  # judged
+                return []
+            return [f"NOTE: the health check judged no evaluation of this run (its first judged "
+                    f"step is {self.health_from}, the run ends at step {self.total_steps}): its "
+                    "health is not judged, which is not a pass"]
         who = ", ".join(f"client {c} (steps {', '.join(map(str, s))})"
                         for c, s in sorted(self.failures.items()))
         return [f"WARNING: {len(self.failures)} client(s) failed the health check: {who}. This "

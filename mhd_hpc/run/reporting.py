@@ -53,10 +53,6 @@ class LockstepReports:
             self.recorder.evaluation(step, [a for a, _ in results], [p for _, p in results],
                                      self.hops_at(step))
 
-    def stop_agreed(self, received: bool) -> bool:
-        """A signal reaches ranks at different steps: stop when any rank has one."""
-        return self.world.max_over_ranks(1.0 if received else 0.0) > 0
-
     def finish(self) -> None:
         """Nothing is in flight: every row was recorded at its step."""
 
@@ -79,10 +75,6 @@ class AsyncReports:
         if result is not None:
             self.world.post_to_root((step, self.world.client, *result), EVALS_TAG)
         self._collect()
-
-    def stop_agreed(self, received: bool) -> bool:
-        """A client's ranks agree among themselves (the clients are at different steps)."""
-        return self.world.client_any(received)
 
     def finish(self) -> None:
         """Collective: every post has arrived, and the root has recorded the last steps."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["seed_of", "PRIVATE_ORDER", "PUBLIC_ORDER", "INIT", "SELECTION", "POOL_DRAW",
-           "POOL_SLOT", "POOL_REFRESH", "RANDOM_GRAPH", "AUGMENT", "WRITE_ORDER"]
+           "POOL_SLOT", "POOL_REFRESH", "RANDOM_GRAPH", "AUGMENT", "WRITE_ORDER", "PARTITION"]
 
 # -- seed_of(run.seed, PURPOSE, ...) -------------------------------------------------------------
 PRIVATE_ORDER = 1  # (seed, 1, client): the client's private batch order
@@ -29,6 +29,9 @@ SELECTION = 4  # (seed, 4, client, step): random distillation-target selection
 POOL_DRAW = 5  # [seed, 5, client, step]: which pool entries give this step's targets
 POOL_SLOT = 6  # [seed, 6, client, step]: which entry a new checkpoint replaces in a full pool
 POOL_REFRESH = 7  # [seed, 7, client, step]: whose checkpoint a client receives at a refresh
+# [partition seed, 8]: public set and dealing of data.partition=dirichlet, the public set of a
+# plug-in partition (the paper's partition keeps its own stream, below)
+PARTITION = 8
 RANDOM_GRAPH = 0xD1CE  # [seed, 0xD1CE, draw, client]: in-neighbours of topology.kind=random
 WRITE_ORDER = 0x5EED  # [seed, 0x5EED]: the shuffle of public/client samples when shards are built
 # [batch-order seed, tag, part, AUGMENT]: a PIL-decoded training batch's random crops and flips

@@ -1,8 +1,12 @@
 """How a run ends other than by finishing: stop signals, exit codes, and fault injection.
 
-* SIGUSR1/SIGTERM (SLURM's warning before the time limit, ``scancel``) ask for a clean stop: the
-  job checkpoints at the next log step that all ranks agree on and exits with
-  ``EXIT_RESUMABLE``, so that a batch script can requeue it.
+* SIGINT, SIGTERM and SIGUSR1 (Ctrl-C, ``scancel``, SLURM's warning before the time limit) ask
+  for a clean stop: the job checkpoints at the next step boundary that all ranks agree on
+  (``distributed.world.StopVote``) and exits with ``EXIT_RESUMABLE``, so that a person or a
+  batch script reruns the same command. A second SIGINT ends the rank at once, without a
+  checkpoint (``EXIT_INTERRUPTED``). Open MPI's ``mpirun`` does not pass SIGINT or SIGTERM on:
+  it kills every rank within a second (SIGCONT, SIGTERM, SIGKILL); it does forward SIGUSR1,
+  the clean stop under mpirun (docs/runs.md, Stopping a run).
 * ``MHD_INJECT_FAULT=RANK:STEP[:MODE[:FACTOR]]`` (tests, benchmarks) makes that rank, at that
   step, raise an exception (``raise``, default), die by SIGKILL like ``kill -9`` (``kill``), die
   by SIGKILL in the middle of writing its checkpoint (``kill_in_checkpoint``, the step must be a
@@ -14,30 +18,79 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
-__all__ = ["EXIT_CONFIG", "EXIT_RESUMABLE", "FAULT_MODES", "StopSignal", "Fault", "die"]
+__all__ = ["EXIT_CONFIG", "EXIT_RESUMABLE", "EXIT_INTERRUPTED", "FAULT_MODES", "STOP_SIGNALS",
+           "StopSignal", "Fault", "children_shielded", "die", "under_mpirun"]
 
 EXIT_CONFIG = 2  # a config error: every rank stopped before training
 EXIT_RESUMABLE = 3  # stopped on a signal after a checkpoint: rerun the same command to continue
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, no checkpoint (128 + SIGINT)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 FAULT_MODES = ("raise", "kill", "kill_in_checkpoint", "signal", "slow", "pause")
 _WITH_FACTOR = ("slow", "pause")
 FAULT_ENV = "MHD_INJECT_FAULT"
 
 
-class StopSignal:
-    """Remembers the last SIGUSR1/SIGTERM; the loop polls ``received`` at log steps."""
+def under_mpirun() -> bool:
+    """Started by Open MPI's mpirun (its PRRTE runtime), not by srun or alone."""
+    return os.environ.get("PRTE_LAUNCHED") == "1"
 
-    def __init__(self) -> None:
+
+class StopSignal:
+    """Remembers the first of SIGINT/SIGTERM/SIGUSR1; the loop's stop vote reads ``received``
+    every step. ``announce`` (the root): say at once what will happen, in one line."""
+
+    def __init__(self, announce: bool = False) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self.announce = announce
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
+    @property
+    def name(self) -> str:
+        """The signal's name (``SIGINT``), for the stop line."""
+        return signal.Signals(self.received).name if self.received else "none"
+
+    def _say(self, line: str) -> None:
+        if self.announce:
+            try:  # (mpirun, tearing the job down, may have closed the pipe already)
+                os.write(sys.stderr.fileno(), f"mhd_hpc: {line}\n".encode())
+            except OSError:
+                pass
+
     def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: the person does not want to wait
+                self._say(f"second {name}: stopping at once, without a checkpoint (exit "
+                          f"{EXIT_INTERRUPTED}); rerun the same command to resume from the "
+                          "last checkpoint")
+                os._exit(EXIT_INTERRUPTED)
+            return
         self.received = signum
+        self._say(f"{name} received: stopping at the end of this step with a checkpoint"
+                  + (" (Ctrl-C again: stop at once, without one)"
+                     if signum == signal.SIGINT else ""))
+
+
+@contextlib.contextmanager
+def children_shielded() -> Iterator[None]:
+    """Stop signals blocked while child processes (loader workers, their fork server) start:
+    they inherit the blocked mask, so a Ctrl-C or ``scancel`` sent to every process of the job
+    reaches the rank, which stops cleanly, and not its workers, which would die mid-batch.
+    Signals that arrive meanwhile are delivered when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def die() -> None:

@@ -9,7 +9,8 @@ split in source order. Writing is resumable shard by shard, as for ImageFolder t
 written to a temporary name and renamed, then a ``.done`` sidecar records its plan (keys,
 labels, a digest of its pixels), sample count, size and sha256; a rerun skips every shard whose
 sidecar matches its plan, and the manifest is written last, so a folder with a manifest is
-complete. A ``flock`` on ``.build.lock`` keeps two builders of one folder apart.
+complete. A ``flock`` on ``.build.lock`` keeps two builders of one folder apart; a complete
+folder is used without it (nothing is created there, so shared data may be read-only).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from mhd_hpc.data.records import RECORDS_FORMAT, write_record_shard
 from mhd_hpc.data.shards import shard_name, write_shards
 from mhd_hpc.run.compat import dataset_settings
 from mhd_hpc.runtime.files import atomic_write
+from mhd_hpc.runtime.plugins import is_import_path, source_digest
 
-__all__ = ["PartitionSettings", "ArraySplits", "build_array_shards", "FAULT_ENV"]
+__all__ = ["PartitionSettings", "ArraySplits", "build_array_shards", "FAULT_ENV",
+           "NotWritableError"]
 
 FAULT_ENV = "MHD_MAKE_SHARDS_FAIL_AFTER"  # test hook: raise after this many shards were written
 
@@ -48,6 +51,9 @@ class PartitionSettings:
     skew: float = 100.0
     seed: int = 0
     public_source: str = "split"
+    partition: str = "primary"  # primary | dirichlet | a plug-in's package.module:function
+    alpha: float = 0.5  # dirichlet's concentration
+    min_samples: int = 1  # fewest private samples a client may receive
 
 
 @dataclass
@@ -96,10 +102,30 @@ def _read_done(out_dir: str, relpath: str, plan: str) -> dict | None:
     return done if ok else None
 
 
+def _complete_manifest(out_dir: str, settings: dict) -> dict | None:
+    """The manifest of the complete dataset in ``out_dir`` built with ``settings``; None when
+    there is none yet (a folder with a manifest is complete: the manifest is written last)."""
+    if not os.path.isfile(os.path.join(out_dir, MANIFEST_NAME)):
+        return None
+    manifest = load_manifest(out_dir)
+    if manifest.get("settings") != settings:
+        raise ValueError(f"{os.path.join(out_dir, MANIFEST_NAME)} was built with other "
+                         f"settings ({manifest.get('settings')}) than requested ({settings})")
+    return manifest
+
+
+class NotWritableError(OSError):
+    """A dataset must be built where nothing may be written (a read-only ``data.root``)."""
+
+
 @contextmanager
 def _build_lock(out_dir: str) -> Iterator[None]:
-    os.makedirs(out_dir, exist_ok=True)
-    fd = os.open(os.path.join(out_dir, ".build.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, ".build.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # read-only storage, no permission: only a build needs to write
+        raise NotWritableError(exc.errno, f"the dataset is not built there yet and building it "
+                               f"needs write access: {exc.strerror} ({exc.filename})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another builder of the same folder
         yield
@@ -109,7 +135,8 @@ def _build_lock(out_dir: str) -> Iterator[None]:
 
 def _split_order(data: ArraySplits, s: PartitionSettings) -> tuple[dict, dict]:
     part = make_partition(data.train_labels, s.clients, s.public_fraction, s.label_assignment,
-                          s.labels_per_client, s.skew, s.seed, num_classes=data.num_classes)
+                          s.labels_per_client, s.skew, s.seed, num_classes=data.num_classes,
+                          scheme=s.partition, alpha=s.alpha, min_samples=s.min_samples)
     order = {"test": None}
     order.update(write_order(s.seed, part.public, part.clients))
     return part.manifest(), order
@@ -124,14 +151,16 @@ def build_array_shards(data: ArraySplits, out_dir: str, s: PartitionSettings, *,
     ``layout``: ``u8`` record shards or ``npy`` sample tars."""
     if layout not in (RECORDS_FORMAT, "npy"):
         raise ValueError(f"unknown layout {layout!r}")
+    # A complete dataset is used as it is, without the lock: shared data is often read-only.
+    complete = _complete_manifest(out_dir, settings)
+    if complete is not None:
+        log(f"{data.name}: complete already, nothing written ({out_dir})")
+        return complete
     with _build_lock(out_dir):
-        if os.path.isfile(os.path.join(out_dir, MANIFEST_NAME)):
-            manifest = load_manifest(out_dir)
-            if manifest.get("settings") == settings:
-                log(f"{data.name}: complete already, nothing written ({out_dir})")
-                return manifest
-            raise ValueError(f"{os.path.join(out_dir, MANIFEST_NAME)} was built with other "
-                             f"settings ({manifest.get('settings')}) than requested ({settings})")
+        complete = _complete_manifest(out_dir, settings)  # another builder may have finished
+        if complete is not None:
+            log(f"{data.name}: complete already, nothing written ({out_dir})")
+            return complete
         part_manifest, order = _split_order(data, s)
         manifest: dict = {
             "dataset": data.name, "format_version": FORMAT_VERSION, "format": layout,
@@ -200,5 +229,16 @@ def _write_splits(data: ArraySplits, order: dict, out_dir: str, samples_per_shar
 def settings_record(dataset: str, s: PartitionSettings, **extra) -> dict:
     """The manifest's ``settings`` of a built-in dataset: what it is and how it was split."""
     # settings added since the first builds are left out at their old value (run.compat)
-    return dataset_settings({"dataset": dataset, "format_version": FORMAT_VERSION, **asdict(s),
-                             **extra})
+    return dataset_settings({"dataset": dataset, "format_version": FORMAT_VERSION,
+                             **partition_record(s), **extra})
+
+
+def partition_record(s: PartitionSettings) -> dict:
+    """``s`` as recorded: alpha only for dirichlet, and for a plug-in the digest of its source
+    (a changed plug-in builds a new dataset instead of finding the old one)."""
+    record = asdict(s)
+    if s.partition != "dirichlet":
+        record.pop("alpha")
+    if is_import_path(s.partition):
+        record["partition_sha256"] = source_digest(s.partition)
+    return record

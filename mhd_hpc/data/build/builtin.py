@@ -26,11 +26,14 @@ from mhd_hpc.data.build.embedded import build_digits_shards
 from mhd_hpc.data.manifest import file_sha256
 from mhd_hpc.data.build.sources import FASHION_MNIST_CLASSES, DatasetFileError, load_idx_dataset
 
-__all__ = ["BUILTIN_CLASSES", "FASHION_MNIST_DIR", "FASHION_MNIST_HELP", "build_builtin",
+__all__ = ["BUILTIN_CLASSES", "BUILTIN_SHAPES", "FASHION_MNIST_DIR", "FASHION_MNIST_HELP", "build_builtin",
            "array_splits"]
 
 #: Classes of every built-in dataset (known before start, so the config can check label counts).
 BUILTIN_CLASSES = BUILTIN_DATASETS  # name -> number of classes
+#: Image shape (channels, height, width) of every built-in dataset, known before start, so that
+#: a plug-in backbone can be checked on every rank before anything is built or sent.
+BUILTIN_SHAPES = {"digits": (1, 8, 8), "fashion_mnist": (1, 28, 28)}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HELP = (
     "install Debian's package (apt-get install dataset-fashion-mnist, which puts the files in "
@@ -77,7 +80,9 @@ def build_builtin(dataset: str, root: str, source: str, partition: PartitionSett
             root, num_clients=partition.clients, public_fraction=partition.public_fraction,
             label_assignment=partition.label_assignment,
             labels_per_client=partition.labels_per_client, skew=partition.skew,
-            seed=partition.seed, public_source=partition.public_source)
+            seed=partition.seed, public_source=partition.public_source,
+            partition=partition.partition, alpha=partition.alpha,
+            min_samples=partition.min_samples)
     if dataset == "fashion_mnist":
         try:
             return build_fashion_mnist(root, source, partition)

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from mhd_hpc.data.build.array_shards import ArraySplits, PartitionSettings, build_array_shards
+from mhd_hpc.data.build.array_shards import (ArraySplits, PartitionSettings, build_array_shards,
+                                             partition_record)
 from mhd_hpc.data.manifest import FORMAT_VERSION
 from mhd_hpc.run.compat import EMBEDDED_DIGITS_LAYOUT, dataset_settings
 
@@ -64,9 +65,15 @@ def digits_test_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def digits_settings(num_clients: int, public_fraction: float, label_assignment: str,
                     labels_per_client: int, skew: float, seed: int,
-                    public_source: str = "split") -> dict[str, Any]:
-    """The settings that determine a built dataset, with normalised types (10 == 10.0)."""
-    extra = dataset_settings({"public_source": public_source})  # left out when "split"
+                    public_source: str = "split", partition: PartitionSettings | None = None,
+                    ) -> dict[str, Any]:
+    """The settings that determine a built dataset, with normalised types (10 == 10.0).
+    ``partition``: its scheme, alpha and min_samples are recorded when not the defaults."""
+    scheme = partition_record(partition) if partition is not None else {}
+    extra = dataset_settings({"public_source": public_source,  # left out when "split", ...
+                              **{k: v for k, v in scheme.items()
+                                 if k in ("partition", "alpha", "min_samples",
+                                          "partition_sha256")}})
     if label_assignment == "even":  # distinct sets since rule 2 (rule 1 could repeat a set)
         extra["even_rule"] = 2
     return extra | {
@@ -91,11 +98,17 @@ def dataset_dir_name(settings: dict) -> str:
 
 def build_digits_shards(root: str, *, num_clients: int, public_fraction: float,
                         label_assignment: str, labels_per_client: int, skew: float,
-                        seed: int, public_source: str = "split") -> str:
+                        seed: int, public_source: str = "split", partition: str = "primary",
+                        alpha: float = 0.5, min_samples: int = 1) -> str:
     """Build (or find) the digits dataset for these settings under ``root``; return its folder.
-    ``public_source='all'``: the public split lists the whole training pool (MHD+)."""
+    ``public_source='all'``: the public split lists the whole training pool (MHD+);
+    ``partition``, ``alpha``, ``min_samples``: as the data keys of the same names."""
+    scheme = PartitionSettings(num_clients, public_fraction, label_assignment,
+                               labels_per_client, skew, seed, public_source, partition, alpha,
+                               min_samples)
     settings = digits_settings(num_clients, public_fraction, label_assignment,
-                               labels_per_client, skew, seed, public_source)  # recorded as is
+                               labels_per_client, skew, seed, public_source,
+                               scheme)  # recorded as is
     final = os.path.join(root, dataset_dir_name(settings))
     images, labels = load_digits_arrays()
     test, pool = digits_test_split(labels)
@@ -106,8 +119,6 @@ def build_digits_shards(root: str, *, num_clients: int, public_fraction: float,
         scale=DIGITS_SCALE,  # pixel values are 0..16; one channel: the mean over all pixels
         normalize={"scale": DIGITS_SCALE, "mean": [float(scaled.mean())],
                    "std": [float(scaled.std())]})
-    partition = PartitionSettings(num_clients, public_fraction, label_assignment,
-                                  labels_per_client, skew, seed, public_source)
-    build_array_shards(splits, final, partition, settings=settings,
+    build_array_shards(splits, final, scheme, settings=settings,
                        samples_per_shard=SAMPLES_PER_SHARD, layout=EMBEDDED_DIGITS_LAYOUT)
     return final

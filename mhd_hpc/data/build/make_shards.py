@@ -6,7 +6,7 @@ Output, in the layout of :mod:`mhd_hpc.data.manifest` (plus ``dataset``/``classe
 ``corrupt`` in the manifest)::
 
     out/manifest.json
-    out/public/shard-000000.tar  shard-000000.idx  shard-000000.done
+    out/public/shard-000000.tar  shard-000000.idx  shard-000000.sums  shard-000000.done
     out/client_000/...   out/test/...
 
 A sample is ``{key}.jpg`` (the original file bytes; re-encoded as RGB JPEG only when it is not a
@@ -15,9 +15,11 @@ JPEG or exceeds ``max_side``) + ``{key}.cls`` (ASCII class index). The split is
 (DALI's reader only shuffles within a buffer), test keeps source order.
 
 Robustness: a shard is written to a fixed temporary name and renamed; then its DALI index
-(:mod:`mhd_hpc.data.tarindex`) and last a ``.done`` sidecar (sample count, sha256, a hash of the
-planned contents) are written. A rerun skips every shard whose sidecar matches the plan, so an
-interrupted build resumes and a finished one is a no-op. Unreadable images are listed by path in
+(:mod:`mhd_hpc.data.tarindex`), its member checksums (:mod:`mhd_hpc.data.checksums`, taken
+while writing; a rerun adds them to complete shards of older versions) and last a ``.done``
+sidecar (sample count, sha256, a hash of the planned contents) are written. A rerun skips
+every shard whose sidecar matches the plan, so an interrupted build resumes and a finished one
+is a no-op. Unreadable images are listed by path in
 the manifest (``corrupt``) and the summary: never a crash, never a silent drop.
 
 Parallelism: shard jobs are spread over ranks (``rank``/``size``, shard i on rank i % size) and
@@ -34,14 +36,17 @@ import re
 import sys
 import tarfile
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from typing import Callable
 
 import numpy as np
 
+from mhd_hpc.data.checksums import sums_path, write_sums
 from mhd_hpc.data.manifest import (FORMAT_VERSION, file_sha256, use_whole_pool_as_public,
                                    write_manifest, write_order)
+from mhd_hpc.data.build.client_folders import client_folder_partition
 from mhd_hpc.data.build.partition import make_partition
 from mhd_hpc.data.records import RECORDS_FORMAT, meta_path, write_record_shard
 from mhd_hpc.data.shards import add_member, shard_name
@@ -77,6 +82,20 @@ class ShardSettings:
     samples_per_shard: int = 1000
     public_source: str = "split"  # "all": the public split lists the whole training pool (MHD+)
     decode_public: bool = True  # public and test splits stored decoded (raw uint8, S x S)
+    partition: str = "primary"  # primary | dirichlet | a plug-in's package.module:function
+    alpha: float = 0.5  # dirichlet's concentration
+    min_samples: int = 1  # fewest private samples a client may receive
+    client_folders: bool = False  # train_dir holds client_NNN/<class>/* trees (client_folders)
+
+    def record(self) -> dict:
+        """The settings as the manifest records them: the ones added with the Dirichlet and
+        client-folder partitions only when set, so that rebuilding a dataset of an older
+        version writes the same manifest."""
+        added = {"partition": "primary", "alpha": 0.5, "min_samples": 1, "client_folders": False}
+        record = {k: v for k, v in asdict(self).items() if k not in added or v != added[k]}
+        if self.partition != "dirichlet":
+            record.pop("alpha", None)
+        return record
 
 
 @dataclass
@@ -156,6 +175,10 @@ def list_label_file(image_dir: str, label_file: str, classes: list[str]
 def _find_val(s: ShardSettings) -> tuple[str, str | None]:
     """(validation image folder, label file or None for a class tree)."""
     val_dir = s.val_dir or (os.path.dirname(s.val_labels) if s.val_labels else None)
+    if val_dir is None and s.client_folders:  # ROOT/test beside ROOT/client_000, ...
+        val_dir = os.path.join(s.train_dir, "test")
+        if not os.path.isdir(val_dir):
+            raise ValueError(f"no test set: pass --val DIR (no {val_dir})")
     if val_dir is None:
         sibling = os.path.join(os.path.dirname(os.path.abspath(s.train_dir)), "val")
         if not os.path.isdir(sibling):
@@ -174,14 +197,24 @@ def _find_val(s: ShardSettings) -> tuple[str, str | None]:
 
 def plan_jobs(s: ShardSettings) -> tuple[list[str], dict, dict[str, list[ShardJob]]]:
     """(classes, partition manifest, split -> shard jobs): a pure function of the file listing."""
-    classes, train = list_image_folder(s.train_dir)
+    if s.client_folders:  # the split is the folders' (data/build/client_folders.py)
+        classes, train, part = client_folder_partition(s.train_dir, s.public_fraction, s.seed,
+                                                       s.min_samples, list_image_folder)
+        if len(part.clients) != s.clients:
+            raise ValueError(f"{s.train_dir} has {len(part.clients)} client folders, but "
+                             f"{s.clients} clients were asked for")
+    else:
+        classes, train = list_image_folder(s.train_dir)
     val_dir, label_file = _find_val(s)
     test = (list_label_file(val_dir, label_file, classes) if label_file
             else list_image_folder(val_dir, classes)[1])
-    labels = np.array([lab for _, lab in train], dtype=np.int64)
-    lpc = s.labels_per_client if s.labels_per_client is not None else max(1, len(classes) // 4)
-    part = make_partition(labels, s.clients, s.public_fraction, s.label_assignment, lpc,
-                          s.skew, s.seed, num_classes=len(classes))
+    if not s.client_folders:
+        labels = np.array([lab for _, lab in train], dtype=np.int64)
+        lpc = (s.labels_per_client if s.labels_per_client is not None
+               else max(1, len(classes) // 4))
+        part = make_partition(labels, s.clients, s.public_fraction, s.label_assignment, lpc,
+                              s.skew, s.seed, num_classes=len(classes), scheme=s.partition,
+                              alpha=s.alpha, min_samples=s.min_samples)
     order: dict[str, np.ndarray | None] = {"test": None}
     order.update(write_order(s.seed, part.public, part.clients))
     seen: set[str] = set()
@@ -299,6 +332,7 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     corrupt: dict[str, str] = {}
     labels: list[int] = []
     converted = 0
+    crcs: dict[str, int] = {}  # of the bytes as written, for the sums file
     with atomic_write(final, tmp=tmp, chmod=0o644) as f:
         with tarfile.open(fileobj=f, mode="w") as tar:
             for key, path, label in job.items:
@@ -307,11 +341,14 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
                 except Exception as exc:  # any decoder failure: report, keep going
                     corrupt[path] = f"{type(exc).__name__}: {exc}"
                     continue
-                add_member(tar, f"{key}.jpg", data)
-                add_member(tar, f"{key}.cls", str(label).encode("ascii"))
+                for name, member in ((f"{key}.jpg", data),
+                                     (f"{key}.cls", str(label).encode("ascii"))):
+                    add_member(tar, name, member)
+                    crcs[name] = zlib.crc32(member)
                 labels.append(label)
                 converted += conv
     write_index(final)
+    write_sums(final, crcs)
     done = {"plan": job.plan_hash(), "count": len(labels), "bytes": os.path.getsize(final),
             "sha256": file_sha256(final), "labels": labels, "corrupt": corrupt,
             "converted": converted}
@@ -356,6 +393,12 @@ def build_imagefolder_shards(s: ShardSettings, out_dir: str, workers: int = 1, r
     flat = [j for split in jobs.values() for j in split]
     mine = [j for i, j in enumerate(flat) if i % size == rank]
     todo = [j for j in mine if read_done(out_dir, j) is None]
+    older = [j for j in mine if j not in todo and not j.decoded_size
+             and not os.path.isfile(sums_path(os.path.join(out_dir, j.relpath)))]
+    for j in older:  # complete shards of a version without member checksums: add them
+        write_sums(os.path.join(out_dir, j.relpath))
+    if older:
+        log(f"rank {rank}/{size}: member checksums added to {len(older)} complete shards")
     log(f"rank {rank}/{size}: {len(mine)} shards, {len(mine) - len(todo)} already complete, "
         f"{len(todo)} to write with {workers} worker(s)")
     fail_after = int(os.environ.get(FAULT_ENV, "0") or 0)
@@ -386,7 +429,7 @@ def _write_manifest(s: ShardSettings, out_dir: str, classes: list[str], part_man
         "dataset": "imagefolder", "format_version": FORMAT_VERSION, "format": "jpg",
         "num_classes": c, "classes": classes, "image_shape": [3, s.image_size, s.image_size],
         "normalize": {"scale": 1.0 / 255.0, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-        "settings": {**asdict(s), "dataset": "imagefolder", "format_version": FORMAT_VERSION},
+        "settings": {**s.record(), "dataset": "imagefolder", "format_version": FORMAT_VERSION},
         "partition": part_manifest, "splits": {}, "counts": {}, "class_counts": {}, "bytes": {},
         "corrupt": [], "corrupt_reasons": {}, "converted": 0, "shard_sha256": {},
         "split_formats": {split: RECORDS_FORMAT for split in decoded_splits(s)},

@@ -24,6 +24,7 @@ with DALI 2.4 (CPU pipelines; no GPU was available to run the mixed path).
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -33,10 +34,12 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.tensors import TensorListGPU
 
+from mhd_hpc.data.checksums import DamagedSample
 from mhd_hpc.data.read.batches import Batch
 from mhd_hpc.data.read.streams import (BatchStream, ByteReader, SplitTable, resize_crops,
                                   resize_shorter_to)
 from mhd_hpc.data.tarindex import index_path
+from mhd_hpc.runtime.signals import children_shielded
 
 __all__ = ["DaliStream", "build_pipeline", "reader_batches"]
 
@@ -127,7 +130,8 @@ def build_pipeline(source: Callable | None, train: bool, size: int, normalize: d
         return (*_transform(jpegs, train, size, normalize, dev is not None), labels)
 
     p = pipe()
-    p.build()
+    with children_shielded():  # its worker processes leave a Ctrl-C or scancel to the rank
+        p.build()
     return p
 
 
@@ -187,7 +191,7 @@ class DaliStream(BatchStream):
             seed = int(np.random.default_rng([self.seed, self.part, start]).integers(2 ** 31))
             self._pipe = self._pipeline(StepSamples(self._reader, self.order, start),
                                         self.kind == "train", len(idx), seed, parallel=True)
-        outs = self._pipe.run()
+        outs = self._run(self._pipe, idx)
         self._next = step + 1
         images, flips = _images(outs, self.image_size, self._pool)
         return self._batch(idx, images, flips, normalized=images.is_cuda)
@@ -205,15 +209,50 @@ class DaliStream(BatchStream):
 
         pipe = self._pipeline(source, False, self.batch_size, self.seed)
         for lo, hi in ranges:
-            images, _ = _images(pipe.run(), self.image_size)
+            images, _ = _images(self._run(pipe, np.arange(lo, hi)), self.image_size)
             yield self._batch(np.arange(lo, hi), images, normalized=images.is_cuda)
         del pipe
+
+    def _run(self, pipe, idx: np.ndarray) -> tuple:
+        """``pipe.run()``, its failures named by shard and sample: a damaged sample found by
+        the byte reader (in DALI's worker processes, whose errors come back wrapped), or one
+        DALI cannot decode (its error names neither: the batch's samples are tried in PIL)."""
+        try:
+            return pipe.run()
+        except Exception as exc:
+            # DALI re-raises a worker's error as a plain Exception carrying its traceback.
+            found = [ln.split("DamagedSample: ", 1)[1] for ln in str(exc).splitlines()
+                     if "DamagedSample: " in ln]
+            if found:
+                raise DamagedSample(found[-1]) from None
+            bad = [self.table.where(i) for i in sorted(set(idx.tolist()))
+                   if not _decodes(self._reader, i)]
+            first = " ".join(str(exc).split())[:200] or type(exc).__name__
+            if bad:
+                raise DamagedSample(f"{bad[0]}: DALI cannot decode it ({first})"
+                                    + (f"; also {'; '.join(bad[1:4])}" if len(bad) > 1 else "")
+                                    ) from exc
+            shards = sorted({self.table.paths[int(self.table.shard[i])] for i in idx})
+            raise RuntimeError(f"DALI failed on a batch of {len(idx)} samples from "
+                               f"{', '.join(shards[:3])} (each decodes in PIL): {first}") from exc
 
     def close(self) -> None:
         self._pipe = None
         if self._pool is not None:
             self._pool.shutdown()
         self._reader.close()
+
+
+def _decodes(reader: ByteReader, i: int) -> bool:
+    """Whether sample ``i``'s bytes are whole and decode in PIL (after DALI failed a batch)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(reader.read(i))) as im:
+            im.load()
+    except Exception:  # noqa: BLE001 - any failure marks the sample
+        return False
+    return True
 
 
 def reader_batches(shard_paths: list[str], batch_size: int, image_size: int, normalize: dict,

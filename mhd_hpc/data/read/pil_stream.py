@@ -19,8 +19,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mhd_hpc.runtime.seeds import AUGMENT
+from mhd_hpc.data.checksums import DamagedSample
 from mhd_hpc.data.read.batches import Batch
+from mhd_hpc.runtime.seeds import AUGMENT
+from mhd_hpc.runtime.signals import children_shielded
 from mhd_hpc.data.read.streams import (BatchStream, ByteReader, SplitTable, _round, centre_offset,
                                   resize_shorter_to, resize_uint8, resized_size)
 
@@ -91,7 +93,12 @@ class _DecodeJobs(torch.utils.data.Dataset):
         flips = torch.zeros(len(idx), dtype=torch.bool)
         view = self.ring[slot, :len(idx)].numpy()
         for j, i in enumerate(idx):
-            view[j], flips[j] = decode_pil(self.reader.read(int(i)), self.size, train, rng)
+            data = self.reader.read(int(i))  # checked against its CRC32: names the damage
+            try:
+                view[j], flips[j] = decode_pil(data, self.size, train, rng)
+            except Exception as exc:  # PIL's errors name neither the shard nor the sample
+                raise DamagedSample(f"{self.reader.table.where(int(i))}: cannot be decoded "
+                                    f"({type(exc).__name__}: {exc})") from exc
         return slot, flips
 
 
@@ -140,7 +147,8 @@ class PilStream(BatchStream):
         dataset.ring = ring
         slotted = ((*job, n % slots) for n, job in enumerate(jobs))
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=slotted, **kw)
-        return iter(loader), ring
+        with children_shielded():  # a Ctrl-C or scancel stops the rank, not its workers
+            return iter(loader), ring
 
     def _take(self, ring: torch.Tensor, slot: int, rows: int) -> torch.Tensor:
         """A copy of ``ring[slot]``'s first ``rows`` images, before the slot is reused."""

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from mhd_hpc.data.checksums import DamagedSample, ShardSums, read_sums, sums_path
 from mhd_hpc.data.manifest import Manifest
 from mhd_hpc.data.read.batches import Batch, StepBatches, key_hash
 from mhd_hpc.data.shards import Samples
@@ -95,7 +97,8 @@ def resize_crops(crops: list[np.ndarray], size: int, pool=None) -> torch.Tensor:
 
 @dataclass
 class SplitTable:
-    """Random-access view of a JPEG split: per sample its shard, byte range, key and label."""
+    """Random-access view of a JPEG split: per sample its shard, byte range, key, label and
+    the CRC32 of its JPEG bytes (-1: a shard built before checksums, not checked)."""
 
     paths: list[str]
     shard: np.ndarray
@@ -103,35 +106,63 @@ class SplitTable:
     size: np.ndarray
     keys: list[str]
     labels: np.ndarray
+    crc: np.ndarray | None = None  # int64; None: no shard of the split has checksums
+    unchecked: int = 0  # shards without checksums
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def where(self, i: int) -> str:
+        """'SHARD: sample KEY' for messages about sample ``i``."""
+        return f"{self.paths[int(self.shard[i])]}: sample {self.keys[i]!r}"
 
     @classmethod
     def load(cls, dataset_dir: str, split: str, manifest: Manifest | dict) -> "SplitTable":
         manifest = Manifest.of(manifest)
         paths = [os.path.join(dataset_dir, f) for f in manifest.splits[split]]
-        shard, offset, size, keys, labels = [], [], [], [], []
+        shard, offset, size, keys, labels, crc = [], [], [], [], [], []
+        unchecked = 0
         for s, path in enumerate(paths):
             idx = index_path(path)
             # No index (a foreign dataset): scan the tar headers, as DALI would at start-up.
             entries = read_index(idx) if os.path.isfile(idx) else index_tar(path)
+            sums = read_sums(sums_path(path)) if os.path.isfile(sums_path(path)) else None
+            unchecked += sums is None
             with open(path, "rb") as f:
                 for e in entries:
                     if "jpg" not in e.members or "cls" not in e.members:
                         raise ValueError(f"{path}: sample {e.key!r} lacks .jpg or .cls")
+                    recorded = _recorded(sums, e, path)
                     off, n = e.members["cls"]
-                    labels.append(int(os.pread(f.fileno(), n, off).decode("ascii")))
+                    raw = os.pread(f.fileno(), n, off)
+                    if len(raw) != n or (recorded and zlib.crc32(raw) != recorded["cls"][1]):
+                        raise DamagedSample(f"{path}: sample {e.key!r}: its label (.cls) is not "
+                                            f"what was written (truncated or damaged shard)")
+                    labels.append(int(raw.decode("ascii")))
                     shard.append(s)
                     offset.append(e.members["jpg"][0])
                     size.append(e.members["jpg"][1])
                     keys.append(e.key)
+                    crc.append(recorded["jpg"][1] if recorded else -1)
         expected = manifest.counts.get(split)
         if expected is not None and expected != len(keys):
             raise ValueError(f"{dataset_dir}: split {split!r} has {len(keys)} indexed samples, "
                              f"manifest says {expected}")
         return cls(paths, np.asarray(shard, np.int32), np.asarray(offset, np.int64),
-                   np.asarray(size, np.int64), keys, np.asarray(labels, np.int64))
+                   np.asarray(size, np.int64), keys, np.asarray(labels, np.int64),
+                   np.asarray(crc, np.int64) if unchecked < len(paths) else None, unchecked)
+
+
+def _recorded(sums: ShardSums | None, entry, path: str) -> dict | None:
+    """The sums of ``entry``'s members, checked against the index (same members and sizes)."""
+    if sums is None:
+        return None
+    recorded = sums.members.get(entry.key)
+    if recorded is None or any(recorded.get(ext, (-1,))[0] != size
+                               for ext, (_, size) in entry.members.items()):
+        raise ValueError(f"{sums_path(path)}: sample {entry.key!r} does not match the index "
+                         f"{index_path(path)} (stale files: rebuild with tools/make_shards.py)")
+    return recorded
 
 
 class ByteReader:
@@ -145,11 +176,27 @@ class ByteReader:
         return {"table": self.table, "_fds": {}}  # descriptors do not cross a fork/pickle
 
     def read(self, i: int) -> bytes:
-        s = int(self.table.shard[i])
+        """Sample ``i``'s JPEG bytes, checked against their size and CRC32 (when the shard has
+        checksums): damage raises :class:`DamagedSample` naming the shard and the key."""
+        table = self.table
+        s = int(table.shard[i])
         fd = self._fds.get(s)
         if fd is None:
-            fd = self._fds[s] = os.open(self.table.paths[s], os.O_RDONLY)
-        return os.pread(fd, int(self.table.size[i]), int(self.table.offset[i]))
+            fd = self._fds[s] = os.open(table.paths[s], os.O_RDONLY)
+        size = int(table.size[i])
+        data = os.pread(fd, size, int(table.offset[i]))
+        if len(data) != size:
+            raise DamagedSample(f"{table.where(i)}: {len(data)} of its {size} bytes left: the "
+                                f"shard was truncated")
+        if table.crc is None or table.crc[i] < 0:  # an older shard: at least a JPEG's start
+            if data[:2] != b"\xff\xd8":  # (DALI's CPU decoder crashed on zeroed bytes)
+                raise DamagedSample(f"{table.where(i)}: not a JPEG (no start-of-image marker): "
+                                    "the shard is damaged")
+        elif zlib.crc32(data) != table.crc[i]:
+            raise DamagedSample(f"{table.where(i)}: its bytes differ from those written when "
+                                f"the shard was built (CRC32 mismatch): the shard is damaged; "
+                                f"copy it again or rebuild it with tools/make_shards.py")
+        return data
 
     def close(self) -> None:
         for fd in self._fds.values():
