@@ -7,10 +7,8 @@ not branch on the mode.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -19,10 +17,10 @@ from mhd_hpc.config import JobConfig
 from mhd_hpc.method.schedules import learning_rate
 from mhd_hpc.run.client_state import ClientState
 from mhd_hpc.run.evaluation import evaluate
-from mhd_hpc.run.progress import Interval, Log, Recorder
+from mhd_hpc.run.progress import (Interval, Log, Recorder, restore_open_interval,
+                                  save_open_interval)
 from mhd_hpc.run.reporting import AsyncReports, LockstepReports
 from mhd_hpc.data.read.feed import BatchFeed
-from mhd_hpc.runtime.files import atomic_write_text
 from mhd_hpc.runtime.signals import EXIT_RESUMABLE, Fault, StopSignal, die, under_mpirun
 
 if TYPE_CHECKING:
@@ -90,7 +88,8 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
     client.strategy.start(model, resumed=start > 0)
     floats = [b for b in model.buffers() if b.is_floating_point()]  # BatchNorm statistics
     interval = Interval()
-    restore_interval(s, start, interval)
+    if start:  # a run stopped between log steps takes up that interval
+        restore_open_interval(s.cfg.run.out_dir, s.world.rank, start, interval)
     for step in range(start + 1, r.steps + 1):
         if fault:
             fault.at_step_start(step)
@@ -124,7 +123,7 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
                              before_commit=die if fault and fault.in_checkpoint(step) else None)
         if stopping:
             if not logging:  # mid-interval: the resumed run completes this interval's row
-                save_interval(s, step, interval)
+                save_open_interval(s.cfg.run.out_dir, s.world.rank, step, interval)
             finish(s)
             s.log(f"stopping at step {step} on {s.stop.name}: checkpoint saved; rerun the same "
                   f"command to continue (exit code {EXIT_RESUMABLE}: resumable)"
@@ -136,31 +135,6 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
         s.log(line)
     s.log(f"done: {r.steps} steps. Report: python -m mhd_hpc.report {r.out_dir}")
     return 0
-
-
-def _interval_file(s: Session, step: int) -> Path:
-    name = f"step_{step:09d}_rank_{s.world.rank:05d}.json"
-    return Path(s.cfg.run.out_dir) / "intervals" / name
-
-
-def save_interval(s: Session, step: int, interval: Interval) -> None:
-    """A stop between log steps: this rank's terms of the open log interval, so that the row
-    the resumed run writes at the next log step is the one an unbroken run writes (float32
-    sums kept exactly: a float64 holds every float32)."""
-    sums = {k: float(v) for k, v in interval.sums.items()}
-    path = _interval_file(s, step)
-    path.parent.mkdir(exist_ok=True)
-    atomic_write_text(path, json.dumps(
-        {"sums": sums, "counts": interval.counts, "steps": interval.steps}))
-
-
-def restore_interval(s: Session, start: int, interval: Interval) -> None:
-    """Resuming at a step where the run stopped between log steps: take up its interval."""
-    path = _interval_file(s, start)
-    if start and path.is_file():
-        saved = json.loads(path.read_text())
-        interval.sums, interval.counts = saved["sums"], saved["counts"]
-        interval.steps = saved["steps"]
 
 
 def log_interval(s: Session, interval: Interval, step: int, lr: float) -> None:

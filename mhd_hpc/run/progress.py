@@ -9,6 +9,7 @@ rank prints (:class:`Log`): one terminal, not K copies.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Iterator
@@ -16,8 +17,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mhd_hpc.runtime.files import atomic_write_text
+
 __all__ = ["Log", "Interval", "Recorder", "merge_client_rows", "train_line", "eval_lines",
-           "run_so_far", "TensorBoard"]
+           "run_so_far", "TensorBoard", "save_open_interval",
+           "restore_open_interval"]
 
 
 class Log:
@@ -287,3 +291,27 @@ class Recorder:
                         for c, s in sorted(self.failures.items()))
         return [f"WARNING: {len(self.failures)} client(s) failed the health check: {who}. This "
                 "run did not train as intended; do not read its numbers as a result."]
+
+
+def _open_interval_file(out_dir: str, rank: int, step: int) -> Path:
+    return Path(out_dir) / "intervals" / f"step_{step:09d}_rank_{rank:05d}.json"
+
+
+def save_open_interval(out_dir: str, rank: int, step: int, interval: Interval) -> None:
+    """A stop between log steps: this rank's terms of the open log interval, so that the row
+    the resumed run writes at the next log step is the one an unbroken run writes (float32
+    sums kept exactly: a float64 holds every float32)."""
+    path = _open_interval_file(out_dir, rank, step)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_text(path, json.dumps({"sums": {k: float(v) for k, v in interval.sums.items()},
+                                        "counts": interval.counts, "steps": interval.steps}))
+
+
+def restore_open_interval(out_dir: str, rank: int, step: int, interval: Interval) -> None:
+    """Resuming at ``step`` where the run stopped between log steps: take up its interval."""
+    path = _open_interval_file(out_dir, rank, step)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        interval.sums, interval.counts = saved["sums"], saved["counts"]
+        interval.steps = saved["steps"]
+
