@@ -7,6 +7,7 @@ not branch on the mode.
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -106,7 +107,8 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
 
         with interval.paused():  # ms/step counts training steps only
             # A signal reaches ranks at different steps: they agree on one step to stop at.
-            stopping = s.vote.step(s.stop.received is not None) and not last
+            signum = s.vote.step(s.stop.received)
+            stopping = bool(signum) and not last
             if logging:
                 log_interval(s, interval, step, lr(step))
             evaluating = step % r.eval_every == 0 or last
@@ -125,8 +127,8 @@ def _loop(s: Session, start: int, lr: Callable[[int], float], private_feed: Batc
             if not logging:  # mid-interval: the resumed run completes this interval's row
                 save_open_interval(s.cfg.run.out_dir, s.world.rank, step, interval)
             finish(s)
-            s.log(f"stopping at step {step} on {s.stop.name}: checkpoint saved; rerun the same "
-                  f"command to continue (exit code {EXIT_RESUMABLE}: resumable)"
+            s.log(f"stopping at step {step} on {signal.Signals(signum).name}: checkpoint saved; "
+                  f"rerun the same command to continue (exit code {EXIT_RESUMABLE}: resumable)"
                   + ("; Open MPI's notice that a process exited with non-zero status follows, "
                      "as expected" if under_mpirun() else ""))
             return EXIT_RESUMABLE

@@ -245,14 +245,16 @@ class StopVote:
         self._mine, self._any = np.zeros(1, np.int32), np.zeros(1, np.int32)
         self._pending = None
 
-    def step(self, received: bool) -> bool:
-        """Called once per step by every rank of the communicator: True when the vote of the
-        previous step found a signal, i.e. every rank stops at this step."""
-        agreed = False
+    def step(self, received: int | None) -> int:
+        """Called once per step by every rank of the communicator with the stop signal it has
+        received (its number, or None): the largest signal number the vote of the previous
+        step found (0: none), the same on every rank, which then stops at this step (the root
+        can name a signal that only another rank received)."""
+        agreed = 0
         if self._pending is not None:
             self._pending.Wait()
-            agreed = bool(self._any[0])
-        self._mine[0] = int(received)
+            agreed = int(self._any[0])
+        self._mine[0] = int(received or 0)
         self._pending = self.comm.Iallreduce(self._mine, self._any, op=MPI.MAX)
         return agreed
 
