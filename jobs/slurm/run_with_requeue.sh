@@ -2,8 +2,8 @@
 # Shared body of the sbatch scripts: launch the training job step, forward SLURM's time-limit
 # warning to the ranks, and requeue the job when the ranks stopped early with a checkpoint.
 #
-# The ranks react to SIGUSR1/SIGTERM by agreeing on the next log step, checkpointing every
-# client there and exiting with code 3 (mhd_hpc.trainer.EXIT_RESUMABLE). A requeued job runs the
+# The ranks react to SIGUSR1/SIGTERM/SIGINT by agreeing on the next step, checkpointing every
+# client there and exiting with code 3 (runtime.signals.EXIT_RESUMABLE). A requeued job runs the
 # same command on the same run.out_dir and resumes from that checkpoint.
 #
 # Usage (from an sbatch script): run_with_requeue.sh JOB.yaml [key=value ...]
