@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from mpi4py import MPI  # noqa: E402  (imported before any torch.distributed use, see environment.md)
+from mpi4py import MPI  # noqa: E402  (before any torch.distributed use: they coexist that way)
 
 from mhd_hpc.runtime.tensors import flatten, unflatten_into
 
