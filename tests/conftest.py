@@ -20,6 +20,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.mpi)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """A child process that outlives the tests (a loader worker nobody stopped) fails the run
+    and is killed: left alone it would keep this process waiting at exit for ever
+    (multiprocessing joins its children there, and loader workers block its SIGTERM), so CI
+    would hang after the summary instead of failing."""
+    import multiprocessing
+
+    left = multiprocessing.active_children()
+    for child in left:
+        child.kill()
+        child.join()
+    if left:
+        names = ", ".join(f"{c.name} (pid {c.pid})" for c in left)
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(f"FAILED: child processes still running after the tests, killed: {names}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def only_in_mpi_files() -> None:
     """Fail a test that would start mpirun from outside a ``*_mpi.py`` file, so that the quick
     subset (``-m "not mpi"``) never launches one: such a test belongs in an _mpi file."""

@@ -3,6 +3,7 @@ as samples are read (PIL loader, DALI's byte source) and, for the shard sizes, b
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tarfile
@@ -83,15 +84,20 @@ def test_a_zeroed_member_is_named_when_read(copy) -> None:
 
 
 def test_a_zeroed_member_stops_the_pil_loader_naming_it(copy) -> None:
+    """...and closing the stream ends its worker, though the error's traceback still holds the
+    loader (a worker left behind blocks SIGTERM: the process would wait for it at exit)."""
     ds, manifest = copy
     key = zero_first_jpeg(first_tar(ds))
+    before = set(multiprocessing.active_children())
     stream, _ = open_stream(str(ds), "client_000", 64, 0, "train", loader="wds", threads=1,
                             manifest=manifest)
     try:
-        with pytest.raises(DamagedSample, match=rf"shard-000000.tar: sample '{key}'.*CRC32"):
+        with pytest.raises(DamagedSample, match=rf"shard-000000.tar: sample '{key}'.*CRC32") as e:
             stream.batch(0)  # the batch of 64 holds every sample of the client
     finally:
         stream.close()
+    assert e.value.__traceback__ is not None
+    assert set(multiprocessing.active_children()) <= before
 
 
 @needs_dali

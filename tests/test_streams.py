@@ -130,7 +130,10 @@ def test_dali_and_wds_agree_on_public_kind(dataset, split: str) -> None:
     auto_name = open_stream(ds, split, 3, seed=5, kind="public", loader="auto")[1]
     wds, _ = open_stream(ds, split, 3, seed=5, kind="public", loader="wds", threads=0)
     assert name == auto_name == "dali"
-    for step in [0, 1, 2, 6, 1]:  # includes a jump forward and a resume backwards
+    # A resume backwards on one split (it rebuilds DALI's pipeline and spawns its workers:
+    # seconds; a jump forward takes the same branch), straight steps on the other.
+    steps = [0, 1, 2, 1] if split == "public" else [0, 1]
+    for step in steps:
         a, b = ready(dali.batch(step)), ready(wds.batch(step))
         assert a.keys == b.keys == _expected_keys(ds, m, split, 3, 5, step)
         assert torch.equal(a.labels, b.labels)
@@ -145,8 +148,9 @@ def test_dali_and_wds_agree_on_eval_over_every_split(dataset) -> None:
     ds, m, _ = dataset
     for split, count in m["counts"].items():
         out = {}
-        for backend in ("dali", "wds"):
-            stream, _ = open_stream(ds, split, 5, seed=0, kind="eval", loader=backend, threads=1)
+        for backend, threads in (("dali", 1), ("wds", 0)):  # wds decodes in-process here
+            stream, _ = open_stream(ds, split, 5, seed=0, kind="eval", loader=backend,
+                                    threads=threads)
             out[backend] = [ready(b) for b in stream.eval_batches()]
         keys = [k for b in out["wds"] for k in b.keys]
         assert keys == SplitTable.load(ds, split, m).keys and len(keys) == count
@@ -161,7 +165,7 @@ def test_dali_train_kind_shapes(dataset) -> None:
     ds, m, _ = dataset
     dali, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", loader="dali", threads=1)
     wds, _ = open_stream(ds, "client_000", 4, seed=3, kind="train", loader="wds", threads=0)
-    for step in (0, 1, 5):
+    for step in (0, 1, 2):  # no jump: each would rebuild the pipeline (the public test jumps)
         a, b = ready(dali.batch(step)), ready(wds.batch(step))
         assert a.keys == b.keys and torch.equal(a.labels, b.labels)
         assert a.images.shape == b.images.shape == (4, 3, 32, 32)

@@ -26,7 +26,24 @@ from mhd_hpc.runtime.signals import children_shielded
 from mhd_hpc.data.read.streams import (BatchStream, ByteReader, SplitTable, _round, centre_offset,
                                   resize_shorter_to, resize_uint8, resized_size)
 
-__all__ = ["PilStream", "decode_pil", "random_resized_box", "resize_uint8"]
+__all__ = ["PilStream", "decode_pil", "random_resized_box", "resize_uint8", "stop_workers"]
+
+
+def stop_workers(it: Iterator | None) -> None:
+    """End a DataLoader iterator's worker processes now and wait for them. Dropping the
+    iterator is not enough: a traceback (an error raised through ``next``) keeps it alive, and
+    the workers block the stop signals (``children_shielded``), so the SIGTERM that
+    multiprocessing sends its children at exit cannot end them and the process would wait for
+    them at exit forever. torch's own shutdown first (a stop message on each worker's queue,
+    a join with a timeout), then SIGKILL, which no mask blocks, for a worker still there."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # only multi-process iterators have it
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(it, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def decode_pil(data: bytes, size: int, train: bool, rng: np.random.Generator | None
@@ -165,6 +182,7 @@ class PilStream(BatchStream):
     def batch(self, step: int) -> Batch:
         idx = self.indices(step)  # validates before any worker starts
         if self._it is None or step != self._next:
+            stop_workers(self._it)
             self._it, self._ring = self._loader(self._step_jobs(step), len(idx))
         slot, flips = next(self._it)
         self._next = step + 1
@@ -177,10 +195,14 @@ class PilStream(BatchStream):
             return
         jobs = ((b, np.arange(lo, hi), False) for b, (lo, hi) in enumerate(ranges))
         it, ring = self._loader(jobs, max(hi - lo for lo, hi in ranges))
-        for (lo, hi), (slot, _) in zip(ranges, it):
-            yield self._batch(np.arange(lo, hi), self._take(ring, slot, hi - lo))
+        try:
+            for (lo, hi), (slot, _) in zip(ranges, it):
+                yield self._batch(np.arange(lo, hi), self._take(ring, slot, hi - lo))
+        finally:  # a pass ended, abandoned (the generator closed) or failed
+            stop_workers(it)
 
     def close(self) -> None:
-        self._it = self._ring = None  # DataLoader workers exit when their iterator is collected
+        stop_workers(self._it)
+        self._it = self._ring = None
         self._jobs.reader.close()
 
