@@ -98,3 +98,23 @@ def test_every_writer_of_the_package_goes_through_here():
                     if "os.replace(" in f.read():
                         users.append(os.path.relpath(os.path.join(folder, name), root))
     assert users == [os.path.join("runtime", "files.py")]
+
+
+def test_a_full_disk_is_recognised_through_the_chain_of_errors():
+    import errno
+
+    from mhd_hpc.runtime.files import storage_full
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/scratch/run/x.h5.tmp")
+    try:
+        try:
+            raise full
+        except OSError as exc:
+            raise RuntimeError("checkpoint of client 3 failed") from exc
+    except RuntimeError as outer:
+        assert storage_full(outer) is full
+    assert storage_full(OSError(errno.EDQUOT, "Disk quota exceeded")) is not None
+    worded = RuntimeError("Can't write data (file write failed: ... No space left on device)")
+    assert storage_full(worded) is worded  # h5py says it in words only
+    assert storage_full(OSError(errno.EACCES, "Permission denied")) is None
+    assert storage_full(ValueError("bad")) is None

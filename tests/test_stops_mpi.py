@@ -1,6 +1,7 @@
 """Stops a person can read, under real mpirun: Ctrl-C (SIGINT) stops at the next step with a
 checkpoint and resumes exactly, a second Ctrl-C stops at once; run folders and datasets on
-storage that cannot be written give one line, and a complete dataset there trains."""
+storage that cannot be written give one line, and a complete dataset there trains; a disk that
+fills up mid-run stops the job with one message per rank and loses nothing."""
 
 from __future__ import annotations
 
@@ -186,3 +187,36 @@ def test_complete_dataset_on_read_only_storage_trains(tmp_path, data_root):
     line = one_error_line(res.stderr)
     assert f"config error at 'data.root': {mount}: the dataset is not built there yet" in line
     assert "needs write access: Read-only file system" in line
+
+
+@contextmanager
+def small_disk(folder: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``folder``: a disk that can be filled."""
+    folder.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"no tmpfs mount here ({res.stderr.strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_stops_the_job_without_a_traceback_and_the_run_resumes(tmp_path, data_root):
+    with small_disk(tmp_path / "disk", "64m") as disk:
+        run = disk / "run"
+        proc = start(train_args(run, data_root, *LONG), env=SLOW)
+        wait_for(lambda: (run / "checkpoints" / "client_001" / "step_000000020.h5").exists(),
+                 proc)
+        filler = disk / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
+        code, out, err = finish(proc)
+        assert code != 0, out + err
+        assert "the disk is full (" in err and "No space left on device" in err, err
+        assert "rerun the same command to resume from the last checkpoint" in err
+        assert "Traceback" not in err, err
+        filler.unlink()
+        res = run_mpi(2, train_args(run, data_root, *LONG), timeout=240)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert metrics(run)["eval/step"][-1] == 60

@@ -20,6 +20,7 @@ import torch
 
 from mpi4py import MPI  # noqa: E402  (before any torch.distributed use: they coexist that way)
 
+from mhd_hpc.runtime.files import storage_full
 from mhd_hpc.runtime.tensors import flatten, unflatten_into
 
 
@@ -223,10 +224,18 @@ class World:
             yield
         except SystemExit:
             raise
-        except BaseException:  # noqa: BLE001 - report and abort on anything, KeyboardInterrupt too
+        except BaseException as exc:  # noqa: BLE001 - report and abort on anything, Ctrl-C too
             sys.stdout.flush()
-            sys.stderr.write(f"\n[mhd_hpc] FATAL on {self.where()} of {self.size}:\n"
-                             f"{traceback.format_exc()}")
+            full = storage_full(exc)
+            if full is not None:  # not a bug: no traceback, what to do instead
+                sys.stderr.write(
+                    f"\n[mhd_hpc] FATAL on {self.where()} of {self.size}: the disk is full "
+                    f"({full}). Files written before are intact (every write goes to a "
+                    f"temporary file first): free space or raise the quota, then rerun the "
+                    f"same command to resume from the last checkpoint.\n")
+            else:
+                sys.stderr.write(f"\n[mhd_hpc] FATAL on {self.where()} of {self.size}:\n"
+                                 f"{traceback.format_exc()}")
             sys.stderr.flush()
             if self.size > 1:
                 self.abort(1)

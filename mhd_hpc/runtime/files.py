@@ -18,11 +18,12 @@ costs nothing, written often (the metrics file's sequence number).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from typing import IO, Iterator
 
 __all__ = ["temp_path", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "replace_durably", "fsync_dir"]
+           "replace_durably", "fsync_dir", "storage_full"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -111,3 +112,21 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write` for ``kwargs``)."""
     with atomic_write(path, "w", encoding=encoding, **kwargs) as f:
         f.write(text)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def storage_full(exc: BaseException) -> BaseException | None:
+    """The error in ``exc``'s chain that says the disk (or the user's quota) is full, if any:
+    an ``OSError`` with ENOSPC or EDQUOT, or an error that only says so in words (h5py's)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return exc
+        if any(text in str(exc) for text in _FULL_TEXT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
