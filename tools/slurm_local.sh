@@ -22,7 +22,7 @@ db_port=${MHD_SLURM_DB_PORT:-3307}
 export SLURM_CONF=$state/slurm.conf
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     local n=$1 what=$2; shift 2
     for _ in $(seq "$((n * 4))"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.25; done
@@ -149,7 +149,8 @@ stop() {
     local f
     for f in slurmd slurmctld slurmdbd mysql; do
         if alive "$state/run/$f.pid"; then
-            kill "$(cat "$state/run/$f.pid")" 2>/dev/null || true
+            # The daemon may remove its pid file meanwhile (slurmdbd does when slurmctld stops).
+            kill "$(cat "$state/run/$f.pid" 2>/dev/null)" 2>/dev/null || true
             for _ in $(seq 40); do alive "$state/run/$f.pid" || break; sleep 0.25; done
         fi
     done
