@@ -128,18 +128,27 @@ def test_a_second_sigint_stops_at_once(tmp_path, data_root):
 
 
 @contextmanager
-def read_only(folder: Path):
-    """``folder`` on a read-only bind mount (as root, a chmod does not stop writes)."""
-    mount = folder.parent / (folder.name + "-ro")
+def mounted(mount: Path, what: str, *args: str):
+    """``mount ARGS MOUNT`` for the block (as root), skipped where this host cannot."""
     mount.mkdir()
-    res = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(mount)],
-                         capture_output=True, text=True)
+    res = subprocess.run(["mount", *args, str(mount)], capture_output=True, text=True)
     if res.returncode != 0:
-        pytest.skip(f"no read-only bind mount here ({res.stderr.strip()})")
+        pytest.skip(f"no {what} here ({res.stderr.strip()})")
     try:
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def read_only(folder: Path):
+    """``folder`` on a read-only bind mount (as root, a chmod does not stop writes)."""
+    return mounted(folder.parent / (folder.name + "-ro"), "read-only bind mount",
+                   "--bind", "-o", "ro", str(folder))
+
+
+def small_disk(folder: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``folder``: a disk that can be filled."""
+    return mounted(folder, "tmpfs mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
 
 
 def one_error_line(err: str) -> str:
@@ -187,20 +196,6 @@ def test_complete_dataset_on_read_only_storage_trains(tmp_path, data_root):
     line = one_error_line(res.stderr)
     assert f"config error at 'data.root': {mount}: the dataset is not built there yet" in line
     assert "needs write access: Read-only file system" in line
-
-
-@contextmanager
-def small_disk(folder: Path, size: str):
-    """A tmpfs of ``size`` mounted at ``folder``: a disk that can be filled."""
-    folder.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"no tmpfs mount here ({res.stderr.strip()})")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_a_full_disk_stops_the_job_without_a_traceback_and_the_run_resumes(tmp_path, data_root):
