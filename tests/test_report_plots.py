@@ -99,3 +99,12 @@ def test_cross_client_edges_are_drawn_except_on_a_complete_graph(tmp_path, figur
     assert "complete graph" in complete._suptitle.get_text()
     assert sum(len(ax.patches) for ax in complete.axes) == 0
     assert sum(len(ax.patches) for ax in cycle.axes) == 2 * 4  # 4 edges, per head
+
+
+def test_a_sweep_of_more_settings_than_colours_draws_no_two_alike(tmp_path, figures):
+    """Table 1's sweep has 11 settings and 8 colours: the 9th setting on is dashed."""
+    groups = [(f"setting {g}", [metrics(level=0.5)]) for g in range(11)]
+    plots.plot_groups(groups, tmp_path / "many", title="many", fmt="png")
+    (_, fig), = figures
+    styles = [(line.get_color(), line.get_linestyle()) for line in fig.axes[0].lines]
+    assert len(styles) == 11 and len(set(styles)) == 11

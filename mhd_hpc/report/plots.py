@@ -39,6 +39,14 @@ BANDS = {"minmax": "band: min-max over seeds", "std": "band: ±1 std over seeds"
 HEAD_COLOURS = ["#222222", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 RUN_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
                "#17becf"]
+RUN_LINESTYLES = ["-", "--", ":", "-."]
+
+
+def run_style(g: int) -> tuple[str, str]:
+    """(colour, line style) of the ``g``-th run or setting: the colours first, then the same
+    colours dashed, dotted...: a sweep of 11 settings must not draw two of them alike."""
+    turn, colour = divmod(g, len(RUN_COLOURS))
+    return RUN_COLOURS[colour], RUN_LINESTYLES[turn % len(RUN_LINESTYLES)]
 
 
 def _client_mean(values: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -349,9 +357,9 @@ def plot_groups(groups: list[tuple[str, list[dict]]], out_path: str | Path, *, t
             if not len(steps):
                 continue
             all_steps |= set(steps.tolist())
-            colour = RUN_COLOURS[g % len(RUN_COLOURS)]
+            colour, ls = run_style(g)
             n = len(values)
-            _curve(ax, steps, values.mean(axis=0), colour=colour, annotate=True,
+            _curve(ax, steps, values.mean(axis=0), colour=colour, ls=ls, annotate=True,
                    label=f"{label} ({n} seed{'s' if n > 1 else ''})")
             if n > 1:
                 mean, std = values.mean(axis=0), values.std(axis=0)
@@ -375,7 +383,7 @@ def plot_groups(groups: list[tuple[str, list[dict]]], out_path: str | Path, *, t
     columns = min(len(groups), 3)
     rows = -(-len(groups) // columns)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=columns,
-               fontsize=8, frameon=False)
+               fontsize=8, frameon=False, handlelength=3.5)  # long enough to show a dash
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     return _save(fig, Path(out_path), fmt, tight=False)
 
