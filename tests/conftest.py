@@ -35,7 +35,8 @@ def pytest_sessionfinish(session, exitstatus):
         names = ", ".join(f"{c.name} (pid {c.pid})" for c in left)
         writer = session.config.get_terminal_writer()
         writer.line()
-        writer.line(f"FAILED: child processes still running after the tests, killed: {names}", red=True)
+        writer.line(f"FAILED: child processes still running after the tests, killed: {names}",
+                    red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
