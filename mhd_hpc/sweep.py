@@ -179,7 +179,7 @@ def plan(spec: SweepSpec) -> list[Run]:
                 overrides = (*spec.overrides, *setting.get("overrides", []), *point,
                              f"run.seed={seed}", f"run.out_dir={out}")
                 cfg = load_job(str(spec.base), list(overrides))
-                ranks = spec.ranks or sum(cfg.client_ranks())
+                ranks = spec.ranks or cfg.num_ranks()
                 runs.append(Run(name, seed, overrides, out, ranks, cfg.run.steps))
     return runs
 

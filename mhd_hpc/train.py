@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             found = [p for p in world.allgather(problem) if p is not None]
             if found:
                 raise ConfigError(*found[0])
-            from mhd_hpc.trainer import check_placement, run  # after validation: fail fast
+            from mhd_hpc.trainer import check_placement, run, run_hosted  # fail fast first
 
-            code = check_placement(cfg, world) if args.dry_run else run(cfg, world)
+            code = (check_placement(cfg, world) if args.dry_run else
+                    run_hosted(cfg, world) if cfg.clients.per_rank > 1 else run(cfg, world))
             report_exit(world.is_root, code)
             return code
         except ConfigError as exc:

@@ -149,8 +149,8 @@ def build_client(cfg: JobConfig, world: World, data: Data, placement: Placement,
     precision, why_precision = resolve_precision(cfg.backend.precision, device)
     layout = (torch.channels_last if resolve_channels_last(cfg.backend.channels_last, device)
               else torch.contiguous_format)
-    log(f"{cfg.clients.count} clients on {world.size} ranks (ranks per client "
-        f"{cfg.client_ranks()}), method={cfg.method}, device {device.type}, loader "
+    log(f"{cfg.clients.count} clients on {cfg.num_ranks()} ranks ({_hosting_note(cfg)}), "
+        f"method={cfg.method}, device {device.type}, loader "
         f"{data.loader}; {why}; {why_precision}, channels_last "
         f"{layout == torch.channels_last}")
     log(f"{data.private.num_samples} private samples on client 0, {data.public.num_samples} "
@@ -247,22 +247,40 @@ def open_recorder(cfg: JobConfig, setup: RunSetup, client: Client, data: Data, l
                     tensorboard=tb, one_model=client.strategy.one_model, before=before)
 
 
-def run(cfg: JobConfig, world: World) -> int:
-    """Train this rank's client; returns the process exit code. Whatever happens, the run
-    releases what it holds (loaders, the run folder's lock, TensorBoard) on the way out; the
-    collective shutdown of the intra-client backend only after a clean end (after an error the
-    job is being aborted, and a collective would wait for ranks that are gone)."""
+def _hosting_note(cfg: JobConfig) -> str:
+    if cfg.clients.per_rank > 1:
+        return f"{cfg.clients.per_rank} clients per rank, stepped in turn"
+    return f"ranks per client {cfg.client_ranks()}"
+
+
+@dataclass
+class Hosting:
+    """What the clients hosted by one process share (``clients.per_rank > 1``): the stop
+    signal (handlers live in the main thread) and the process's placement (its GPU, its CPUs)."""
+
+    stop: StopSignal
+    placement: Placement
+
+
+def run(cfg: JobConfig, world: World, hosting: Hosting | None = None) -> int:
+    """Train this rank's client (or, with ``hosting``, this hosted client); returns the process
+    exit code. Whatever happens, the run releases what it holds (loaders, the run folder's
+    lock, TensorBoard) on the way out; the collective shutdown of the intra-client backend only
+    after a clean end (after an error the job is being aborted, and a collective would wait for
+    ranks that are gone)."""
     log = Log(world.is_root)
     world.assign_clients(ClientLayout.contiguous(cfg.client_ranks()))
     torch.set_num_threads(cfg.run.threads or usable_cpus())  # 0: one per CPU the rank has
-    stop, fault = StopSignal(announce=world.is_root), Fault.for_rank(world.rank)
+    stop = hosting.stop if hosting else StopSignal(announce=world.is_root)
+    fault = Fault.for_rank(world.rank)
     with contextlib.ExitStack() as held:
         setup, folder = prepare_run(cfg, world, log)  # the root holds the folder's lock
         if folder:
             held.callback(folder.lock.release)
         if cfg.data.verify_shards:
             verify_dataset(world, setup, log)
-        placement = place(cfg.backend.device, world.rank, world.allgather)  # DALI decodes there
+        placement = (hosting.placement if hosting else  # DALI decodes there
+                     place(cfg.backend.device, world.rank, world.allgather))
         device = placement.device
         data = open_rank_data(cfg, world, setup, device)
         held.callback(data.close)
@@ -290,17 +308,48 @@ def run(cfg: JobConfig, world: World) -> int:
                              stop, fault, vote), start)
 
 
+def run_hosted(cfg: JobConfig, world: World) -> int:
+    """``clients.per_rank > 1``: this process trains its clients, each with :func:`run` in a
+    thread of its own over a hosted world (``distributed.hosted``), one at a time. A config
+    error found by the clients is raised here, once; any other error aborts the job from the
+    client's thread (``World.guard``). Returns the exit code (the clients agree on it)."""
+    from mhd_hpc.distributed.hosted import HostedProcess
+
+    torch.set_num_threads(cfg.run.threads or usable_cpus())
+    hosting = Hosting(StopSignal(announce=world.is_root),
+                      place(cfg.backend.device, world.rank, world.allgather))
+    process = HostedProcess(world.comm, cfg.clients.per_rank)
+    errors: list[ConfigError] = []
+
+    def client(vrank: int) -> int:
+        hosted_world = World(process.world_comm(vrank))
+        with hosted_world.guard():
+            try:
+                return run(cfg, hosted_world, hosting)
+            except ConfigError as exc:  # every client reaches it: raised once, below
+                errors.append(exc)
+                return 2
+
+    codes = process.run_clients(client)
+    if errors:
+        raise errors[0]
+    process.close()
+    return next((c for c in codes if c), 0)
+
+
 def check_placement(cfg: JobConfig, world: World) -> int:
     """``--dry-run``: place every rank (GPU, CPUs), start the intra-client backends and log the
     mapping, then stop: nothing is trained and no dataset or run folder is touched. Run it with
     the allocation and launcher of the long job, to check the binding before spending it."""
     log = Log(world.is_root)
-    world.assign_clients(ClientLayout.contiguous(cfg.client_ranks()))
+    hosted = cfg.clients.per_rank > 1  # then the ranks' placement is what the clients share
+    world.assign_clients(ClientLayout.one_rank_per_client(world.size) if hosted
+                         else ClientLayout.contiguous(cfg.client_ranks()))
     torch.set_num_threads(cfg.run.threads or usable_cpus())
     placement = place(cfg.backend.device, world.rank, world.allgather)
     intra, why = make_intra(cfg.backend.intra, world, placement.device, placement.gpus)
-    log(f"{cfg.clients.count} clients on {world.size} ranks (ranks per client "
-        f"{cfg.client_ranks()}), device {placement.device.type}; {why}")
+    log(f"{cfg.clients.count} clients on {world.size} ranks ({_hosting_note(cfg)}), device "
+        f"{placement.device.type}; {why}")
     decoding = cfg.data.dataset == "shards"  # built-in datasets are served from memory
     for line in [placement.describe(why)] + placement.cpu_lines(
             torch.get_num_threads(), cfg.data.loader_threads if decoding else 0):

@@ -99,6 +99,18 @@ def test_world_size_must_match():
     assert info.value.key == "clients.count"
 
 
+def test_hosting_several_clients_per_rank():
+    cfg = load_config(JOB, ["clients.count=8", "clients.per_rank=4"])
+    assert cfg.num_ranks() == 2
+    check_world_size(cfg, 2)
+    with pytest.raises(ConfigError, match="mpirun -np 2"):
+        check_world_size(cfg, 8)
+    assert error_key("clients.count=6", "clients.per_rank=4") == "clients.per_rank"
+    assert error_key("clients.per_rank=2", "clients.ranks_per_client=2") == "clients.per_rank"
+    assert error_key("clients.per_rank=2", "data.loader=dali") == "clients.per_rank"
+    assert error_key("clients.per_rank=0") == "clients.per_rank"
+
+
 @pytest.mark.parametrize("job_file", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_job_file_is_valid_and_lists_every_option(job_file):
     load_config(str(job_file))

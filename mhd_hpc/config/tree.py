@@ -90,6 +90,11 @@ class ClientsConfig:
                                        "overriding clients.arch / clients.ranks_per_client per "
                                        "client (e.g. a 4-rank resnet34 beside 2-rank resnet18s).",
                                        factory=list)
+    per_rank: int = doc("Whole clients each MPI rank hosts (model, optimizer, data, checkpoint "
+                        "each), stepped in turn; mpirun -np = clients.count / this. A client's "
+                        "trajectory does not depend on where it is hosted, so a run may resume "
+                        "with another value (docs/hosted_clients.md). Needs one rank per "
+                        "client.", 1, on_resume=BOOKKEEPING, added=1)
 
 
 @dataclass
@@ -350,6 +355,13 @@ class JobConfig:
         for i, spec in enumerate(self.clients.per_client[:len(ranks)]):
             ranks[i] = spec.ranks or ranks[i]
         return ranks
+
+    def num_ranks(self) -> int:
+        """The MPI ranks the job needs: one per clients.per_rank hosted clients, or the ranks
+        every client asks for."""
+        if self.clients.per_rank > 1:
+            return self.clients.count // self.clients.per_rank
+        return sum(self.client_ranks())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -58,6 +58,19 @@ def _check_clients(cfg: JobConfig) -> None:
     _positive("clients.ranks_per_client", cfg.clients.ranks_per_client)
     for i, spec in enumerate(cfg.clients.per_client):
         _positive(f"clients.per_client[{i}].ranks", spec.ranks, allow_zero=True)
+    _positive("clients.per_rank", cfg.clients.per_rank)
+    if cfg.clients.per_rank > 1:
+        if k % cfg.clients.per_rank:
+            raise ConfigError("clients.per_rank", f"{k} clients (clients.count) do not split "
+                              f"evenly over ranks of {cfg.clients.per_rank} clients each")
+        if max(cfg.client_ranks()) > 1:
+            raise ConfigError("clients.per_rank", "a rank hosts several clients or a client "
+                              "spans several ranks, not both: set clients.ranks_per_client=1 "
+                              "(and no per_client ranks) or clients.per_rank=1")
+        if cfg.data.loader == "dali":
+            raise ConfigError("clients.per_rank", "hosted clients read with the wds loader or "
+                              "from memory, not DALI (one pipeline per client in one process "
+                              "is not supported): set data.loader=wds or clients.per_rank=1")
     archs = cfg.client_archs()
     if cfg.method in ("fedavg", "supervised") and len(set(archs)) > 1:
         raise ConfigError("clients.arch", f"method={cfg.method} averages weights or gradients "
@@ -194,12 +207,15 @@ def check_world_size(cfg: JobConfig, world_size: int, launcher: str = "mpirun",
     ``tasks``: who started this process and how many processes it started (from its
     environment, ``world.launcher_tasks``), to say what to change."""
     ranks = cfg.client_ranks()
-    need = sum(ranks)
+    need = cfg.num_ranks()
     if world_size == need:
         return
-    layout = (f"{cfg.clients.count} clients x {ranks[0]} rank(s)" if len(set(ranks)) == 1
+    per_rank = cfg.clients.per_rank
+    layout = (f"{cfg.clients.count} clients / {per_rank} per rank" if per_rank > 1 else
+              f"{cfg.clients.count} clients x {ranks[0]} rank(s)" if len(set(ranks)) == 1
               else f"clients with {ranks} ranks")
-    keys = "clients.count / clients.ranks_per_client / clients.per_client"
+    keys = ("clients.count / clients.per_rank" if per_rank > 1 else
+            "clients.count / clients.ranks_per_client / clients.per_client")
     if world_size == 1 and tasks and tasks > 1:
         how = ("srun did not wire the tasks into one MPI job: srun without --mpi=pmix? (Open MPI "
                "5 speaks PMIx only: srun --mpi=pmix, MpiDefault=pmix in slurm.conf, or "

@@ -26,7 +26,8 @@ import torch
 from mpi4py import MPI
 
 from mhd_hpc.distributed.codec import MessageCodec
-from mhd_hpc.distributed.p2p import ExchangeError, Poller, TrafficCounters, wait_until
+from mhd_hpc.distributed.p2p import (ExchangeError, Poller, TrafficCounters, all_done,
+                                     wait_until)
 from mhd_hpc.distributed.world import World
 from mhd_hpc.distributed.codec import PeerOutputs
 
@@ -237,7 +238,7 @@ class PredictionExchange(TrafficCounters):
         deadline = t0 + self.late_deadline_s
         requests = [r for r, _, _, _ in receives]
         poll = Poller()
-        while requests and not MPI.Request.Testall(requests) and time.perf_counter() < deadline:
+        while requests and not all_done(requests) and time.perf_counter() < deadline:
             poll.pause()
         received = []
         for request, j, _, buf in receives:
@@ -270,7 +271,7 @@ class PredictionExchange(TrafficCounters):
         finalise with requests open)."""
         requests = [r for r, *_ in self._late] + [r for rs, _ in self._sends for r in rs]
         if requests:
-            wait_until(lambda: MPI.Request.Testall(requests), self.timeout_s,
+            wait_until(lambda: all_done(requests), self.timeout_s,
                        lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s "
                                "settling late messages at the end (exchange.timeout_s)")
         self._reap_late()
@@ -296,7 +297,7 @@ class PredictionExchange(TrafficCounters):
             return ", ".join(f"{'receive from' if is_recv else 'send to'} client {j} "
                              f"(rank {self._rank_of(j)})"
                              for r, j, is_recv, _ in pending if not r.Test())
-        wait_until(lambda: MPI.Request.Testall(requests), self.timeout_s,
+        wait_until(lambda: all_done(requests), self.timeout_s,
                    lambda: f"{self.world.where()} timed out after {self.timeout_s:.0f} s at "
                            f"step {self._step} waiting to {missing()} (exchange.timeout_s)")
 

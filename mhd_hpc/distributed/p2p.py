@@ -5,9 +5,34 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["ExchangeError", "Poller", "TrafficCounters", "wait_until"]
+__all__ = ["ExchangeError", "Poller", "TrafficCounters", "all_done", "new_status",
+           "set_turn_yield", "wait_until"]
+
+#: With hosted clients (``distributed.hosted``), how a waiting client lets the other clients of
+#: its process run: ``yield_turn(pause_s)``. None: one client per process, waits just pause.
+_turn_yield: Callable[[float], None] | None = None
+
+
+def set_turn_yield(hook: Callable[[float], None] | None) -> None:
+    global _turn_yield
+    _turn_yield = hook
+
+
+def all_done(requests: list) -> bool:
+    """Whether every request is complete (MPI's or a hosted communicator's)."""
+    return all(r.Test() for r in requests)
+
+
+def new_status(comm) -> Any:
+    """An empty status for ``comm.iprobe``/``Test`` (a hosted communicator has its own)."""
+    make = getattr(comm, "new_status", None)
+    if make is not None:
+        return make()
+    from mpi4py import MPI
+
+    return MPI.Status()
 
 
 class ExchangeError(RuntimeError):
@@ -24,11 +49,15 @@ class Poller:
         self.t0, self.pause_s = time.perf_counter(), 20e-6
 
     def pause(self) -> None:
-        if time.perf_counter() - self.t0 < 5e-4:
+        spinning = time.perf_counter() - self.t0 < 5e-4
+        if _turn_yield is not None:  # a hosted client: the others of its process run meanwhile
+            _turn_yield(0.0 if spinning else self.pause_s)
+        elif spinning:
             os.sched_yield()
-            return
-        time.sleep(self.pause_s)
-        self.pause_s = min(2e-4, self.pause_s * 1.5)
+        else:
+            time.sleep(self.pause_s)
+        if not spinning:
+            self.pause_s = min(2e-4, self.pause_s * 1.5)
 
 
 def wait_until(done: Callable[[], bool], timeout_s: float, describe: Callable[[], str]) -> None:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from mhd_hpc.distributed.p2p import ExchangeError, TrafficCounters, wait_until
+from mhd_hpc.distributed.p2p import (ExchangeError, TrafficCounters, all_done, new_status,
+                                     wait_until)
 from mhd_hpc.distributed.world import World
 
 __all__ = ["AsyncWeightTransfer", "LeadBound", "WeightTransfer"]
@@ -63,7 +64,7 @@ class WeightTransfer(TrafficCounters):
         release finished sends."""
         requests = [r.request for r in self._receives if r.request is not None]
         if requests:
-            MPI.Request.Testall(requests)
+            all_done(requests)
         self._sends = [s for s in self._sends if not s[0].Test()]
 
     def settle(self, step: int) -> None:
@@ -171,7 +172,7 @@ class AsyncWeightTransfer(TrafficCounters):
         if self._recv is None:
             self._post()
         out = []
-        status = MPI.Status()
+        status = new_status(self.world.comm)
         while self._recv.Test(status):
             nbytes = status.Get_count(MPI.BYTE)
             header = self._buf[:_ASYNC_HEADER.itemsize].view(_ASYNC_HEADER)[0]

@@ -20,6 +20,7 @@ import torch
 
 from mpi4py import MPI  # noqa: E402  (before any torch.distributed use: they coexist that way)
 
+from mhd_hpc.distributed.p2p import new_status
 from mhd_hpc.runtime.files import storage_full
 from mhd_hpc.runtime.tensors import flatten, unflatten_into
 
@@ -187,7 +188,7 @@ class World:
     def root_collect(self, tag: int) -> list:
         """Root: everything posted with ``tag`` that has arrived (its own first)."""
         out = self._root_own.pop(tag, [])
-        status = MPI.Status()
+        status = new_status(self.comm)
         while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
             out.append(self.comm.recv(source=status.Get_source(), tag=tag))
         return out
