@@ -11,9 +11,9 @@ graph, predictions mode) with ``clients.count`` clients on R ranks hosting N cli
 layouts alternate, ``--repeats`` rounds, so that the machine's drift hits all of them alike.
 Reported per layout (median over the rounds): client-steps per second in the training loop
 (clients x steps between the first and the last log row, over the slowest client's
-``train/wall_s`` between them: start-up and the first interval excluded), the whole command's wall time, and
-the peak resident memory of all the job's processes together (sampled every 0.2 s from /proc)
-and per client. ``--json`` writes every measurement.
+``train/wall_s`` between them: start-up and the first interval excluded), the whole
+command's wall time, and the peak resident memory of all the job's processes together
+(sampled every 0.2 s from /proc) and per client. ``--json`` writes every measurement.
 """
 
 from __future__ import annotations
@@ -62,15 +62,16 @@ def job_rss_bytes(marker: str) -> int:
     return total
 
 
-def run_layout(ranks: int, per_rank: int, clients: int, steps: int, log_every: int,
+def run_layout(job: str, ranks: int, per_rank: int, clients: int, steps: int, log_every: int,
                data_root: str, extra: list[str]) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench_hosted_{ranks}x{per_rank}_")
     cmd = [mpirun(), "--oversubscribe", "-np", str(ranks), sys.executable, "-m",
-           "mhd_hpc.train", JOB, f"run.out_dir={out}", f"data.root={data_root}",
+           "mhd_hpc.train", job, f"run.out_dir={out}", f"data.root={data_root}",
            f"clients.count={clients}", f"clients.per_rank={per_rank}", f"run.steps={steps}",
            f"run.log_every={log_every}", f"run.eval_every={steps}",
            f"run.checkpoint_every={steps}", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
@@ -92,9 +93,10 @@ def run_layout(ranks: int, per_rank: int, clients: int, steps: int, log_every: i
             "rss_mb_per_client": peak / 2 ** 20 / clients, "out": out}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", default=JOB, help="the job file (default jobs/fmnist.yaml)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--layouts", nargs="+", default=["8x1", "2x4"],
                         help="RANKSxCLIENTS_PER_RANK; R x N must equal --clients")
@@ -104,7 +106,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(ROOT / "data"))
     parser.add_argument("--json", default=None)
     parser.add_argument("overrides", nargs="*", help="extra key=value for every run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     layouts = [tuple(int(x) for x in spec.split("x")) for spec in args.layouts]
     for r, n in layouts:
         if r * n != args.clients:
@@ -112,14 +114,14 @@ def main() -> None:
     results: dict[str, list[dict]] = {f"{r}x{n}": [] for r, n in layouts}
     for round_ in range(args.repeats):
         for r, n in layouts:
-            got = run_layout(r, n, args.clients, args.steps, args.log_every, args.data_root,
+            got = run_layout(args.job, r, n, args.clients, args.steps, args.log_every, args.data_root,
                              args.overrides)
             results[got["layout"]].append(got)
             print(f"round {round_ + 1}: {got['layout']}: {got['client_steps_per_s']:.1f} "
                   f"client-steps/s, {got['command_s']:.1f} s, {got['peak_rss_mb']:.0f} MB",
                   flush=True)
     base = statistics.median(x["client_steps_per_s"] for x in results[args.layouts[0]])
-    print(f"\n{args.clients} clients, {args.steps} steps, jobs/fmnist.yaml "
+    print(f"\n{args.clients} clients, {args.steps} steps, {Path(args.job).name} "
           f"{' '.join(args.overrides)}; median of {args.repeats}\n")
     print("| ranks x clients per rank | client-steps/s | vs first | command (s) | "
           "peak RSS (MB) | per client (MB) |")
@@ -132,7 +134,8 @@ def main() -> None:
               f"{statistics.median(x['rss_mb_per_client'] for x in runs):.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
