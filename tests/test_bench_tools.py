@@ -1,4 +1,5 @@
-"""tools/bench_step.py runs at tiny sizes and measures (its timings are not checked)."""
+"""tools/bench_step.py and tools/bench_batched_clients.py run at tiny sizes and measure (their
+timings are not checked)."""
 
 # bench_step drives the trainer's own TrainStep, so a change to what the step asks of its
 # collaborators must not break the benchmark unnoticed (it once did: a strategy stand-in lacked a
@@ -13,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import bench_batched_clients  # noqa: E402
 import bench_step  # noqa: E402
 
 
@@ -76,3 +78,12 @@ def test_bench_loader_max_side_stores_the_training_jpegs_smaller(tmp_path):
                 if m.name.endswith(".jpg"):
                     sides.append(max(Image.open(io.BytesIO(t.extractfile(m).read())).size))
     assert len(sides) >= 10 and max(sides) == 100  # generated at 500 px and more
+
+
+def test_bench_batched_clients_computes_the_same_losses_both_ways(capsys):
+    args = ["--arch", "cnn_small", "--channels", "3", "--size", "8", "--aux-heads", "2",
+            "--batch", "4", "--public-batch", "4", "--clients", "1", "3", "--warmup", "0",
+            "--repeats", "1"]
+    assert bench_batched_clients.main(args) == 0  # exits with the two losses if they differ
+    out = capsys.readouterr().out
+    assert "| 3 |" in out and "| 1 |" in out
