@@ -2,11 +2,15 @@
 depend on where it is hosted (identical metrics), it resumes after a kill -9, and a stop signal
 or a bad value is handled as with one client per rank."""
 
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
 
-from conftest import run_mpi, train_args
+from _jpeg_tree import make_image_folder
+from conftest import ROOT, run_mpi, train_args
 
 JOB = ("clients.count=4", "run.steps=30", "run.eval_every=15", "run.log_every=10",
        "run.checkpoint_every=10", "data.public_batch_size=32")
@@ -88,3 +92,36 @@ def test_hosting_values_that_cannot_work_are_config_errors(tmp_path, data_root):
     assert res.returncode == 2
     assert "4 clients / 2 per rank = 2 ranks but was launched on 4" in res.stderr
     assert "mpirun -np 2" in res.stderr
+
+
+def test_a_failing_hosted_client_brings_the_job_down_naming_it(tmp_path, data_root):
+    res = run_mpi(2, train_args(tmp_path / "run", data_root, *JOB, "clients.per_rank=2"),
+                  env={"MHD_INJECT_FAULT": "3:5"}, timeout=120)
+    assert res.returncode != 0
+    assert "FATAL on rank 3 (client 3) of 4" in res.stderr
+    assert "injected fault at step 5" in res.stderr
+
+
+def test_hosted_clients_read_jpeg_shards_with_loader_workers(tmp_path):
+    """The wds loader's worker processes start from the clients' threads: 2 clients on one
+    rank learn what they learn on two."""
+    make_image_folder(tmp_path, classes=4, per_class=12)
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "imagefolder",
+                    str(tmp_path / "train"), str(shards), "--clients", "2",
+                    "--labels-per-client", "2", "--skew", "10", "--image-size", "32",
+                    "--samples-per-shard", "8", "--workers", "1"],
+                   check=True, capture_output=True, timeout=120)
+    job = ["data.dataset=shards", "clients.count=2", "run.steps=6", "run.eval_every=6",
+           "run.log_every=3", "run.checkpoint_every=6", "data.batch_size=8",
+           "data.public_batch_size=8", "data.loader_threads=1", "optim.lr=0.01",
+           "data.loader=wds"]
+    runs = {}
+    for ranks, per_rank in ((2, 1), (1, 2)):
+        runs[ranks] = tmp_path / f"ranks{ranks}"
+        res = run_mpi(ranks, ["-m", "mhd_hpc.train", str(ROOT / "jobs" / "digits.yaml"),
+                              f"run.out_dir={runs[ranks]}", f"data.root={shards}", *job,
+                              f"clients.per_rank={per_rank}"], timeout=180)
+        assert res.returncode == 0, res.stderr
+        assert "loader wds" in res.stdout
+    assert_same_metrics(runs[1], runs[2])
