@@ -319,9 +319,15 @@ def run_hosted(cfg: JobConfig, world: World) -> int:
     hosting = Hosting(StopSignal(announce=world.is_root),
                       place(cfg.backend.device, world.rank, world.allgather))
     process = HostedProcess(world.comm, cfg.clients.per_rank)
+    Log(world.is_root)(f"hosted clients: a wait for a peer also lasts while the other "
+                       f"{cfg.clients.per_rank - 1} clients of its rank take their turns "
+                       f"(evaluations and checkpoints included); exchange.timeout_s="
+                       f"{cfg.exchange.timeout_s:g} and late_deadline_s count that time too")
     errors: list[ConfigError] = []
 
     def client(vrank: int) -> int:
+        if hosting.placement.device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(hosting.placement.device)
         hosted_world = World(process.world_comm(vrank))
         with hosted_world.guard():
             try:

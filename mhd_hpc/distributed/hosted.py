@@ -156,11 +156,15 @@ class HostedProcess:
         return codes
 
     def close(self) -> None:
-        """Collective over the processes: every envelope has left, then free the channel."""
-        while self._sends:
+        """Collective over the processes: every envelope has left, then free the channel. A
+        process enters a non-blocking barrier once its own sends are done and keeps receiving
+        until every process has: a large envelope to it completes only when it is received."""
+        barrier = None
+        while barrier is None or not barrier.Test():
             self.progress()
+            if barrier is None and not self._sends:
+                barrier = self.real.Ibarrier()
             time.sleep(1e-4)
-        self.real.Barrier()
         self.real.Free()
 
 
