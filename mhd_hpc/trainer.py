@@ -45,7 +45,7 @@ from mhd_hpc.run.reporting import make_reports
 from mhd_hpc.runtime.devices import (Placement, Precision, place, resolve_channels_last,
                                      resolve_precision, usable_cpus)
 from mhd_hpc.runtime.seeds import INIT, seed_of
-from mhd_hpc.runtime.signals import Fault, StopSignal
+from mhd_hpc.runtime.signals import EXIT_CONFIG, Fault, StopSignal
 
 
 @dataclass
@@ -315,7 +315,6 @@ def run_hosted(cfg: JobConfig, world: World) -> int:
     client's thread (``World.guard``). Returns the exit code (the clients agree on it)."""
     from mhd_hpc.distributed.hosted import HostedProcess
 
-    torch.set_num_threads(cfg.run.threads or usable_cpus())
     hosting = Hosting(StopSignal(announce=world.is_root),
                       place(cfg.backend.device, world.rank, world.allgather))
     process = HostedProcess(world.comm, cfg.clients.per_rank)
@@ -334,7 +333,7 @@ def run_hosted(cfg: JobConfig, world: World) -> int:
                 return run(cfg, hosted_world, hosting)
             except ConfigError as exc:  # every client reaches it: raised once, below
                 errors.append(exc)
-                return 2
+                return EXIT_CONFIG
 
     codes = process.run_clients(client)
     if errors:

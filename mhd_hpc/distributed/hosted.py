@@ -38,7 +38,6 @@ from mhd_hpc.distributed import p2p
 __all__ = ["HostedProcess", "VirtualComm"]
 
 _TAG = 23  # the MPI tag of every envelope between processes
-_PAUSE_S = 2e-4  # longest pause of a waiting client between two looks at its mailbox
 
 
 def _own(payload: Any) -> Any:
@@ -122,13 +121,14 @@ class HostedProcess:
         finally:
             self.baton.acquire()
 
-    def wait_for(self, done: Callable[[], bool]) -> None:
-        """Until ``done()``; other clients run meanwhile. (Deadlines are the callers': a
-        collective waits as MPI's would, the exchange polls with its own timeout.)"""
-        pause = 0.0
+    @staticmethod
+    def wait_for(done: Callable[[], bool]) -> None:
+        """Until ``done()``, polling as every wait does (``p2p.Poller``, whose pauses hand the
+        baton on while :meth:`run_clients` runs). Deadlines are the callers': a collective waits
+        as MPI's would, the exchange polls with its own timeout."""
+        poll = p2p.Poller()
         while not done():
-            self.yield_turn(pause)
-            pause = min(_PAUSE_S, pause * 1.5 or 2e-5)
+            poll.pause()
 
     # -- the threads -----------------------------------------------------------------------------
     def run_clients(self, body: Callable[[int], int]) -> list[int]:
