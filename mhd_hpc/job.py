@@ -89,7 +89,24 @@ def check_models(cfg: JobConfig, image_shape: tuple[int, ...] | list[int]) -> No
             dims[arch] = check_plugin_backbone(arch, int(image_shape[0]), int(image_shape[-1]))
         except ValueError as exc:
             raise ConfigError(_arch_key(cfg, i), f"plug-in backbone: {exc}") from None
+        if cfg.privacy.enabled:
+            _check_private_plugin(cfg, i, arch, image_shape)
     _check_embedding(cfg, dims)
+
+
+def _check_private_plugin(cfg: JobConfig, i: int, arch: str,
+                          image_shape: tuple[int, ...] | list[int]) -> None:
+    """privacy.enabled: a plug-in backbone may not normalise over the batch (model.norm
+    applies to the built-in backbones only)."""
+    from mhd_hpc.models.norms import batch_norm_modules
+    from mhd_hpc.models.plugin import plugin_backbone
+
+    found = batch_norm_modules(plugin_backbone(arch, int(image_shape[0]), int(image_shape[-1])))
+    if found:
+        raise ConfigError(_arch_key(cfg, i), f"plug-in backbone {arch} has BatchNorm layers "
+                          f"({', '.join(found[:3])}): with privacy.enabled a private sample "
+                          "would shape the outputs on other samples; use GroupNorm or "
+                          "LayerNorm in the plug-in")
 
 
 def _check_embedding(cfg: JobConfig, plugin_dims: dict[str, int | None]) -> None:
@@ -149,6 +166,13 @@ def check_environment(cfg: JobConfig) -> None:
             raise ConfigError("run.tensorboard", f"TensorBoard output was asked for but cannot "
                               f"be written ({exc}): pip install -e '.[tensorboard]' or set "
                               "run.tensorboard=false") from None
+    if cfg.privacy.enabled:
+        from mhd_hpc.privacy.accounting import accountant_import_error
+
+        problem = accountant_import_error()
+        if problem:
+            raise ConfigError("privacy.enabled", f"the privacy accounting needs Opacus, which "
+                              f"cannot be imported ({problem}): pip install -e '.[privacy]'")
     if cfg.backend.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("backend.device", "cuda was asked for but torch sees no CUDA device "
                           "(use backend.device=auto or cpu)")

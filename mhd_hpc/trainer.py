@@ -20,6 +20,7 @@ import torch
 from mhd_hpc.config import ConfigError, JobConfig
 from mhd_hpc.data.build.builtin import BUILTIN_CLASSES
 from mhd_hpc.data.dataset import Data, find_dataset, open_data
+from mhd_hpc.data.manifest import client_split
 from mhd_hpc.data.manifest import Manifest, content_digest, verify_shards
 from mhd_hpc.distributed.codec import top_k_problem
 from mhd_hpc.distributed.exchange import ClientExchange
@@ -44,7 +45,10 @@ from mhd_hpc.run.progress import Log, Recorder, TensorBoard, run_so_far
 from mhd_hpc.run.reporting import make_reports
 from mhd_hpc.runtime.devices import (Placement, Precision, place, resolve_channels_last,
                                      resolve_precision, usable_cpus)
-from mhd_hpc.runtime.seeds import INIT, seed_of
+from mhd_hpc.privacy.accounting import ClientBudget, plan
+from mhd_hpc.privacy.dp_sgd import PrivateGradient
+from mhd_hpc.privacy.secret import client_key
+from mhd_hpc.runtime.seeds import DP, DP_SAMPLING, INIT, seed_of
 from mhd_hpc.runtime.signals import EXIT_CONFIG, Fault, StopSignal
 
 
@@ -57,6 +61,7 @@ class RunSetup:
     fingerprints: tuple[str, ...]  # the run's own first, then older spellings files may carry
     old_config: JobConfig | None  # the config the run started with, when resuming
     notes: list[str]
+    privacy: list[ClientBudget] | None = None  # privacy.enabled: every client's budget
 
 
 def prepare_run(cfg: JobConfig, world: World, log: Log) -> tuple[RunSetup, RunFolder | None]:
@@ -75,18 +80,51 @@ def prepare_run(cfg: JobConfig, world: World, log: Log) -> tuple[RunSetup, RunFo
                     check_models(cfg, manifest.image_shape)
                 except ConfigError as exc:
                     error = (exc.key, exc.message)
+        budgets = None
+        if error is None and cfg.privacy.enabled:  # before the folder is claimed
+            budgets, error = privacy_plan(cfg, manifest, cfg.run.steps)
         if error is None:
             digest = content_digest(manifest.raw)
             folder, problem = claim_run_dir(cfg, digest, manifest.raw["partition"])
             error = ("run.out_dir", problem) if problem else None
-        found = (RunSetup(dataset_dir, manifest, fingerprints(cfg, digest), folder.old_config,
-                          folder.notes) if error is None else None, error)
+        old = folder.old_config if error is None else None
+        if error is None and budgets and old and old.run.steps != cfg.run.steps:
+            budgets, error = privacy_plan(cfg, manifest, old.run.steps)  # the noise it began with
+        found = (RunSetup(dataset_dir, manifest, fingerprints(cfg, digest), old,
+                          folder.notes, budgets) if error is None else None, error)
     setup, error = world.bcast(found)
     if error:
         raise ConfigError(*error)
     for note in setup.notes:
         log(note)
     return setup, folder
+
+
+def privacy_plan(cfg: JobConfig, manifest: Manifest, steps: int
+                 ) -> tuple[list[ClientBudget] | None, tuple[str, str] | None]:
+    """(every client's privacy budget, None) or (None, (key, problem)). ``steps``: the run's
+    steps as first started, which calibrated noise is chosen for."""
+    p = cfg.privacy
+    samples = [manifest.counts[client_split(i)] for i in range(cfg.clients.count)]
+    try:
+        return plan(samples, cfg.data.batch_size, steps, noise_multiplier=p.noise_multiplier,
+                    target_epsilon=p.target_epsilon, delta=p.delta), None
+    except ValueError as exc:
+        key = ("data.batch_size" if "batch_size" in str(exc) else
+               "privacy.delta" if "privacy.delta" in str(exc) else "privacy.target_epsilon")
+        return None, (key, str(exc))
+
+
+def privacy_lines(cfg: JobConfig, budgets: list[ClientBudget]) -> list[str]:
+    p = cfg.privacy
+    return [f"privacy: DP-SGD on each client's private term: per-sample gradients clipped to "
+            f"C={p.clip_norm:g}, Gaussian noise sigma x C, Poisson sampling of the private "
+            f"batch (expected {cfg.data.batch_size}; the sampling the accountant assumes), "
+            f"randomness {p.randomness}"
+            + (" (keys in RUN_DIR/privacy/, never sent)" if p.randomness == "secret" else
+               " (from run.seed: NO guarantee against anyone who knows it)")
+            + f"; epsilon at delta {p.delta:g} from Opacus's RDP accountant"
+            ] + [f"privacy: {b.describe()}" for b in budgets]
 
 
 def verify_dataset(world: World, setup: RunSetup, log: Log) -> None:
@@ -101,13 +139,17 @@ def verify_dataset(world: World, setup: RunSetup, log: Log) -> None:
     log(f"data.verify_shards: {sum(n for n, _ in reports)} shards match their sha256")
 
 
-def open_rank_data(cfg: JobConfig, world: World, setup: RunSetup,
-                   device: torch.device) -> Data:
+def open_rank_data(cfg: JobConfig, world: World, setup: RunSetup, device: torch.device,
+                   privacy: tuple[ClientBudget, int] | None = None) -> Data:
     """This rank's slice (client-local rank) of its client's streams, and the test stream on
-    leaders."""
+    leaders. ``privacy``: (the client's budget, its key): Poisson sampling of its private
+    stream."""
+    poisson = ((privacy[0].sample_rate, seed_of(privacy[1], DP, DP_SAMPLING)) if privacy
+               else None)
     return open_data(setup.dataset_dir, setup.manifest, cfg.data, client=world.client,
                      part=world.local_rank, num_parts=world.local_size, seed=cfg.run.seed,
-                     leader=world.is_leader, probe=cfg.eval.probe, device=device)
+                     leader=world.is_leader, probe=cfg.eval.probe, device=device,
+                     poisson=poisson)
 
 
 def make_targets(cfg: JobConfig, world: World, strategy: Strategy, graph_at, build, model,
@@ -137,8 +179,9 @@ def make_targets(cfg: JobConfig, world: World, strategy: Strategy, graph_at, bui
 
 
 def build_client(cfg: JobConfig, world: World, data: Data, placement: Placement,
-                 log: Log) -> Client:
-    """Collective (intra-client backends start here): model, optimizer and communication."""
+                 log: Log, privacy: tuple[ClientBudget, int] | None = None) -> Client:
+    """Collective (intra-client backends start here): model, optimizer and communication.
+    ``privacy``: (the client's budget, its key) for DP-SGD."""
     device = placement.device
     intra, why = make_intra(cfg.backend.intra, world, device, placement.gpus)
     mapping = placement.describe(why)
@@ -166,7 +209,8 @@ def build_client(cfg: JobConfig, world: World, data: Data, placement: Placement,
 
     def build(arch: str) -> torch.nn.Module:
         return build_model(arch, data.num_classes, cfg.model.aux_heads, shape[0], shape[-1],
-                           cfg.model.embedding_dim).to(device, memory_format=layout)
+                           cfg.model.embedding_dim, cfg.model.norm).to(device,
+                                                                       memory_format=layout)
 
     model = build(cfg.client_archs()[world.client])
     o, t = cfg.optim, cfg.topology
@@ -181,9 +225,16 @@ def build_client(cfg: JobConfig, world: World, data: Data, placement: Placement,
         aux_head_weight=aux_head_weight(dist.nu_aux, cfg.model.aux_heads, dist.aux_weighting),
         nu_emb=dist.nu_emb if strategy.exchanges_targets else 0.0, selection=dist.selection,
         skip_less_confident=dist.skip_less_confident, warmup_steps=dist.warmup_steps)
+    private = None
+    if privacy:
+        budget, key = privacy
+        private = PrivateGradient(model, clip_norm=cfg.privacy.clip_norm,
+                                  noise_multiplier=budget.noise_multiplier,
+                                  expected_batch=cfg.data.batch_size, key=key, device=device)
     step = TrainStep(model, opt, strategy=strategy, source=source, distill=distill,
                      seed=cfg.run.seed, client=world.client, device=device, precision=precision,
-                     overlap=cfg.exchange.overlap)
+                     overlap=cfg.exchange.overlap, private=private,
+                     private_steps=privacy[0].private_steps if privacy else 0)
     return Client(model, opt, source, intra, strategy, step, graph_at, layout)
 
 
@@ -244,7 +295,8 @@ def open_recorder(cfg: JobConfig, setup: RunSetup, client: Client, data: Data, l
     return Recorder(metrics, log, total_steps=cfg.run.steps, heads=heads, distribution=dist,
                     health_from=health_from, start_step=start,
                     batch_sizes=(cfg.data.batch_size, cfg.data.public_batch_size),
-                    tensorboard=tb, one_model=client.strategy.one_model, before=before)
+                    tensorboard=tb, one_model=client.strategy.one_model, before=before,
+                    privacy=setup.privacy)
 
 
 def _hosting_note(cfg: JobConfig) -> str:
@@ -282,9 +334,16 @@ def run(cfg: JobConfig, world: World, hosting: Hosting | None = None) -> int:
         placement = (hosting.placement if hosting else  # DALI decodes there
                      place(cfg.backend.device, world.rank, world.allgather))
         device = placement.device
-        data = open_rank_data(cfg, world, setup, device)
+        privacy = None
+        if setup.privacy:
+            for line in privacy_lines(cfg, setup.privacy):
+                log(line)
+            key, _ = client_key(cfg.run.out_dir, world.client, cfg.privacy.randomness,
+                                cfg.run.seed)
+            privacy = (setup.privacy[world.client], key)
+        data = open_rank_data(cfg, world, setup, device, privacy)
         held.callback(data.close)
-        client = build_client(cfg, world, data, placement, log)
+        client = build_client(cfg, world, data, placement, log, privacy)
         held.push(lambda failed, *_: None if failed else client.intra.shutdown())
         start, state = resume(cfg, world, setup, client, log)
         if start >= cfg.run.steps:  # nothing to do, and nothing written into the folder

@@ -1,5 +1,5 @@
-"""tools/bench_step.py and tools/bench_batched_clients.py run at tiny sizes and measure (their
-timings are not checked)."""
+"""tools/bench_step.py, tools/bench_batched_clients.py and tools/bench_privacy.py run at tiny
+sizes and measure (their timings are not checked)."""
 
 # bench_step drives the trainer's own TrainStep, so a change to what the step asks of its
 # collaborators must not break the benchmark unnoticed (it once did: a strategy stand-in lacked a
@@ -87,3 +87,15 @@ def test_bench_batched_clients_computes_the_same_losses_both_ways(capsys):
     assert bench_batched_clients.main(args) == 0  # exits with the two losses if they differ
     out = capsys.readouterr().out
     assert "| 3 |" in out and "| 1 |" in out
+
+
+def test_bench_privacy_times_the_private_and_the_plain_step(tmp_path):
+    import bench_privacy
+
+    out = tmp_path / "privacy.json"
+    args = ["--arch", "cnn_small", "--image-size", "8", "--aux-heads", "2", "--batch", "5",
+            "--public-batch", "4", "--chunk", "2", "--steps", "2", "--warmup", "1",
+            "--repeats", "1", "--json", str(out)]
+    assert bench_privacy.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["private_ms"] > 0 and result["plain_ms"] > 0 and result["chunk"] == 2

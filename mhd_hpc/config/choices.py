@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = ["METHODS", "BUILTIN_DATASETS", "DATASETS", "LOADERS", "LABEL_ASSIGNMENTS",
            "PARTITIONS", "PUBLIC_SOURCES", "AUX_WEIGHTINGS", "SELECTION_MODES", "TOPOLOGY_KINDS",
            "EXCHANGE_MODES", "LATE_PEERS", "SCHEDULES", "INTRA_BACKENDS", "DEVICES",
-           "PRECISIONS"]
+           "PRECISIONS", "NORMS", "PRIVACY_RANDOMNESS", "PRIVATE_METHODS"]
 
 METHODS = ("mhd", "separate", "fedavg", "supervised", "fedmd")
 #: Datasets built by the framework itself, with their number of classes (known before start,
@@ -31,3 +31,8 @@ SCHEDULES = ("cosine", "constant")
 INTRA_BACKENDS = ("auto", "horovod", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NORMS = ("batch", "group")
+PRIVACY_RANDOMNESS = ("secret", "seeded")
+#: The methods privacy.enabled supports: each client trains its own model on its private data
+#: (the others share weights or gradients, or train on a consensus: not covered yet).
+PRIVATE_METHODS = ("mhd", "separate")

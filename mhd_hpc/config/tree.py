@@ -181,6 +181,10 @@ class ModelConfig:
     embedding_dim: int = doc("Linear projection of the backbone feature to this size before the "
                              "heads (0 = the backbone's own size). Needed for embedding "
                              "distillation between architectures of different widths.", 0)
+    norm: str = doc("Normalisation layers of the built-in backbones: 'batch' (BatchNorm: "
+                    "statistics over the batch, private and public samples mixed) | 'group' "
+                    "(GroupNorm: per sample, no sample sees another; what privacy.enabled "
+                    "needs).", "batch", added="batch")
 
 
 @dataclass
@@ -324,6 +328,37 @@ class OptimConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    enabled: bool = doc("Differentially private training of each client's private term "
+                        "(DP-SGD: per-sample gradients of the private cross-entropy clipped to "
+                        "privacy.clip_norm, Gaussian noise added, Poisson sampling of the "
+                        "private batch). What a client sends is then post-processing of it "
+                        "(docs/privacy.md). Needs model.norm=group and the privacy extra "
+                        "(opacus, for the accounting).", False, added=False)
+    clip_norm: float = doc("C: each private sample's gradient is scaled to an L2 norm of at "
+                           "most C (over all parameters the private term trains).", 1.0,
+                           added=1.0)
+    noise_multiplier: float = doc("sigma: the noise added to the summed clipped gradients has "
+                                  "standard deviation sigma x C (0 = calibrated from "
+                                  "privacy.target_epsilon before training, per client).", 0.0,
+                                  added=0.0)
+    target_epsilon: float = doc("The budget epsilon at privacy.delta for each client (0 = "
+                                "none: epsilon is only reported). With noise_multiplier 0 the "
+                                "noise is calibrated so that run.steps spend it; either way a "
+                                "client whose next step would exceed it stops training on its "
+                                "private data (its distillation goes on) and says so.", 0.0,
+                                added=0.0)
+    delta: float = doc("delta of the (epsilon, delta) guarantee, per client (below 1 / the "
+                       "client's private samples).", 1e-5, added=1e-5)
+    randomness: str = doc("Source of the noise and of the Poisson sampling: 'secret' (a key "
+                          "drawn from the OS for each client at its first start, kept in "
+                          "RUN_DIR/privacy/, never sent: the guarantee holds against peers who "
+                          "know the job file) | 'seeded' (from run.seed: runs repeat exactly, "
+                          "for studies; no guarantee against anyone who knows run.seed).",
+                          "secret", added="secret")
+
+
+@dataclass
 class JobConfig:
     method: str = doc("mhd (multi-headed distillation) | separate (clients alone) | fedavg "
                       "(weight averaging) | supervised (one model on all private data) | fedmd "
@@ -340,6 +375,8 @@ class JobConfig:
     fedmd: FedMDConfig = doc("FedMD baseline.", factory=FedMDConfig)
     optim: OptimConfig = doc("Optimiser.", factory=OptimConfig)
     eval: EvalConfig = doc("Evaluation checks and diagnostics.", factory=EvalConfig)
+    privacy: PrivacyConfig = doc("Differential privacy of each client's private data "
+                                 "(docs/privacy.md).", factory=PrivacyConfig)
     backend: BackendConfig = doc("Parallelism and devices.", factory=BackendConfig)
 
     # Derived helpers (not config keys).

@@ -11,9 +11,9 @@ from mhd_hpc.errors import ConfigError
 
 from mhd_hpc.config.choices import (AUX_WEIGHTINGS, BUILTIN_DATASETS, DATASETS, DEVICES,
                                     EXCHANGE_MODES, INTRA_BACKENDS, LABEL_ASSIGNMENTS, LATE_PEERS,
-                                    LOADERS, METHODS, PARTITIONS, PRECISIONS, PUBLIC_SOURCES,
-                                    SCHEDULES,
-                                    SELECTION_MODES, TOPOLOGY_KINDS)
+                                    LOADERS, METHODS, NORMS, PARTITIONS, PRECISIONS,
+                                    PRIVACY_RANDOMNESS, PRIVATE_METHODS, PUBLIC_SOURCES,
+                                    SCHEDULES, SELECTION_MODES, TOPOLOGY_KINDS)
 
 __all__ = ["validate", "check_world_size", "num_classes"]
 
@@ -32,7 +32,7 @@ def validate(cfg: JobConfig) -> None:
     """Reject impossible jobs before anything runs. Pure: needs no MPI, imports nothing of the
     domain and touches no files; errors name the key."""
     for check in (_check_run, _check_clients, _check_data, _check_model_and_distill,
-                  _check_topology, _check_exchange, _check_optim_and_backend):
+                  _check_topology, _check_exchange, _check_optim_and_backend, _check_privacy):
         check(cfg)
 
 
@@ -130,6 +130,7 @@ def _check_model_and_distill(cfg: JobConfig) -> None:
     m, dist = cfg.model, cfg.distill
     _positive("model.aux_heads", m.aux_heads, allow_zero=True)
     _positive("model.embedding_dim", m.embedding_dim, allow_zero=True)
+    _choice("model.norm", m.norm, NORMS)
     _positive("distill.nu_aux", dist.nu_aux, allow_zero=True)
     _positive("distill.nu_emb", dist.nu_emb, allow_zero=True)
     _positive("distill.targets_per_step", dist.targets_per_step)
@@ -199,6 +200,49 @@ def _check_optim_and_backend(cfg: JobConfig) -> None:
     if not isinstance(cfg.backend.channels_last, bool) and cfg.backend.channels_last != "auto":
         raise ConfigError("backend.channels_last", f"auto | true | false, got "
                           f"{cfg.backend.channels_last!r}")
+
+
+def _check_privacy(cfg: JobConfig) -> None:
+    p = cfg.privacy
+    _positive("privacy.clip_norm", p.clip_norm)
+    _positive("privacy.noise_multiplier", p.noise_multiplier, allow_zero=True)
+    _positive("privacy.target_epsilon", p.target_epsilon, allow_zero=True)
+    if not 0 < p.delta < 1:
+        raise ConfigError("privacy.delta", f"must be in (0, 1), got {p.delta}")
+    _choice("privacy.randomness", p.randomness, PRIVACY_RANDOMNESS)
+    if not p.enabled:
+        return
+    if p.noise_multiplier == 0 and p.target_epsilon == 0:
+        raise ConfigError("privacy.noise_multiplier", "privacy.enabled needs noise: set "
+                          "privacy.noise_multiplier > 0 or privacy.target_epsilon > 0 (the "
+                          "noise is then calibrated to it)")
+    if cfg.model.norm != "group":
+        raise ConfigError("model.norm", f"{cfg.model.norm!r}: BatchNorm computes statistics "
+                          "over the batch, so a private sample would shape the outputs on "
+                          "other samples (the public ones a client sends) outside the "
+                          "clipped gradient: set model.norm=group with privacy.enabled")
+    if cfg.method not in PRIVATE_METHODS:
+        raise ConfigError("privacy.enabled", f"supports method {' and '.join(PRIVATE_METHODS)}"
+                          f", not method={cfg.method}")
+    if cfg.data.public_source == "all":
+        raise ConfigError("data.public_source", "'all' makes every client's private samples "
+                          "public data, used without noise: set data.public_source=split with "
+                          "privacy.enabled")
+    if max(cfg.client_ranks()) > 1:
+        raise ConfigError("privacy.enabled", "needs one rank per client (the noise is added "
+                          "once per client step): set clients.ranks_per_client=1 and no "
+                          "per_client ranks")
+    if cfg.data.loader == "dali":
+        raise ConfigError("data.loader", "privacy.enabled draws the private batch by Poisson "
+                          "sampling (a batch size that varies), which the DALI pipeline does "
+                          "not take: set data.loader=wds or auto")
+    if cfg.backend.precision == "fp16":
+        raise ConfigError("backend.precision", "privacy.enabled adds its noisy gradient beside "
+                          "the loss scaler's scaled ones: use fp32, bf16 or auto")
+    if cfg.eval.grad_norms:
+        raise ConfigError("eval.grad_norms", "the per-term gradient norms take the private "
+                          "term's non-private gradient: set eval.grad_norms=false with "
+                          "privacy.enabled")
 
 
 def check_world_size(cfg: JobConfig, world_size: int, launcher: str = "mpirun",

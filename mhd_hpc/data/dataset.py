@@ -133,15 +133,17 @@ def ignored_partition_keys(d: DataConfig, built: dict) -> list[str]:
 
 def open_data(folder: str, manifest: Manifest, d: DataConfig, *, client: int, part: int,
               num_parts: int, seed: int, leader: bool, probe: bool,
-              device: torch.device) -> Data:
+              device: torch.device, poisson: tuple[float, int] | None = None) -> Data:
     """This rank's slice (``part`` of its client's ``num_parts`` ranks) of client ``client``'s
     private stream and of the public stream; on the client's leader the test stream (and with
-    ``probe`` the whole public split) for evaluation."""
+    ``probe`` the whole public split) for evaluation. ``poisson``: (rate, seed) of the private
+    stream's Poisson sampling (``privacy.enabled``; the seed is the client's key's)."""
     opts = {"loader": d.loader, "threads": d.loader_threads, "manifest": manifest,
             "pin": device.type == "cuda", "prefetch": d.prefetch}
     mine = {"part": part, "num_parts": num_parts, **opts}
-    private, loader = open_stream(folder, client_split(client), d.batch_size,
-                                  seed_of(seed, PRIVATE_ORDER, client), "train", **mine)
+    rate, order_seed = poisson or (0.0, seed_of(seed, PRIVATE_ORDER, client))
+    private, loader = open_stream(folder, client_split(client), d.batch_size, order_seed,
+                                  "train", poisson_rate=rate, **mine)
     public, _ = open_stream(folder, "public", d.public_batch_size,  # one seed: aligned
                             seed_of(seed, PUBLIC_ORDER), "public", **mine)
 

@@ -29,6 +29,7 @@ from mhd_hpc.runtime.seeds import SELECTION, seed_of
 if TYPE_CHECKING:
     from mhd_hpc.method.strategies import Strategy
     from mhd_hpc.method.targets import TargetSource
+    from mhd_hpc.privacy.dp_sgd import PrivateGradient
 
 __all__ = ["DistillSettings", "TrainStep"]
 
@@ -52,11 +53,15 @@ class TrainStep:
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, *,
                  strategy: Strategy, source: TargetSource, distill: DistillSettings, seed: int,
                  client: int, device: torch.device, precision: Precision = Precision("fp32"),
-                 overlap: bool = False):
+                 overlap: bool = False, private: PrivateGradient | None = None,
+                 private_steps: int = 0):
         """``overlap`` (``exchange.overlap``): the public batch's forward pass first, its
         outputs sent at once, then the private batch's forward and backward while they travel,
-        then the distillation terms' backward (see :meth:`_overlapped`)."""
+        then the distillation terms' backward (see :meth:`_overlapped`). ``private``
+        (``privacy.enabled``): the private term's gradient is DP-SGD's, for the first
+        ``private_steps`` steps (the client's budget), none after (:meth:`_private`)."""
         self.overlap = overlap
+        self.private, self.private_steps = private, private_steps
         self.model, self.opt, self.strategy, self.source = model, opt, strategy, source
         self.distill, self.seed, self.client = distill, seed, client
         self.device, self.precision = device, precision
@@ -70,6 +75,8 @@ class TrainStep:
         """One step; ``grad_norms`` also records each loss part's gradient norm on the
         backbone (``gradnorm_<part>``, diagnostics: one extra backward pass per part)."""
         self.source.prepare(step)
+        if self.private is not None:
+            return self._private(step, private, public)
         if not self.strategy.uses_public:
             return self._private_only(step, private, grad_norms)
         if self.overlap:
@@ -154,6 +161,34 @@ class TrainStep:
         if loss_ce is not None:
             terms["loss_ce"] = loss_ce.detach()
             loss = loss.detach() + loss_ce.detach()
+        terms["loss_total"] = loss.detach()
+        self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
+        return self._update(step, terms)
+
+    def _private(self, step: int, private: Batch, public: Batch) -> dict:
+        """``privacy.enabled``: the overlapped order (public forward and offer first), with the
+        private term's gradient from DP-SGD (``privacy.dp_sgd``) written into ``.grad`` before
+        the distillation terms' ordinary backward adds to it. After the client's budget
+        (``private_steps``) the private term is left out. With GroupNorm (required) the
+        separate passes compute what the joint one would."""
+        public_terms = self.strategy.uses_public
+        if public_terms:
+            with self.precision.autocast(self.device):
+                pub_emb, pub_logits = self.model(public.images)
+            pub_emb, pub_logits = pub_emb.float(), [l.float() for l in pub_logits]
+            self.source.begin_step(step, self.model)
+            self.source.offer(step, public, pub_logits, pub_emb)
+        self.opt.zero_grad(set_to_none=True)
+        terms = {}
+        if step <= self.private_steps and self.strategy.trains_private(step):
+            terms = self.private(step, private.images, private.labels)
+        loss = terms.get("loss_ce", torch.zeros((), device=self.device))
+        if public_terms:
+            peers = self.source.targets(step, public, pub_logits, pub_emb)
+            distill, objective, _ = self._objective(step, None, pub_logits, pub_emb, peers)
+            self._backward(distill)
+            terms = {**objective, **terms}
+            loss = loss.detach() + distill.detach()
         terms["loss_total"] = loss.detach()
         self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
         return self._update(step, terms)

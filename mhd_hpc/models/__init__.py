@@ -36,7 +36,7 @@ ARCHS: tuple[str, ...] = ("cnn_small", "cnn_mnist", "resnet18", "resnet34", "res
 #: the last feature maps would be empty or degenerate.
 MIN_IMAGE_SIZE = 8
 
-_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cnn_small": cnn_small,
     "cnn_mnist": cnn_mnist,
     "resnet18": resnet18,
@@ -62,11 +62,14 @@ def native_embedding_dim(arch: str) -> int:
     return _NATIVE_DIMS[arch]
 
 
-def build_backbone(arch: str, in_channels: int, image_size: int) -> nn.Module:
+def build_backbone(arch: str, in_channels: int, image_size: int,
+                   norm: str = "batch") -> nn.Module:
     """Build the feature extractor for ``arch``; it has ``out_dim`` and maps (B,C,H,W) -> (B,out_dim).
 
     ResNets use the CIFAR-style stem for ``image_size <= SMALL_IMAGE_MAX`` (64) and the
-    ImageNet stem above. A plug-in ``package.module:builder`` is built by its builder.
+    ImageNet stem above. ``norm`` (``model.norm``): the built-ins' normalisation layers,
+    'batch' or 'group' (:mod:`mhd_hpc.models.norms`). A plug-in ``package.module:builder`` is
+    built by its builder, with its own layers.
     """
     _check_arch(arch)
     _check_int("in_channels", in_channels, 1)
@@ -77,7 +80,7 @@ def build_backbone(arch: str, in_channels: int, image_size: int) -> nn.Module:
         )
     if is_import_path(arch):
         return plugin_backbone(arch, in_channels, image_size)
-    backbone = _BUILDERS[arch](in_channels, image_size)
+    backbone = _BUILDERS[arch](in_channels, image_size, norm=norm)
     assert backbone.out_dim == _NATIVE_DIMS[arch]  # keeps the table above honest
     return backbone
 
@@ -89,10 +92,12 @@ def build_model(
     in_channels: int = 3,
     image_size: int = 224,
     embedding_dim: int = 0,
+    norm: str = "batch",
 ) -> MultiHeadModel:
-    """Build a client model: backbone -> (projection if embedding_dim > 0) -> main + aux heads."""
+    """Build a client model: backbone -> (projection if embedding_dim > 0) -> main + aux heads
+    (``norm``: the built-in backbones' normalisation, ``model.norm``)."""
     _check_arch(arch)
     # Validate the head arguments before building a (possibly large) backbone.
     MultiHeadModel.check_heads(num_classes, aux_heads, embedding_dim)
-    backbone = build_backbone(arch, in_channels, image_size)
+    backbone = build_backbone(arch, in_channels, image_size, norm)
     return MultiHeadModel(backbone, arch, num_classes, aux_heads, embedding_dim)

@@ -1,6 +1,7 @@
 """Small convolutional backbones for small images (8x8 digits up to 64x64).
 
-Three conv-BN-ReLU blocks and a global average pool: ``cnn_small`` (32/64/128 channels) fits
+Three conv-norm-ReLU blocks (BatchNorm, or GroupNorm with ``model.norm=group``) and a global
+average pool: ``cnn_small`` (32/64/128 channels) fits
 the 8x8 digits well and trains in seconds on one CPU core, which is what the CPU end-to-end
 runs and tests need; ``cnn_mnist`` (16/32/64 channels) is sized for 28x28 grayscale images
 (MNIST, Fashion-MNIST): 39 ms forward + backward per 96 images on one core, against 101 ms
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mhd_hpc.models.norms import norm_layer
+
 __all__ = ["SmallCNN", "cnn_small", "cnn_mnist", "POOL_EARLY_FROM"]
 
 #: Images of this side and more are pooled right after the first block. (Before the
@@ -20,9 +23,10 @@ __all__ = ["SmallCNN", "cnn_small", "cnn_mnist", "POOL_EARLY_FROM"]
 POOL_EARLY_FROM = 16
 
 
-def _block(in_ch: int, out_ch: int) -> list[nn.Module]:
-    # bias=False: BatchNorm right after the convolution provides the shift.
-    return [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+def _block(in_ch: int, out_ch: int, norm: str) -> list[nn.Module]:
+    # bias=False: the normalisation right after the convolution provides the shift.
+    return [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+            norm_layer(norm, out_ch), nn.ReLU(inplace=True)]
 
 
 class SmallCNN(nn.Module):
@@ -34,17 +38,18 @@ class SmallCNN(nn.Module):
     of the input resolution.
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
+    def __init__(self, in_channels: int = 3, image_size: int = 32,
+                 widths: tuple[int, int, int] = (32, 64, 128), norm: str = "batch") -> None:
         super().__init__()
         c1, c2, c3 = widths
-        layers: list[nn.Module] = _block(in_channels, c1)
+        layers: list[nn.Module] = _block(in_channels, c1, norm)
         if image_size >= POOL_EARLY_FROM:
             # Early pooling on larger images: the first block is cheap (few input
             # channels) but the second would otherwise run at full resolution.
             layers.append(nn.MaxPool2d(2))
-        layers += _block(c1, c2)
+        layers += _block(c1, c2, norm)
         layers.append(nn.MaxPool2d(2))
-        layers += _block(c2, c3)
+        layers += _block(c2, c3, norm)
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim: int = c3
@@ -52,7 +57,7 @@ class SmallCNN(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -60,11 +65,11 @@ class SmallCNN(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
-def cnn_small(in_channels: int = 3, image_size: int = 32) -> SmallCNN:
+def cnn_small(in_channels: int = 3, image_size: int = 32, norm: str = "batch") -> SmallCNN:
     """Small CNN backbone for images of 8 to 64 pixels; 128-d output."""
-    return SmallCNN(in_channels, image_size)
+    return SmallCNN(in_channels, image_size, norm=norm)
 
 
-def cnn_mnist(in_channels: int = 1, image_size: int = 28) -> SmallCNN:
+def cnn_mnist(in_channels: int = 1, image_size: int = 28, norm: str = "batch") -> SmallCNN:
     """The same three blocks at half the width (16/32/64), for 28x28 images; 64-d output."""
-    return SmallCNN(in_channels, image_size, widths=(16, 32, 64))
+    return SmallCNN(in_channels, image_size, widths=(16, 32, 64), norm=norm)

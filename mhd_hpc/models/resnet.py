@@ -22,6 +22,8 @@ from typing import Sequence, Type, Union
 import torch
 from torch import Tensor, nn
 
+from mhd_hpc.models.norms import norm_layer
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "SMALL_IMAGE_MAX", "resnet18", "resnet34", "resnet50"]
 
 #: Largest image side for which the CIFAR-style stem is used.
@@ -42,13 +44,14 @@ class BasicBlock(nn.Module):
 
     expansion: int = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(norm, planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(norm, planes)
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
@@ -63,14 +66,15 @@ class Bottleneck(nn.Module):
 
     expansion: int = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = _conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(norm, planes)
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(norm, planes)
         self.conv3 = _conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = norm_layer(norm, planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -99,8 +103,10 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         image_size: int = 224,
         zero_init_residual: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
+        self.norm = norm
         self.small_stem = image_size <= SMALL_IMAGE_MAX
         self.inplanes = 64
         if self.small_stem:
@@ -110,7 +116,7 @@ class ResNet(nn.Module):
         else:
             self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = norm_layer(norm, 64)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
@@ -123,7 +129,7 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 # fan_out mode as in torchvision: keeps the backward signal variance stable.
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
@@ -140,11 +146,11 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 _conv1x1(self.inplanes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
+                norm_layer(self.norm, planes * block.expansion),
             )
-        modules: list[nn.Module] = [block(self.inplanes, planes, stride, downsample)]
+        modules: list[nn.Module] = [block(self.inplanes, planes, stride, downsample, self.norm)]
         self.inplanes = planes * block.expansion
-        modules.extend(block(self.inplanes, planes) for _ in range(1, blocks))
+        modules.extend(block(self.inplanes, planes, norm=self.norm) for _ in range(1, blocks))
         return nn.Sequential(*modules)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -153,16 +159,16 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def resnet18(in_channels: int = 3, image_size: int = 224, **kwargs: bool) -> ResNet:
+def resnet18(in_channels: int = 3, image_size: int = 224, **kwargs) -> ResNet:
     """ResNet-18 backbone (BasicBlock, [2, 2, 2, 2]); 512-d output."""
     return ResNet(BasicBlock, [2, 2, 2, 2], in_channels, image_size, **kwargs)
 
 
-def resnet34(in_channels: int = 3, image_size: int = 224, **kwargs: bool) -> ResNet:
+def resnet34(in_channels: int = 3, image_size: int = 224, **kwargs) -> ResNet:
     """ResNet-34 backbone (BasicBlock, [3, 4, 6, 3]); 512-d output."""
     return ResNet(BasicBlock, [3, 4, 6, 3], in_channels, image_size, **kwargs)
 
 
-def resnet50(in_channels: int = 3, image_size: int = 224, **kwargs: bool) -> ResNet:
+def resnet50(in_channels: int = 3, image_size: int = 224, **kwargs) -> ResNet:
     """ResNet-50 backbone (Bottleneck, [3, 4, 6, 3]); 2048-d output."""
     return ResNet(Bottleneck, [3, 4, 6, 3], in_channels, image_size, **kwargs)

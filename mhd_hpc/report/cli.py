@@ -10,7 +10,8 @@ prints the same numbers as
     {"step": N, "clients": {NAME: {"heads": {HEAD: {"beta_priv": x, "beta_sh": y}}}},
      "mean": {HEAD: {"beta_priv": x, "beta_sh": y}}, "health_failures": {NAME: [steps]},
      "health": "failed" | "passed" | "not judged",
-     "linear_probe": {"clients": {NAME: x}, "mean": x}}           (the last only with a probe)
+     "linear_probe": {"clients": {NAME: x}, "mean": x},           (only with a probe)
+     "epsilon": {"clients": {NAME: eps}, "max": eps}}              (only with privacy.enabled)
 
 with accuracies as fractions in [0, 1]. ``--plot`` writes the figures (see report.plots) into
 OUT_DIR (default RUN_DIR/plots), as ``--format`` png (default), pdf or svg.
@@ -55,6 +56,12 @@ def format_table(summary: dict, metrics: dict) -> str:
                   "fitted on the labelled public set): " + "  ".join(
                       f"{c} {v:.3f}" for c, v in lp["clients"].items())
                   + f"  mean {lp['mean']:.3f}"]
+    if "epsilon" in summary:
+        eps = summary["epsilon"]
+        lines += ["", "privacy spent (epsilon at the job's privacy.delta, per client; "
+                  "docs/privacy.md): " + "  ".join(f"{c} {v:.2f}"
+                                                   for c, v in eps["clients"].items())
+                  + f"  max {eps['max']:.2f}"]
     lines += cross_client_lines(summary, metrics)
     failures = summary.get("health_failures") or {}
     if failures:

@@ -40,6 +40,11 @@ def step_summary(metrics: dict, step: int | None = None) -> dict:
         out["linear_probe"] = {"clients": {name: float(probe[i])
                                            for i, name in enumerate(metrics["clients"])},
                                "mean": float(np.nanmean(probe))}
+    if "epsilon" in ev:  # privacy.enabled: the budget each client has spent by this step
+        eps = ev["epsilon"][row]
+        out["epsilon"] = {"clients": {name: float(eps[i])
+                                      for i, name in enumerate(metrics["clients"])},
+                          "max": float(np.max(eps))}
     return out
 
 

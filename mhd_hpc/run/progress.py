@@ -158,6 +158,8 @@ def eval_lines(step: int, summary: dict, heads: list[str]) -> list[str]:
     sh, priv = summary["beta_sh"], summary["beta_priv"]
     probe = (f" | linear probe {np.nanmean(summary['probe_acc']):.3f}"
              if "probe_acc" in summary else "")
+    if "epsilon" in summary:
+        probe += (f" | epsilon per client " + " ".join(f"{e:.2f}" for e in summary["epsilon"]))
     return [f"eval @ {step}: mean over clients  beta_sh " + " ".join(
                 f"{h} {sh[:, i].mean():.3f}" for i, h in enumerate(heads))
             + " | beta_priv " + " ".join(f"{h} {priv[:, i].mean():.3f}"
@@ -204,7 +206,8 @@ class Recorder:
     def __init__(self, metrics, log: Log, *, total_steps: int, heads: list[str],
                  distribution: np.ndarray, health_from: int | None, start_step: int = 0,
                  batch_sizes: tuple[int, int] = (0, 0), tensorboard: TensorBoard | None = None,
-                 one_model: bool = False, before: tuple[float, float] = (0.0, 0.0)):
+                 one_model: bool = False, before: tuple[float, float] = (0.0, 0.0),
+                 privacy: list | None = None):
         """``health_from``: the first step the health check judges (None: no check);
         ``one_model``: the method trains one model for all clients, judged on their pooled task;
         ``batch_sizes``: (private, public) images one client processes per step; ``before``:
@@ -218,7 +221,23 @@ class Recorder:
         self.start_step, self.batch_sizes, self.tb = start_step, batch_sizes, tensorboard
         self.wall_before_s, self.sent_bytes = before
         self.one_model = one_model
+        self.privacy = privacy
+        self.last_row_step = start_step
         self.started = time.perf_counter()
+
+    def epsilons(self, step: int) -> np.ndarray | None:
+        """epsilon spent by every client at ``step`` (None: not a private run)."""
+        return (np.array([b.epsilon_at(step) for b in self.privacy]) if self.privacy
+                else None)
+
+    def _budget_lines(self, step: int) -> list[str]:
+        """Clients whose privacy budget ran out since the last row."""
+        return [f"privacy: client {b.client} spent its budget (epsilon "
+                f"{b.epsilon_at(b.private_steps):.3g} of {b.target_epsilon:g} at delta "
+                f"{b.delta:g}) at step {b.private_steps}: from step {b.private_steps + 1} it "
+                "trains on public distillation only, its private data no longer used"
+                for b in self.privacy or []
+                if b.target_epsilon and self.last_row_step <= b.private_steps < step]
 
     def eta_s(self, step: int) -> float:
         """Seconds left at the pace since this process started (eval and checkpoints included)."""
@@ -232,6 +251,9 @@ class Recorder:
                 r["wall_s"] += self.wall_before_s
         names = sorted(set().union(*per_client))
         columns = {n: [r.get(n, np.nan) for r in per_client] for n in names}
+        eps = self.epsilons(step)
+        if eps is not None:
+            columns["epsilon"] = list(eps)
         self.metrics.write_train(step, columns)
         self.sent_bytes += float(np.nansum(columns.get("bytes_sent", [0.0])))
         if self.tb:
@@ -239,8 +261,14 @@ class Recorder:
                 self.tb.scalars(f"train/{n}", step, np.asarray(values), self.clients)
             self.tb.flush()
         self.train_ce = np.array([r.get("loss_ce", np.nan) for r in per_client])
-        self.log(train_line(step, self.total_steps, per_client, self.batch_sizes,
-                            self.eta_s(step), self.sent_bytes))
+        line = train_line(step, self.total_steps, per_client, self.batch_sizes,
+                          self.eta_s(step), self.sent_bytes)
+        if eps is not None:
+            line += f" | epsilon {eps.mean():.2f} (max {eps.max():.2f})"
+        self.log(line)
+        for note in self._budget_lines(step):
+            self.log(note)
+        self.last_row_step = step
 
     def evaluation(self, step: int, accs: list[np.ndarray], probes: list[float | None],
                    hop_distances: np.ndarray | None) -> None:
@@ -253,6 +281,9 @@ class Recorder:
             summary["hop_distances"] = np.asarray(hop_distances, dtype=np.int64)
         if any(p is not None for p in probes):
             summary["probe_acc"] = np.array([np.nan if p is None else p for p in probes])
+        eps = self.epsilons(step)
+        if eps is not None:
+            summary["epsilon"] = eps
         health = np.full(len(self.distribution), -1, dtype=np.int8)  # -1: not judged yet
         if self.health_from is not None and step >= self.health_from:
             judged = (pooled_task(summary["per_class_acc"][:, 0], self.distribution, self.train_ce)
@@ -272,6 +303,8 @@ class Recorder:
                     self.tb.scalars(f"eval/{key}/{head}", step, summary[key][:, h], self.clients)
             if "probe_acc" in summary:
                 self.tb.scalars("eval/linear_probe", step, summary["probe_acc"], self.clients)
+            if eps is not None:
+                self.tb.scalars("eval/epsilon", step, eps, self.clients)
             self.tb.flush()
         for line in eval_lines(step, summary, self.heads):
             self.log(line)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["seed_of", "PRIVATE_ORDER", "PUBLIC_ORDER", "INIT", "SELECTION", "POOL_DRAW",
-           "POOL_SLOT", "POOL_REFRESH", "RANDOM_GRAPH", "AUGMENT", "WRITE_ORDER", "PARTITION"]
+__all__ = ["seed_of", "DP", "DP_SAMPLING", "DP_NOISE", "PRIVATE_ORDER", "PUBLIC_ORDER", "INIT",
+           "SELECTION", "POOL_DRAW", "POOL_SLOT", "POOL_REFRESH", "RANDOM_GRAPH", "AUGMENT",
+           "WRITE_ORDER", "PARTITION"]
 
 # -- seed_of(run.seed, PURPOSE, ...) -------------------------------------------------------------
 PRIVATE_ORDER = 1  # (seed, 1, client): the client's private batch order
@@ -37,6 +38,10 @@ WRITE_ORDER = 0x5EED  # [seed, 0x5EED]: the shuffle of public/client samples whe
 # [batch-order seed, tag, part, AUGMENT]: a PIL-decoded training batch's random crops and flips
 # (tag = the step; the batch-order seed is the stream's, from PRIVATE_ORDER)
 AUGMENT = 0xA06
+# privacy.enabled: [client key, 0xD9, 1]: the private stream's Poisson sampling; [client key,
+# 0xD9, 2, step]: the step's gradient noise (the key: privacy.secret, or [run.seed, 0xD9, client])
+DP = 0xD9
+DP_SAMPLING, DP_NOISE = 1, 2
 
 # -- streams keyed without a purpose number (kept as they were) -----------------------------------
 # default_rng([order seed, epoch]): the permutation of one epoch of a split (data.batches)

@@ -31,7 +31,8 @@ from mhd_hpc.data.shards import Samples
 if TYPE_CHECKING:
     from mhd_hpc.data.manifest import Manifest
 
-__all__ = ["Batch", "load_split", "key_hash", "normalize_images", "StepBatches", "iterate_eval"]
+__all__ = ["Batch", "load_split", "key_hash", "normalize_images", "StepBatches", "PoissonBatches",
+           "iterate_eval"]
 
 
 @dataclass
@@ -197,6 +198,11 @@ class StepBatches:
         """Sample indices of this part of the batch at ``step``."""
         return self.global_indices(step)[self._lo:self._hi]
 
+    @property
+    def max_rows(self) -> int:
+        """The most samples :meth:`indices` returns (what a loader's buffers must hold)."""
+        return self._hi - self._lo
+
     def batch(self, step: int) -> Batch:
         """This part of the batch at ``step``, normalised."""
         return _make_batch(self.samples, self.indices(step), self.normalize)
@@ -208,6 +214,34 @@ class StepBatches:
     def epoch_of(self, step: int) -> float:
         """Epochs completed at the start of ``step`` (fractional)."""
         return step * self.batch_size / self.num_samples
+
+
+class PoissonBatches:
+    """Poisson sampling (``privacy.enabled``): batch ``t`` holds every sample independently with
+    probability ``rate``, drawn from ``default_rng([seed, t])``: a batch of varying size, on
+    average ``rate * N``, a pure function of (seed, step) like :class:`StepBatches`. It is the
+    sampling that the privacy accountant's subsampled Gaussian mechanism assumes (a fixed-size
+    shuffled batch is not)."""
+
+    def __init__(self, num_samples: int, rate: float, seed: int) -> None:
+        if not 0 < rate <= 1:
+            raise ValueError(f"Poisson sampling rate must be in (0, 1], got {rate}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.num_samples, self.rate, self.seed = int(num_samples), float(rate), int(seed)
+        expected = rate * num_samples
+        # 12 standard deviations above the mean: a larger batch has a probability below 1e-30
+        # (a loader that meets one anyway says so rather than truncating the batch).
+        self.max_rows = min(self.num_samples, int(np.ceil(expected + 12 * np.sqrt(expected)
+                                                          + 12)))
+
+    def global_indices(self, step: int) -> np.ndarray:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        draws = np.random.default_rng([self.seed, step]).random(self.num_samples)
+        return np.flatnonzero(draws < self.rate)
+
+    indices = global_indices  # one part: privacy.enabled needs one rank per client
 
 
 def iterate_eval(samples: Samples, batch_size: int, normalize: dict) -> Iterator[Batch]:

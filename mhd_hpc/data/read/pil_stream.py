@@ -181,9 +181,12 @@ class PilStream(BatchStream):
 
     def batch(self, step: int) -> Batch:
         idx = self.indices(step)  # validates before any worker starts
+        if len(idx) > self.order.max_rows:
+            raise RuntimeError(f"step {step}: a batch of {len(idx)} samples, more than the "
+                               f"{self.order.max_rows} the loader holds")
         if self._it is None or step != self._next:
             stop_workers(self._it)
-            self._it, self._ring = self._loader(self._step_jobs(step), len(idx))
+            self._it, self._ring = self._loader(self._step_jobs(step), self.order.max_rows)
         slot, flips = next(self._it)
         self._next = step + 1
         images = self._take(self._ring, slot, len(idx))

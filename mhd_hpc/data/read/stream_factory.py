@@ -31,7 +31,7 @@ def dali_available() -> bool:
 def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: str, *,
                 loader: str = "auto", part: int = 0, num_parts: int = 1, threads: int = 2,
                 manifest: Manifest | dict | None = None, pin: bool = False,
-                prefetch: int = 2) -> tuple[BatchStream, str]:
+                prefetch: int = 2, poisson_rate: float = 0.0) -> tuple[BatchStream, str]:
     """Open ``split`` of a built dataset as a :class:`BatchStream`; returns (stream, the loader
     used).
 
@@ -42,7 +42,8 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
     names the loader actually used, for the caller's log (``memory`` and ``raw``: samples
     stored at training size, served from memory without a decoding loader). ``manifest``: the
     dataset's manifest when the caller has read it already (a run reads it once). ``pin``:
-    batches in page-locked memory (a GPU job); ``prefetch``: batches a loader prepares ahead.
+    batches in page-locked memory (a GPU job); ``prefetch``: batches a loader prepares ahead;
+    ``poisson_rate`` > 0: Poisson sampling of a train stream (``privacy.enabled``; not DALI).
     """
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; expected one of {LOADERS}")
@@ -53,11 +54,13 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
         raise ValueError(f"split {split!r} not in {dataset_dir}; splits: "
                          f"{', '.join(manifest.splits)}")
     fmt, stored = manifest.format, manifest.split_format(split)
-    common = dict(batch_size=batch_size, seed=seed, kind=kind, part=part, num_parts=num_parts)
+    common = dict(batch_size=batch_size, seed=seed, kind=kind, part=part, num_parts=num_parts,
+                  poisson_rate=poisson_rate)
     if loader == "auto":
-        loader = "dali" if fmt == "jpg" and dali_available() else "wds"
-        _log.info("data.loader auto -> %s (%s samples, DALI %s)", loader, fmt,
-                  "importable" if dali_available() else "not importable")
+        loader = "dali" if fmt == "jpg" and dali_available() and not poisson_rate else "wds"
+        _log.info("data.loader auto -> %s (%s samples, DALI %s%s)", loader, fmt,
+                  "importable" if dali_available() else "not importable",
+                  ", Poisson sampling" if poisson_rate else "")
     if fmt in ("npy", RECORDS_FORMAT) and loader == "dali":
         raise ValueError(f"{dataset_dir} holds raw uint8 samples ({fmt}); the DALI loader "
                          f"reads JPEG shards only: use loader='wds' (or 'auto')")
@@ -70,6 +73,9 @@ def open_stream(dataset_dir: str, split: str, batch_size: int, seed: int, kind: 
     table = SplitTable.load(dataset_dir, split, manifest)
     size = manifest.image_shape[-1]
     if loader == "dali":
+        if poisson_rate:
+            raise ValueError("Poisson sampling (privacy.enabled) varies the batch size, which "
+                             "the DALI pipeline does not take: use loader='wds'")
         if not dali_available():
             raise ValueError("data.loader 'dali' requested but nvidia.dali is not importable "
                              "(pip install nvidia-dali-cuda120); use 'wds' or 'auto'")

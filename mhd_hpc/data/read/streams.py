@@ -33,7 +33,7 @@ import torch
 
 from mhd_hpc.data.checksums import DamagedSample, ShardSums, read_sums, sums_path
 from mhd_hpc.data.manifest import Manifest
-from mhd_hpc.data.read.batches import Batch, StepBatches, key_hash
+from mhd_hpc.data.read.batches import Batch, PoissonBatches, StepBatches, key_hash
 from mhd_hpc.data.shards import Samples
 from mhd_hpc.data.tarindex import index_path, index_tar, read_index
 
@@ -214,7 +214,10 @@ class BatchStream:
     """
 
     def __init__(self, keys: list[str], labels: np.ndarray, normalize: dict, batch_size: int,
-                 seed: int, kind: str, part: int, num_parts: int) -> None:
+                 seed: int, kind: str, part: int, num_parts: int,
+                 poisson_rate: float = 0.0) -> None:
+        """``poisson_rate`` > 0 (a ``train`` stream of one part): each sample joins a step's
+        batch with this probability (:class:`PoissonBatches`) instead of the shuffled order."""
         if kind not in KINDS:
             raise ValueError(f"unknown stream kind {kind!r}; expected one of {KINDS}")
         self.keys, self.labels, self.normalize = keys, labels, normalize
@@ -226,6 +229,11 @@ class BatchStream:
         stub = Samples(keys, np.zeros((len(keys), 0, 0, 0), np.uint8), labels)
         self.order = (StepBatches(stub, batch_size, {}, seed, True, part, num_parts)
                       if len(keys) and kind != "eval" else None)
+        if poisson_rate:
+            if kind != "train" or num_parts != 1:
+                raise ValueError(f"Poisson sampling is for the private (train) stream of a "
+                                 f"one-rank client, not kind={kind!r} in {num_parts} parts")
+            self.order = PoissonBatches(len(keys), poisson_rate, seed)
 
     @property
     def num_samples(self) -> int:
