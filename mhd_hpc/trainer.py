@@ -82,7 +82,7 @@ def prepare_run(cfg: JobConfig, world: World, log: Log) -> tuple[RunSetup, RunFo
                     error = (exc.key, exc.message)
         budgets = None
         if error is None and cfg.privacy.enabled:  # before the folder is claimed
-            budgets, error = privacy_plan(cfg, manifest, cfg.run.steps)
+            budgets, error = privacy_plan(cfg, manifest)
         if error is None:
             digest = content_digest(manifest.raw)
             folder, problem = claim_run_dir(cfg, digest, manifest.raw["partition"])
@@ -100,15 +100,16 @@ def prepare_run(cfg: JobConfig, world: World, log: Log) -> tuple[RunSetup, RunFo
     return setup, folder
 
 
-def privacy_plan(cfg: JobConfig, manifest: Manifest, steps: int
+def privacy_plan(cfg: JobConfig, manifest: Manifest, first_steps: int | None = None
                  ) -> tuple[list[ClientBudget] | None, tuple[str, str] | None]:
-    """(every client's privacy budget, None) or (None, (key, problem)). ``steps``: the run's
-    steps as first started, which calibrated noise is chosen for."""
+    """(every client's privacy budget, None) or (None, (key, problem)). ``first_steps``: a
+    resumed run's steps as first started, which its calibrated noise was chosen for."""
     p = cfg.privacy
     samples = [manifest.counts[client_split(i)] for i in range(cfg.clients.count)]
     try:
-        return plan(samples, cfg.data.batch_size, steps, noise_multiplier=p.noise_multiplier,
-                    target_epsilon=p.target_epsilon, delta=p.delta), None
+        return plan(samples, cfg.data.batch_size, cfg.run.steps,
+                    noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon,
+                    delta=p.delta, calibration_steps=first_steps), None
     except ValueError as exc:
         key = ("data.batch_size" if "batch_size" in str(exc) else
                "privacy.delta" if "privacy.delta" in str(exc) else "privacy.target_epsilon")

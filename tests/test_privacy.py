@@ -212,3 +212,18 @@ def test_attack_statistics():
     mine, theirs = balanced_split(ours, others, seed=0)
     assert len(mine) == len(theirs) == 2 and 3 in mine and 0 in theirs  # labels 0 and 1 once
     assert sorted(ours[mine].tolist()) == sorted(others[theirs].tolist()) == [0, 1]
+
+
+def test_a_resumed_run_keeps_its_noise_and_its_budget():
+    """run.steps raised on resume: calibrated noise stays the first start's (chosen for 500
+    steps), so the budget is spent after about 500 private steps of the 800; a fixed noise with a
+    target may use every step its budget allows."""
+    first = accounting.plan([7000], 32, 500, noise_multiplier=0.0, target_epsilon=2.0,
+                            delta=1e-5)[0]
+    resumed = accounting.plan([7000], 32, 800, noise_multiplier=0.0, target_epsilon=2.0,
+                              delta=1e-5, calibration_steps=500)[0]
+    assert resumed.noise_multiplier == first.noise_multiplier
+    assert 500 <= resumed.private_steps < 560 and resumed.epsilon_at(800) <= 2.0
+    fixed = accounting.plan([7000], 32, 800, noise_multiplier=0.9, target_epsilon=2.0,
+                            delta=1e-5, calibration_steps=500)[0]
+    assert fixed.private_steps == accounting.steps_within(2.0, 0.9, 32 / 7000, 1e-5, 800)

@@ -102,10 +102,13 @@ class ClientBudget:
 
 
 def plan(samples: list[int], batch_size: int, steps: int, *, noise_multiplier: float,
-         target_epsilon: float, delta: float) -> list[ClientBudget]:
+         target_epsilon: float, delta: float,
+         calibration_steps: int | None = None) -> list[ClientBudget]:
     """Every client's budget: ``samples`` private samples per client, ``batch_size`` the
-    expected batch, ``steps`` the run's steps (as first started). Raises ``ValueError`` naming
-    the client whose data cannot be sampled or whose target cannot be met."""
+    expected batch, ``steps`` the run's steps; a calibrated noise is chosen for
+    ``calibration_steps`` (default ``steps``: a resumed run passes the steps it first started
+    with, so that it keeps its noise). Raises ``ValueError`` naming the client whose data cannot
+    be sampled or whose target cannot be met."""
     out = []
     for client, n in enumerate(samples):
         if n < batch_size:
@@ -120,10 +123,11 @@ def plan(samples: list[int], batch_size: int, steps: int, *, noise_multiplier: f
         sigma = noise_multiplier
         if sigma == 0:
             try:
-                sigma = calibrate(target_epsilon, delta, q, steps)
+                sigma = calibrate(target_epsilon, delta, q, calibration_steps or steps)
             except ValueError as exc:
                 raise ValueError(f"client {client}: no noise spends privacy.target_epsilon="
-                                 f"{target_epsilon:g} over {steps} steps at sampling rate "
+                                 f"{target_epsilon:g} over {calibration_steps or steps} steps "
+                                 f"at sampling rate "
                                  f"{q:.4g} ({exc})") from None
         private_steps = (steps_within(target_epsilon, sigma, q, delta, steps)
                          if target_epsilon else steps)
