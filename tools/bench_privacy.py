@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -36,6 +34,9 @@ from mhd_hpc.method.strategies import make_strategy  # noqa: E402
 from mhd_hpc.method.targets import NoTargets  # noqa: E402
 from mhd_hpc.models import build_model  # noqa: E402
 from mhd_hpc.privacy.dp_sgd import PrivateGradient  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import timed  # noqa: E402  (median over repeats of the mean ms/step)
 
 
 def make_step(args, device: torch.device, private: bool):
@@ -67,20 +68,6 @@ def make_step(args, device: torch.device, private: bool):
             start[0] += 1
             step(start[0], priv_batch, pub_batch)
     return run
-
-
-def timed(run, device: torch.device, warmup: int, steps: int, repeats: int) -> float:
-    run(warmup)
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run(steps)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(1000 * (time.perf_counter() - t0) / steps)
-    return statistics.median(out)
 
 
 def main(argv: list[str] | None = None) -> int:

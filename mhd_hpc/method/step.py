@@ -143,11 +143,7 @@ class TrainStep:
         while the messages travel; then the targets, the distillation terms and their
         backward. The two batches go through BatchNorm separately (its statistics differ from
         the joint pass's), the gradients are the same sum of terms."""
-        with self.precision.autocast(self.device):
-            pub_emb, pub_logits = self.model(public.images)
-        pub_emb, pub_logits = pub_emb.float(), [l.float() for l in pub_logits]
-        self.source.begin_step(step, self.model)
-        self.source.offer(step, public, pub_logits, pub_emb)
+        pub_emb, pub_logits = self._offer_public(step, public)
         self.opt.zero_grad(set_to_none=True)
         loss_ce = None
         if self.strategy.trains_private(step):
@@ -173,11 +169,7 @@ class TrainStep:
         separate passes compute what the joint one would."""
         public_terms = self.strategy.uses_public
         if public_terms:
-            with self.precision.autocast(self.device):
-                pub_emb, pub_logits = self.model(public.images)
-            pub_emb, pub_logits = pub_emb.float(), [l.float() for l in pub_logits]
-            self.source.begin_step(step, self.model)
-            self.source.offer(step, public, pub_logits, pub_emb)
+            pub_emb, pub_logits = self._offer_public(step, public)
         self.opt.zero_grad(set_to_none=True)
         terms = {}
         if step <= self.private_steps and self.strategy.trains_private(step):
@@ -192,6 +184,16 @@ class TrainStep:
         terms["loss_total"] = loss.detach()
         self._nonfinite.logical_or_(~torch.isfinite(terms["loss_total"]))
         return self._update(step, terms)
+
+    def _offer_public(self, step: int, public: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The public batch's forward pass alone (losses and targets in fp32), its outputs
+        offered to the peers at once."""
+        with self.precision.autocast(self.device):
+            pub_emb, pub_logits = self.model(public.images)
+        pub_emb, pub_logits = pub_emb.float(), [l.float() for l in pub_logits]
+        self.source.begin_step(step, self.model)
+        self.source.offer(step, public, pub_logits, pub_emb)
+        return pub_emb, pub_logits
 
     def _update(self, step: int, terms: dict) -> dict:
         """Combine the gradients (the method's rule) and take the optimizer step."""
