@@ -55,7 +55,8 @@ COLUMNS = {"main/beta_priv": "main priv", "main/beta_sh": "main sh",
            "last/beta_priv": "last aux priv", "last/beta_sh": "last aux sh",
            "main_priv_worst": "worst main priv", "main_sh_client_std": "main sh spread over clients",
            "health_failed": "runs failing health", "mb_sent": "MB sent",
-           "ms_per_step": "ms/step", "probe_acc": "linear probe"}
+           "ms_per_step": "ms/step", "probe_acc": "linear probe",
+           "epsilon": "epsilon (max over clients)"}
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,8 @@ def collect(runs: list[Run]) -> list[dict]:
         row.update(traffic_and_speed(m))
         if "linear_probe" in summary:
             row["probe_acc"] = summary["linear_probe"]["mean"]
+        if "epsilon" in summary:  # privacy.enabled: the largest budget any client spent
+            row["epsilon"] = summary["epsilon"]["max"]
         rows.append(row)
     return rows
 
@@ -326,6 +329,8 @@ def markdown_table(summary: list[dict], columns: list[str] | None = None) -> str
                 cells.append(f"{v['min']:.3f}")
             elif key in ("mb_sent", "ms_per_step"):
                 cells.append(f"{v['mean']:.1f}")
+            elif key == "epsilon":
+                cells.append(f"{v['max']:.2f}")
             else:
                 cells.append(f"{v['mean']:.3f} ± {v['std']:.3f}")
         lines.append(f"| {entry['setting']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")

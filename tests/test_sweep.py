@@ -70,6 +70,16 @@ def test_runs_never_judged_are_not_counted_as_passing():
     assert table[4].endswith("| 1 |")
 
 
+def test_the_epsilon_column_shows_the_largest_budget_spent():
+    rows = [{**_row("dp", 1, "passed"), "epsilon": 3.91}, {**_row("dp", 2, "passed"),
+                                                          "epsilon": 3.97},
+            _row("plain", 1, "passed")]
+    table = sweep.markdown_table(sweep.summarise(rows), ["main/beta_sh", "epsilon"]).splitlines()
+    assert table[0] == "| setting | seeds | main sh | epsilon (max over clients) |"
+    assert table[2] == "| dp | 2 | 0.500 ± 0.000 | 3.97 |"
+    assert table[3] == "| plain | 1 | 0.500 ± 0.000 | - |"
+
+
 def test_the_launcher_and_the_entry_come_from_the_sweep_file(tmp_path):
     base = ROOT / "jobs" / "digits.yaml"
 
