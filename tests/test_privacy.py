@@ -15,7 +15,7 @@ from mhd_hpc.job import check_job
 from mhd_hpc.models import build_model
 from mhd_hpc.models.norms import batch_norm_modules, group_count
 from mhd_hpc.privacy import accounting
-from mhd_hpc.privacy.audit import balanced_split, roc_auc, tpr_at_fpr
+from mhd_hpc.cli.audit import balanced_split, roc_auc, tpr_at_fpr
 from mhd_hpc.privacy.dp_sgd import PrivateGradient, private_parameter_names
 from mhd_hpc.privacy.secret import client_key, key_path
 

@@ -155,7 +155,7 @@ def test_the_membership_audit_attacks_every_client_through_a_peers_pool(tmp_path
                                 "exchange.pool_every=5", "exchange.pool_transfer_steps=2"),
                   timeout=240)
     assert res.returncode == 0, res.stderr
-    out = subprocess.run([sys.executable, "-m", "mhd_hpc.privacy.audit", str(run), "--json",
+    out = subprocess.run([sys.executable, "-m", "mhd_hpc.cli.audit", str(run), "--json",
                           "--data-root", str(data_root)], capture_output=True, text=True,
                          cwd=ROOT, timeout=180)
     assert out.returncode == 0, out.stderr
@@ -164,7 +164,7 @@ def test_the_membership_audit_attacks_every_client_through_a_peers_pool(tmp_path
     for r in results:
         assert 0.0 <= r["auc"] <= 1.0 and r["members"] > 100
         assert "pool" in r["weights"] and r["step"] % 5 == 0 and 5 <= r["step"] <= 30
-    text = subprocess.run([sys.executable, "-m", "mhd_hpc.privacy.audit", str(run), "--client",
+    text = subprocess.run([sys.executable, "-m", "mhd_hpc.cli.audit", str(run), "--client",
                            "1", "--weights", "checkpoint", "--data-root", str(data_root)],
                           capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert text.returncode == 0, text.stderr

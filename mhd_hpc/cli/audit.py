@@ -1,4 +1,4 @@
-"""``mhd-audit RUN_DIR`` (``python -m mhd_hpc.privacy.audit``): how well a peer can tell a
+"""``mhd-audit RUN_DIR`` (``python -m mhd_hpc.cli.audit``): how well a peer can tell a
 client's private training samples from samples it never trained on, using what the peer
 received: a membership-inference attack (Yeom et al. 2018's loss threshold).
 
