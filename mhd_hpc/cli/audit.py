@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                "peers' pools\n  mhd-audit runs/fmnist --weights checkpoint --client 3 --json")
     parser.add_argument("run_dir", help="a run folder (with config.yaml)")
     parser.add_argument("--client", default="all",
-                        help="the victim: a client number, or 'all' (default)")
+                        help="the victims: a client number, a comma-separated list, or 'all' "
+                             "(default)")
     parser.add_argument("--weights", choices=("pool", "checkpoint"), default="pool",
                         help="pool: the victim's weights as a peer's saved pool holds them "
                              "(pool mode); checkpoint: the victim's own saved model")
@@ -199,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mhd-audit: {saved}: no such file (not a run folder)", file=sys.stderr)
         return 2
     count = int(yaml.safe_load(saved.read_text())["clients"]["count"])
-    clients = range(count) if args.client == "all" else [int(args.client)]
+    clients = (range(count) if args.client == "all"
+               else [int(c) for c in args.client.split(",")])
+    if any(not 0 <= c < count for c in clients):
+        print(f"mhd-audit: --client {args.client}: the run has clients 0 to {count - 1}",
+              file=sys.stderr)
+        return 2
     results = [attack(args.run_dir, c, weights=args.weights, peer=args.peer, seed=args.seed,
                       data_root=args.data_root) for c in clients]
     if args.json:
