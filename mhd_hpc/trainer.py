@@ -20,8 +20,7 @@ import torch
 from mhd_hpc.config import ConfigError, JobConfig
 from mhd_hpc.data.build.builtin import BUILTIN_CLASSES
 from mhd_hpc.data.dataset import Data, find_dataset, open_data
-from mhd_hpc.data.manifest import client_split
-from mhd_hpc.data.manifest import Manifest, content_digest, verify_shards
+from mhd_hpc.data.manifest import Manifest, client_split, content_digest, verify_shards
 from mhd_hpc.distributed.codec import top_k_problem
 from mhd_hpc.distributed.exchange import ClientExchange
 from mhd_hpc.distributed.intra import make_intra
@@ -110,10 +109,8 @@ def privacy_plan(cfg: JobConfig, manifest: Manifest, first_steps: int | None = N
         return plan(samples, cfg.data.batch_size, cfg.run.steps,
                     noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon,
                     delta=p.delta, calibration_steps=first_steps), None
-    except ValueError as exc:
-        key = ("data.batch_size" if "batch_size" in str(exc) else
-               "privacy.delta" if "privacy.delta" in str(exc) else "privacy.target_epsilon")
-        return None, (key, str(exc))
+    except ConfigError as exc:
+        return None, (exc.key, exc.message)
 
 
 def privacy_lines(cfg: JobConfig, budgets: list[ClientBudget]) -> list[str]:

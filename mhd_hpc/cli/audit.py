@@ -28,7 +28,12 @@ import torch.nn.functional as F
 
 from mhd_hpc.errors import command
 
-__all__ = ["AttackResult", "roc_auc", "tpr_at_fpr", "balanced_split", "attack", "main"]
+__all__ = ["AuditError", "AttackResult", "roc_auc", "tpr_at_fpr", "balanced_split", "attack",
+           "main"]
+
+
+class AuditError(ValueError):
+    """The run cannot be attacked as asked (no such client, no saved weights, no dataset)."""
 
 
 def roc_auc(members: np.ndarray, others: np.ndarray) -> float:
@@ -100,7 +105,7 @@ def _victim_weights(run_dir: Path, client: int, source: str, peer: int | None,
         files = ClientCheckpoints(run_dir, client, keep=1)
         steps = files.steps()
         if not steps:
-            raise SystemExit(f"mhd-audit: {files.folder} has no checkpoint")
+            raise AuditError(f"{files.folder} has no checkpoint")
         state, _ = files.load(steps[-1])
         return state["model"], f"client {client}'s own checkpoint", steps[-1]
     best = None  # (source_step, peer, weights)
@@ -116,16 +121,18 @@ def _victim_weights(run_dir: Path, client: int, source: str, peer: int | None,
                                                      or entry["source_step"] > best[0]):
                 best = (int(entry["source_step"]), j, entry["weights"].numpy())
     if best is None:
-        raise SystemExit(f"mhd-audit: no saved pool of {run_dir} holds client {client}'s "
+        raise AuditError(f"no saved pool of {run_dir} holds client {client}'s "
                          "weights (pool mode only: exchange.mode=pool; for a run that "
                          "exchanged predictions use --weights checkpoint)")
     step, j, flat = best
     return flat, f"client {client}'s weights of step {step} in client {j}'s pool", step
 
 
-def attack(run_dir: str | Path, client: int, *, weights: str = "pool", peer: int | None = None,
-           seed: int = 0, data_root: str | None = None) -> AttackResult:
-    """The loss-threshold attack on ``client`` of the run in ``run_dir``."""
+def attack(run_dir: str | Path, clients: list[int] | None = None, *, weights: str = "pool",
+           peer: int | None = None, seed: int = 0,
+           data_root: str | None = None) -> list[AttackResult]:
+    """The loss-threshold attack on each of ``clients`` (None: all) of the run in ``run_dir``.
+    The run's config and dataset are read once, and the test split opened once for all."""
     import yaml
 
     from mhd_hpc.config.parse import config_from_saved
@@ -137,35 +144,43 @@ def attack(run_dir: str | Path, client: int, *, weights: str = "pool", peer: int
 
     run_dir = Path(run_dir)
     cfg = config_from_saved(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    clients = list(range(cfg.clients.count)) if clients is None else clients
+    if any(not 0 <= c < cfg.clients.count for c in clients):
+        raise AuditError(f"--client {','.join(map(str, clients))}: the run has "
+                         f"clients 0 to {cfg.clients.count - 1}")
     if data_root:
         cfg.data.root = data_root
     folder, manifest, error = find_dataset(cfg.data, cfg.clients.count, cfg.run.seed,
                                            lambda _: None)
     if error:
-        raise SystemExit(f"mhd-audit: {error[0]}: {error[1]} (--data-root: where the run's "
+        raise AuditError(f"{error[0]}: {error[1]} (--data-root: where the run's "
                          "dataset is)")
     shape = manifest.image_shape
-    model = build_model(cfg.client_archs()[client], manifest.num_classes, cfg.model.aux_heads,
-                        shape[0], shape[-1], cfg.model.embedding_dim, cfg.model.norm)
-    state, where, step = _victim_weights(run_dir, client, weights, peer, cfg.clients.count)
-    if isinstance(state, dict):
-        model.load_state_dict(state)
-    else:
-        load_flat_state(model, state)
     opts = {"loader": "wds", "threads": 0, "manifest": manifest}
-    mine = open_stream(folder, client_split(client), 256, 0, "eval", **opts)[0]
     test = open_stream(folder, "test", 256, 0, "eval", **opts)[0]
+    results = []
     try:
-        loss_in, y_in = sample_losses(model, mine)
-        loss_out, y_out = sample_losses(model, test)
+        for client in clients:
+            model = build_model(cfg.client_archs()[client], manifest.num_classes,
+                                cfg.model.aux_heads, shape[0], shape[-1],
+                                cfg.model.embedding_dim, cfg.model.norm)
+            state, where, step = _victim_weights(run_dir, client, weights, peer,
+                                                 cfg.clients.count)
+            if isinstance(state, dict):
+                model.load_state_dict(state)
+            else:
+                load_flat_state(model, state)
+            with open_stream(folder, client_split(client), 256, 0, "eval", **opts)[0] as mine:
+                loss_in, y_in = sample_losses(model, mine)
+            loss_out, y_out = sample_losses(model, test)
+            a, b = balanced_split(y_in, y_out, seed)
+            s_in, s_out = -loss_in[a], -loss_out[b]
+            results.append(AttackResult(client, where, step, len(a), roc_auc(s_in, s_out),
+                                        tpr_at_fpr(s_in, s_out), float(loss_in[a].mean()),
+                                        float(loss_out[b].mean())))
     finally:
-        mine.close()
         test.close()
-    a, b = balanced_split(y_in, y_out, seed)
-    s_in, s_out = -loss_in[a], -loss_out[b]
-    return AttackResult(client, where, step, len(a), roc_auc(s_in, s_out),
-                        tpr_at_fpr(s_in, s_out), float(loss_in[a].mean()),
-                        float(loss_out[b].mean()))
+    return results
 
 
 HELP = __doc__.split("\n\n")[0].replace("``", "")
@@ -193,21 +208,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the run's dataset is, when not at its data.root")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
-    import yaml
-
     saved = Path(args.run_dir) / "config.yaml"
     if not saved.exists():
         print(f"mhd-audit: {saved}: no such file (not a run folder)", file=sys.stderr)
         return 2
-    count = int(yaml.safe_load(saved.read_text())["clients"]["count"])
-    clients = (range(count) if args.client == "all"
-               else [int(c) for c in args.client.split(",")])
-    if any(not 0 <= c < count for c in clients):
-        print(f"mhd-audit: --client {args.client}: the run has clients 0 to {count - 1}",
-              file=sys.stderr)
+    clients = None if args.client == "all" else [int(c) for c in args.client.split(",")]
+    try:
+        results = attack(args.run_dir, clients, weights=args.weights, peer=args.peer,
+                         seed=args.seed, data_root=args.data_root)
+    except AuditError as exc:  # the run cannot be attacked as asked: say why, exit 2
+        print(f"mhd-audit: {exc}", file=sys.stderr)
         return 2
-    results = [attack(args.run_dir, c, weights=args.weights, peer=args.peer, seed=args.seed,
-                      data_root=args.data_root) for c in clients]
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=1))
         return 0

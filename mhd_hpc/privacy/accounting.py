@@ -10,8 +10,13 @@ settings, so that a resumed run keeps the noise it started with.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
+
+import numpy as np
+
+from mhd_hpc.errors import ConfigError
 
 __all__ = ["ALPHAS", "ClientBudget", "epsilon", "calibrate", "steps_within", "plan",
            "accountant_import_error"]
@@ -31,18 +36,29 @@ def accountant_import_error() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one step at every order of :data:`ALPHAS` (Opacus's analysis). Steps compose by
+    adding RDP, so T steps cost T times this: epsilon at any step, for every client at every
+    log row, is a cheap conversion, not a new analysis."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                  orders=ALPHAS))
+
+
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """epsilon at ``delta`` after ``steps`` steps of the subsampled Gaussian mechanism (0 for
-    no step)."""
+    no step): what Opacus's ``RDPAccountant`` gives for that history and :data:`ALPHAS`."""
     if steps <= 0:
         return 0.0
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
 
-    accountant = RDPAccountant()
-    accountant.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
+    rdp = _rdp_per_step(float(noise_multiplier), float(sample_rate)) * int(steps)
     with warnings.catch_warnings():  # the order range is ours (ALPHAS); the bound is valid
         warnings.simplefilter("ignore", UserWarning)
-        return float(accountant.get_epsilon(delta=delta, alphas=ALPHAS))
+        eps, _ = get_privacy_spent(orders=ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -107,35 +123,35 @@ def plan(samples: list[int], batch_size: int, steps: int, *, noise_multiplier: f
     """Every client's budget: ``samples`` private samples per client, ``batch_size`` the
     expected batch, ``steps`` the run's steps; a calibrated noise is chosen for
     ``calibration_steps`` (default ``steps``: a resumed run passes the steps it first started
-    with, so that it keeps its noise). Raises ``ValueError`` naming the client whose data cannot
-    be sampled or whose target cannot be met."""
+    with, so that it keeps its noise). Raises ``ConfigError`` naming the key and the client
+    whose data cannot be sampled or whose target cannot be met."""
     out = []
     for client, n in enumerate(samples):
         if n < batch_size:
-            raise ValueError(f"client {client} has {n} private samples, fewer than the "
-                             f"expected batch data.batch_size={batch_size}: Poisson sampling "
-                             "needs a rate batch_size / samples below 1")
+            raise ConfigError("data.batch_size", f"client {client} has {n} private samples, "
+                              f"fewer than the expected batch data.batch_size={batch_size}: "
+                              "Poisson sampling needs a rate batch_size / samples below 1")
         if delta >= 1.0 / n:
-            raise ValueError(f"privacy.delta={delta:g} is not below 1 / {n}, the private "
-                             f"samples of client {client}: such a delta allows a sample to "
-                             "leak outright")
+            raise ConfigError("privacy.delta", f"privacy.delta={delta:g} is not below 1 / {n}, "
+                              f"the private samples of client {client}: such a delta allows a "
+                              "sample to leak outright")
         q = batch_size / n
         sigma = noise_multiplier
         if sigma == 0:
             try:
                 sigma = calibrate(target_epsilon, delta, q, calibration_steps or steps)
             except ValueError as exc:
-                raise ValueError(f"client {client}: no noise spends privacy.target_epsilon="
-                                 f"{target_epsilon:g} over {calibration_steps or steps} steps "
-                                 f"at sampling rate "
-                                 f"{q:.4g} ({exc})") from None
+                raise ConfigError("privacy.target_epsilon", f"client {client}: no noise spends "
+                                  f"privacy.target_epsilon={target_epsilon:g} over "
+                                  f"{calibration_steps or steps} steps at sampling rate "
+                                  f"{q:.4g} ({exc})") from None
         private_steps = (steps_within(target_epsilon, sigma, q, delta, steps)
                          if target_epsilon else steps)
         if private_steps == 0:
-            raise ValueError(f"client {client}: one step at noise_multiplier {sigma:g} and "
-                             f"sampling rate {q:.4g} already spends more than "
-                             f"privacy.target_epsilon={target_epsilon:g}: raise the noise or "
-                             "the target")
+            raise ConfigError("privacy.target_epsilon", f"client {client}: one step at "
+                              f"noise_multiplier {sigma:g} and sampling rate {q:.4g} already "
+                              f"spends more than privacy.target_epsilon={target_epsilon:g}: "
+                              "raise the noise or the target")
         out.append(ClientBudget(client, n, q, sigma, noise_multiplier == 0, delta,
                                 target_epsilon, private_steps))
     return out
